@@ -1,0 +1,63 @@
+import os
+
+import dagster as dg
+
+from training.paths import default_store_root
+from training.storage import ArtifactRef, ObjectStore
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """The object store under `root` (file:// or s3://); empty means SPECDRAFT_ROOT or the local data folder.
+
+    S3 credentials are never config: s3fs reads AWS_* variables through botocore's own chain, so
+    they never reach the run config the UI shows.
+    """
+
+    root: str = ""
+
+    def resolved_root(self) -> str:
+        return self.root or os.environ.get("SPECDRAFT_ROOT") or default_store_root()
+
+    def store(self) -> ObjectStore:
+        return ObjectStore(self.resolved_root())
+
+
+class ArtifactRefIOManager(dg.ConfigurableIOManager):
+    """Stores each output's ArtifactRef as a small JSON pointer in the object store.
+
+    Big artifacts are written by the assets themselves; this only passes "where is the finished
+    artifact" downstream, keyed by asset and partition, so fan-ins read every shard's pointer.
+    """
+
+    object_store: dg.ResourceDependency[ObjectStoreResource]
+
+    def _key(self, asset_key: dg.AssetKey, partition: str | None) -> str:
+        return f"_refs/{'/'.join(asset_key.path)}/{partition or '_'}.json"
+
+    def handle_output(self, context: dg.OutputContext, obj: ArtifactRef) -> None:
+        if not isinstance(obj, ArtifactRef):
+            raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, not an ArtifactRef")
+        self.object_store.store().write_json(self._key(context.asset_key, obj.partition), obj.to_json())
+
+    def load_input(self, context: dg.InputContext):
+        store = self.object_store.store()
+        key = context.asset_key
+        if not context.has_asset_partitions:
+            return self._load(store, key, None)
+        refs = {p: self._load(store, key, p) for p in sorted(context.asset_partition_keys)}
+        # A per-shard asset reads its own shard's ref; a fan-in (unpartitioned) reads them all.
+        if context.has_partition_key:
+            (ref,) = refs.values()
+            return ref
+        return refs
+
+    def _load(self, store: ObjectStore, asset_key: dg.AssetKey, partition: str | None) -> ArtifactRef:
+        ref_key = self._key(asset_key, partition)
+        try:
+            return ArtifactRef.from_json(store.read_json(ref_key))
+        except FileNotFoundError:
+            where = f" partition {partition!r}" if partition else ""
+            raise dg.Failure(
+                f"{asset_key.to_user_string()}{where} has not been materialized yet "
+                f"(no pointer at {store.url(ref_key)}); materialize it first"
+            ) from None

@@ -1,0 +1,339 @@
+"""The object store every stage writes through: a local folder or s3:// via fsspec.
+
+Artifacts are written atomically without renames (S3 has none): each writer puts its files under
+a fresh `attempt-<id>/` folder inside the artifact prefix and writes `manifest.json` last. The
+manifest names the files with their sizes and sha256, so a reader that trusts only a manifest never
+sees a partial artifact, and a killed writer leaves nothing a reader would pick up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+MANIFEST = "manifest.json"
+ATTEMPT_PREFIX = "attempt-"
+
+
+class StoreError(RuntimeError):
+    """An object-store operation failed; the message names the URL and the cause."""
+
+
+def _check_key(key: str) -> str:
+    """Keys are relative POSIX paths under the root; nothing may climb out of it."""
+    if not isinstance(key, str):
+        raise StoreError(f"object-store key must be a string, got {type(key).__name__}")
+    key = key.strip("/")
+    parts = key.split("/") if key else []
+    if "\\" in key or any(p in ("..", ".") for p in parts) or "\x00" in key:
+        raise StoreError(f"object-store key {key!r} escapes the storage root")
+    return key
+
+
+def safe_component(name: str) -> str:
+    """A single path component (shard key, asset name) checked not to contain separators."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\x00" in name:
+        raise StoreError(f"invalid path component {name!r}")
+    return name
+
+
+def artifact_prefix(asset: str, partition: str | None, fingerprint: str) -> str:
+    """`{asset}/{shard or _}/{fingerprint}`, DESIGN.md's layout."""
+    return "/".join(safe_component(p) for p in (asset, partition or "_", fingerprint))
+
+
+def _s3_options() -> dict[str, Any]:
+    # Credentials come from the standard AWS variables through botocore's own chain; we only
+    # pass the endpoint so a loopback or on-prem S3 API works, and disable listing caches so
+    # a manifest written by another process is seen at once.
+    opts: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        opts.setdefault("client_kwargs", {})["region_name"] = region
+    return opts
+
+
+class ObjectStore:
+    """fsspec-backed store rooted at `root` (`file:///abs/path`, a plain path, or `s3://bucket/prefix`)."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        import fsspec
+
+        root = str(root)
+        if "://" not in root:
+            root = Path(root).resolve().as_uri()
+        self.protocol = root.split("://", 1)[0]
+        if self.protocol not in ("file", "s3", "memory"):
+            raise StoreError(f"unsupported object-store URL {root!r}: use file://, a path, or s3://")
+        options = dict(_s3_options() if self.protocol == "s3" else {})
+        options.update(storage_options or {})
+        self.root = root.rstrip("/")
+        self.fs = fsspec.filesystem(self.protocol, **options)
+        self._base = self.root.split("://", 1)[1]  # path as the filesystem names it
+        if self.protocol == "file":
+            self.fs.makedirs(self._base, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.root!r})"
+
+    # -- addressing -------------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        """Filesystem path of `key` (no scheme), what fsspec calls take."""
+        key = _check_key(key)
+        return posixpath.join(self._base, key) if key else self._base
+
+    def url(self, key: str) -> str:
+        return f"{self.protocol}://{self.path(key)}"
+
+    def _guard(self, action: str, key: str, fn, *args, **kwargs):
+        """Run an fsspec call, turning its many error types into one that names the URL."""
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except StoreError:
+            raise
+        except Exception as exc:  # botocore/aiohttp/OSError: report what and where
+            raise StoreError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}") from exc
+
+    # -- plain objects ----------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return bool(self._guard("checking", key, self.fs.exists, self.path(key)))
+
+    def list(self, prefix: str = "", recursive: bool = False) -> list[str]:
+        """Keys directly under (or, recursive, anywhere below) `prefix`, relative to the root."""
+        base = self.path(prefix)
+        if not self.exists(prefix):
+            return []
+        if recursive:
+            found = self._guard("listing", prefix, self.fs.find, base)
+        else:
+            found = self._guard("listing", prefix, self.fs.ls, base, detail=False)
+        strip = self._base.rstrip("/") + "/"
+        return sorted(p[len(strip):] if p.startswith(strip) else p for p in found)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._guard("reading", key, self.fs.cat_file, self.path(key))
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Whole-object write: a local file is replaced by rename, an S3 PUT is atomic anyway."""
+        path = self.path(key)
+        if self.protocol == "file":
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            self._guard("writing", key, self.fs.pipe_file, path, data)
+
+    def read_json(self, key: str) -> Any:
+        return json.loads(self.read_bytes(key))
+
+    def write_json(self, key: str, obj: Any) -> None:
+        self.write_bytes(key, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def open(self, key: str, mode: str = "rb") -> BinaryIO:
+        path = self.path(key)
+        if "w" in mode and self.protocol == "file":
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        return self._guard("opening", key, self.fs.open, path, mode)
+
+    def size(self, key: str) -> int:
+        return int(self._guard("stat", key, self.fs.size, self.path(key)))
+
+    def delete(self, prefix: str) -> None:
+        if self.exists(prefix):
+            self._guard("deleting", prefix, self.fs.rm, self.path(prefix), recursive=True)
+
+    def local_path(self, key: str) -> str | None:
+        """The local filename of `key` when the store is a local folder (for mmap-style readers)."""
+        return self.path(key) if self.protocol == "file" else None
+
+    # -- artifacts --------------------------------------------------------------------------
+    def manifest(self, prefix: str) -> Manifest | None:
+        """The complete manifest under `prefix`, or None if the artifact was never finished."""
+        key = f"{_check_key(prefix)}/{MANIFEST}"
+        try:
+            raw = self.read_bytes(key)
+        except FileNotFoundError:
+            return None
+        try:
+            data = json.loads(raw)
+            return Manifest(prefix=_check_key(prefix), **data)
+        except (ValueError, TypeError) as exc:
+            raise StoreError(f"corrupt manifest {self.url(key)}: {exc}") from exc
+
+    def artifact(self, prefix: str, fingerprint: str) -> ArtifactWriter:
+        return ArtifactWriter(self, _check_key(prefix), fingerprint)
+
+    def verify(self, manifest: Manifest) -> None:
+        """Re-hash every file of an artifact; raises if any differs from its manifest entry."""
+        for name, entry in manifest.files.items():
+            key = manifest.key(name)
+            digest = hashlib.sha256()
+            with self.open(key) as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != entry["sha256"]:
+                raise StoreError(f"{self.url(key)}: sha256 differs from its manifest")
+
+    def duckdb(self):
+        """A DuckDB connection that reads this store's URLs through fsspec (no httpfs download)."""
+        import duckdb
+
+        con = duckdb.connect()
+        if self.protocol != "file":
+            con.register_filesystem(self.fs)
+        return con
+
+    def duckdb_path(self, key: str) -> str:
+        return self.path(key) if self.protocol == "file" else self.url(key)
+
+
+@dataclass
+class Manifest:
+    """What a finished artifact holds. `files` maps a logical name to {path, bytes, sha256}."""
+
+    prefix: str
+    fingerprint: str
+    files: dict[str, dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+
+    def key(self, name: str) -> str:
+        if name not in self.files:
+            raise StoreError(f"artifact {self.prefix} has no file {name!r} (has {sorted(self.files)})")
+        return f"{self.prefix}/{self.files[name]['path']}"
+
+    def names(self, prefix: str = "") -> list[str]:
+        return sorted(n for n in self.files if n.startswith(prefix))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(e["bytes"]) for e in self.files.values())
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts bytes as they are written (no second read pass)."""
+
+    def __init__(self, f: BinaryIO, on_close):
+        self._f = f
+        self._on_close = on_close
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.bytes += len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):  # tell/flush/closed/... as the underlying file has them
+        return getattr(self._f, name)
+
+    def close(self):
+        if not self._f.closed:
+            self._f.close()
+            self._on_close(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ArtifactWriter:
+    """Context manager: write files, set a summary, and on success write the manifest last.
+
+    On an exception the attempt folder is removed (best effort) and no manifest is written.
+    """
+
+    def __init__(self, store: ObjectStore, prefix: str, fingerprint: str):
+        self.store = store
+        self.prefix = prefix
+        self.fingerprint = fingerprint
+        self.attempt = f"{ATTEMPT_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.files: dict[str, dict[str, Any]] = {}
+        self.summary: dict[str, Any] = {}
+        self._open: dict[str, _HashingWriter] = {}
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{self.attempt}/{_check_key(name)}"
+
+    def open(self, name: str) -> _HashingWriter:
+        if name in self.files or name in self._open:
+            raise StoreError(f"artifact {self.prefix}: file {name!r} written twice")
+        w = _HashingWriter(self.store.open(self.key(name), "wb"), lambda w: self._record(name, w))
+        self._open[name] = w
+        return w
+
+    def _record(self, name: str, w: _HashingWriter) -> None:
+        # Called when a file is closed: only then are its size and hash final.
+        self._open.pop(name, None)
+        self.files[name] = {"path": f"{self.attempt}/{name}", "bytes": w.bytes, "sha256": w.sha.hexdigest()}
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open(name) as f:
+            f.write(data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for w in list(self._open.values()):
+                try:
+                    w._f.close()  # close without recording: this attempt is abandoned
+                except Exception:
+                    pass
+            try:
+                self.store.delete(f"{self.prefix}/{self.attempt}")
+            except Exception:
+                pass  # the orphan holds no manifest, so no reader ever sees it
+            return
+        for w in list(self._open.values()):
+            w.close()
+        manifest = {
+            "fingerprint": self.fingerprint,
+            "files": self.files,
+            "summary": self.summary,
+            "created": time.time(),
+        }
+        self.store.write_json(f"{self.prefix}/{MANIFEST}", manifest)
+        # Earlier attempts that died before their manifest are now unreachable: drop them.
+        for key in self.store.list(self.prefix):
+            name = key.rsplit("/", 1)[-1]
+            if name.startswith(ATTEMPT_PREFIX) and name != self.attempt:
+                self.store.delete(key)
+
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What an asset hands downstream: where its finished artifact lives, never the data itself."""
+
+    asset: str
+    partition: str | None
+    fingerprint: str
+    prefix: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"asset": self.asset, "partition": self.partition, "fingerprint": self.fingerprint, "prefix": self.prefix}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ArtifactRef:
+        return cls(data["asset"], data.get("partition"), data["fingerprint"], data["prefix"])
