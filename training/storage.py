@@ -49,7 +49,7 @@ def artifact_prefix(asset: str, partition: str | None, fingerprint: str) -> str:
     return "/".join(safe_component(p) for p in (asset, partition or "_", fingerprint))
 
 
-def _s3_options() -> dict[str, Any]:
+def s3_storage_options() -> dict[str, Any]:
     # Credentials come from the standard AWS variables through botocore's own chain; we only
     # pass the endpoint so a loopback or on-prem S3 API works, and disable listing caches so
     # a manifest written by another process is seen at once.
@@ -75,7 +75,7 @@ class ObjectStore:
         self.protocol = root.split("://", 1)[0]
         if self.protocol not in ("file", "s3", "memory"):
             raise StoreError(f"unsupported object-store URL {root!r}: use file://, a path, or s3://")
-        options = dict(_s3_options() if self.protocol == "s3" else {})
+        options = dict(s3_storage_options() if self.protocol == "s3" else {})
         options.update(storage_options or {})
         self.root = root.rstrip("/")
         self.fs = fsspec.filesystem(self.protocol, **options)
@@ -148,6 +148,13 @@ class ObjectStore:
         if "w" in mode and self.protocol == "file":
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         return self._guard("opening", key, self.fs.open, path, mode)
+
+    def read_parquet(self, key: str, columns: list[str] | None = None):
+        """A Parquet object as a pyarrow Table (small artifacts; big ones are streamed by their readers)."""
+        import pyarrow.parquet as pq
+
+        with self.open(key) as f:
+            return self._guard("reading", key, pq.read_table, f, columns=columns)
 
     def size(self, key: str) -> int:
         return int(self._guard("stat", key, self.fs.size, self.path(key)))
