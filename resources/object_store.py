@@ -22,6 +22,26 @@ class ObjectStoreResource(dg.ConfigurableResource):
         return ObjectStore(self.resolved_root())
 
 
+def _ref_key(asset: str, partition: str | None) -> str:
+    return f"_refs/{asset}/{partition or '_'}.json"
+
+
+def write_ref(store: ObjectStore, ref: ArtifactRef) -> None:
+    store.write_json(_ref_key(ref.asset, ref.partition), ref.to_json())
+
+
+def read_ref(store: ObjectStore, asset: str, partition: str | None = None) -> ArtifactRef:
+    """The latest materialization's ArtifactRef of `asset` (and partition), or a Failure saying to materialize it."""
+    key = _ref_key(asset, partition)
+    try:
+        return ArtifactRef.from_json(store.read_json(key))
+    except FileNotFoundError:
+        where = f" partition {partition!r}" if partition else ""
+        raise dg.Failure(
+            f"{asset}{where} has not been materialized yet (no pointer at {store.url(key)}); materialize it first"
+        ) from None
+
+
 class ArtifactRefIOManager(dg.ConfigurableIOManager):
     """Stores each output's ArtifactRef as a small JSON pointer in the object store.
 
@@ -31,33 +51,19 @@ class ArtifactRefIOManager(dg.ConfigurableIOManager):
 
     object_store: dg.ResourceDependency[ObjectStoreResource]
 
-    def _key(self, asset_key: dg.AssetKey, partition: str | None) -> str:
-        return f"_refs/{'/'.join(asset_key.path)}/{partition or '_'}.json"
-
     def handle_output(self, context: dg.OutputContext, obj: ArtifactRef) -> None:
         if not isinstance(obj, ArtifactRef):
             raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, not an ArtifactRef")
-        self.object_store.store().write_json(self._key(context.asset_key, obj.partition), obj.to_json())
+        write_ref(self.object_store.store(), obj)
 
     def load_input(self, context: dg.InputContext):
         store = self.object_store.store()
-        key = context.asset_key
+        asset = context.asset_key.to_user_string()
         if not context.has_asset_partitions:
-            return self._load(store, key, None)
-        refs = {p: self._load(store, key, p) for p in sorted(context.asset_partition_keys)}
+            return read_ref(store, asset)
+        refs = {p: read_ref(store, asset, p) for p in sorted(context.asset_partition_keys)}
         # A per-shard asset reads its own shard's ref; a fan-in (unpartitioned) reads them all.
         if context.has_partition_key:
             (ref,) = refs.values()
             return ref
         return refs
-
-    def _load(self, store: ObjectStore, asset_key: dg.AssetKey, partition: str | None) -> ArtifactRef:
-        ref_key = self._key(asset_key, partition)
-        try:
-            return ArtifactRef.from_json(store.read_json(ref_key))
-        except FileNotFoundError:
-            where = f" partition {partition!r}" if partition else ""
-            raise dg.Failure(
-                f"{asset_key.to_user_string()}{where} has not been materialized yet "
-                f"(no pointer at {store.url(ref_key)}); materialize it first"
-            ) from None

@@ -44,16 +44,17 @@ def run_pipeline(select: str = "*", run_config: dict | None = None, instance=Non
     """Materialize `select` (a Dagster asset selection string) for every shard, in dependency order."""
     import dagster as dg
 
-    from spec_assets.definitions import defs
+    from spec_assets.definitions import all_assets, defs
 
     instance = instance or dg.DagsterInstance.get()
+    # The console shows step progress and our log lines, not every engine event (the UI has those).
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}, **(run_config or {})}
     graph = defs.resolve_asset_graph()
     selected = dg.AssetSelection.from_string(select).resolve(graph)
     ordered = [k for k in graph.toposorted_asset_keys if k in selected]
     per_shard = [k for k in ordered if graph.get(k).partitions_def is not None]
     fan_in = [k for k in ordered if graph.get(k).partitions_def is None]
-    assets = [defs.resolve_assets_def(k) for k in graph.materializable_asset_keys]
-    assets = list({id(a): a for a in assets}.values())
+    assets = all_assets
 
     shards = sync_shards(defs, instance)
     results = []

@@ -5,9 +5,10 @@ import os
 import dagster as dg
 
 from resources.corpus_source import CorpusSourceResource
+from resources.generation_backend import GenerationBackendResource
 from resources.object_store import ArtifactRefIOManager, ObjectStoreResource
 from resources.target_model import TargetModelResource
-from spec_assets import corpus
+from spec_assets import corpus, draft, hidden_states, resample, tokenize
 from spec_assets.partitions import corpus_shards
 
 
@@ -17,9 +18,12 @@ def _from_env(name: str):
 
 
 object_store = ObjectStoreResource(root=_from_env("SPECDRAFT_ROOT"))
+target = TargetModelResource(target=_from_env("SPECDRAFT_TARGET"))
 
-per_shard_assets = [corpus.source_corpus]
-fan_in_assets: list = []
+per_shard_assets = [corpus.source_corpus, resample.resampled_corpus, tokenize.tokenized_shards,
+                    hidden_states.hidden_states]
+fan_in_assets = [tokenize.vocab_map, draft.draft_model]
+all_assets = [*per_shard_assets, *fan_in_assets]
 
 shard_job = dg.define_asset_job(
     "shard_job",
@@ -27,15 +31,21 @@ shard_job = dg.define_asset_job(
     partitions_def=corpus_shards,
     description="Per-shard stages for one corpus shard: pick the partition in the launchpad.",
 )
+train_job = dg.define_asset_job(
+    "train_job",
+    selection=dg.AssetSelection.assets(*fan_in_assets),
+    description="Fan-in stages over every shard: vocabulary, draft training and export.",
+)
 
 defs = dg.Definitions(
-    assets=[*per_shard_assets, *fan_in_assets],
+    assets=all_assets,
     sensors=[corpus.corpus_sensor],
-    jobs=[shard_job],
+    jobs=[shard_job, train_job],
     resources={
         "object_store": object_store,
         "artifact_refs": ArtifactRefIOManager(object_store=object_store),
         "corpus": CorpusSourceResource(location=_from_env("SPECDRAFT_CORPUS")),
-        "target": TargetModelResource(target=_from_env("SPECDRAFT_TARGET")),
+        "target": target,
+        "generator": GenerationBackendResource(target=target),
     },
 )

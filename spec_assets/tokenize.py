@@ -1,0 +1,122 @@
+"""Stage 3: token ids and assistant loss masks per shard, and the pruned draft vocabulary over all shards."""
+
+import dagster as dg
+
+from resources.object_store import ObjectStoreResource
+from resources.target_model import TargetModelResource
+from spec_assets.artifact_step import materialize_artifact
+from spec_assets.partitions import corpus_shards
+from training.storage import ArtifactRef, artifact_prefix
+
+
+class TokenizeConfig(dg.Config):
+    max_length: int = 2048
+    template: str = "auto"  # auto: the tokenizer's chat template, else `plain`; chat; plain
+
+
+class VocabMapConfig(dg.Config):
+    draft_vocab_size: int = 32000
+
+
+@dg.asset(
+    partitions_def=corpus_shards,
+    code_version="1",
+    group_name="tokenize",
+    io_manager_key="artifact_refs",
+    kinds={"parquet"},
+    automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+)
+def tokenized_shards(
+    context: dg.AssetExecutionContext,
+    config: TokenizeConfig,
+    resampled_corpus: ArtifactRef,
+    object_store: ObjectStoreResource,
+    target: TargetModelResource,
+) -> dg.Output:
+    """input_ids and loss_mask from the target tokenizer's own chat template (DESIGN.md, tokenized Parquet)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from training import tokenize
+
+    store = object_store.store()
+    upstream = store.manifest(resampled_corpus.prefix)
+
+    def build(writer):
+        rows = store.read_parquet(upstream.key("data.parquet"))
+        tokenizer = AutoTokenizer.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code)
+        cfg = tokenize.TokenizeConfig(max_length=config.max_length, template=config.template)
+        result = tokenize.tokenize_conversations(tokenizer, rows, cfg)
+        assert result.n_in == result.n_ok + result.n_rejected, "tokenization counts do not reconcile"
+        with writer.open("data.parquet") as f:
+            pq.write_table(result.table, f)
+        with writer.open("rejects.parquet") as f:
+            pq.write_table(result.rejects, f)
+        stats = tokenize.tokenized_stats(store.duckdb(), store.duckdb_path(writer.key("data.parquet")))
+        writer.summary = {"rows_in": result.n_in, "rows_out": result.n_ok, "rows_rejected": result.n_rejected, **stats}
+
+    return materialize_artifact(
+        context, store, build=build, upstream={"resampled_corpus": resampled_corpus.fingerprint},
+        config=config.model_dump(), target=target.identity(),
+    )
+
+
+def _shard_counts(store, ref: ArtifactRef, vocab_size: int):
+    """Masked-token counts of one tokenized shard, cached under that shard's fingerprint."""
+    import numpy as np
+
+    from training.vocab import count_masked_tokens
+
+    prefix = artifact_prefix("vocab_counts", ref.partition, ref.fingerprint)
+    manifest = store.manifest(prefix)
+    if manifest is None:
+        tokenized = store.manifest(ref.prefix)
+        counts = count_masked_tokens(store.duckdb(), store.duckdb_path(tokenized.key("data.parquet")), vocab_size)
+        with store.artifact(prefix, ref.fingerprint) as writer:
+            writer.write_bytes("counts.int64.bin", counts.astype(np.int64).tobytes())
+            writer.summary = {"vocab_size": vocab_size, "masked_tokens": int(counts.sum())}
+        manifest = store.manifest(prefix)
+    return np.frombuffer(store.read_bytes(manifest.key("counts.int64.bin")), dtype=np.int64)
+
+
+@dg.asset(
+    code_version="1",
+    group_name="tokenize",
+    io_manager_key="artifact_refs",
+    kinds={"safetensors"},
+    automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+)
+def vocab_map(
+    context: dg.AssetExecutionContext,
+    config: VocabMapConfig,
+    tokenized_shards: dict,
+    object_store: ObjectStoreResource,
+    target: TargetModelResource,
+) -> dg.Output:
+    """Draft vocabulary = the most frequent assistant tokens over every shard; d2t/t2d maps (DESIGN.md)."""
+    store = object_store.store()
+    upstream = {f"tokenized_shards/{shard}": ref.fingerprint for shard, ref in tokenized_shards.items()}
+
+    def build(writer):
+        from transformers import AutoConfig
+
+        from training.vocab import build_vocab_map, coverage, save_vocab_map
+
+        vocab_size = AutoConfig.from_pretrained(target.model_path()).vocab_size
+        counts = sum(_shard_counts(store, ref, vocab_size) for ref in tokenized_shards.values())
+        maps = build_vocab_map(counts, config.draft_vocab_size)
+        writer.write_bytes("vocab_map.safetensors", save_vocab_map(maps))
+        draft_vocab = int(maps["d2t"].numel())
+        writer.summary = {
+            "shards": len(tokenized_shards),
+            "target_vocab_size": vocab_size,
+            "draft_vocab_size": draft_vocab,
+            "masked_tokens": int(counts.sum()),
+            "distinct_masked_tokens": int((counts > 0).sum()),
+            "coverage": round(float(coverage(maps["counts"], maps["t2d"])), 6),
+        }
+        context.log.info(f"draft vocab {draft_vocab} of {vocab_size}; coverage {writer.summary['coverage']:.4f}")
+
+    return materialize_artifact(
+        context, store, build=build, upstream=upstream, config=config.model_dump(), target=target.identity()
+    )

@@ -1,0 +1,126 @@
+"""TTT attention: the LSE-merged form equals an explicit full mask over concatenated keys, values
+and gradients; documents never see each other; positions restart per document."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import training.eagle3.model as model_mod
+from training.eagle3.attention import (
+    block_causal_lse,
+    block_causal_mask,
+    doc_layout,
+    naive_ttt_attention,
+    ttt_attention,
+)
+from tests.training.eagle3.helpers import make_draft, pack_features, random_docs, tiny_target
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target()
+
+
+def test_doc_layout_and_mask():
+    doc, pos = doc_layout(torch.tensor([0, 3, 5, 9]), 9)
+    assert doc.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    assert pos.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    allowed = block_causal_mask(doc)
+    assert allowed[4].tolist() == [False] * 3 + [True, True] + [False] * 4
+    assert block_causal_mask(torch.zeros(5, dtype=torch.long)) is None  # one document: plain causal
+    with pytest.raises(ValueError):
+        doc_layout(torch.tensor([0, 4]), 9)
+
+
+def test_lse_gradcheck():
+    torch.manual_seed(0)
+    doc = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    q = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    for allowed in (block_causal_mask(doc), None):
+        assert torch.autograd.gradcheck(lambda a, b: block_causal_lse(a, b, allowed, 0.5), (q, k))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize("docs", [[37], [11, 20, 6]])
+def test_merged_attention_equals_full_mask(K, docs):
+    torch.manual_seed(K)
+    n = sum(docs)
+    doc, _ = doc_layout(torch.cumsum(torch.tensor([0, *docs]), 0), n)
+    allowed = block_causal_mask(doc)
+
+    def leaves():
+        return [torch.randn(1, 4, n, 8, requires_grad=True) for _ in range(2 + 2 * K)]
+
+    ins = leaves()
+    ref_ins = [x.detach().clone().requires_grad_(True) for x in ins]
+    w = torch.randn(1, 4, n, 8)
+    outs = []
+    for fn, (q, k0, v0, *rest) in ((ttt_attention, ins[1:]), (naive_ttt_attention, ref_ins[1:])):
+        diag_k, diag_v = rest[: K - 1], rest[K - 1 : 2 * K - 2]
+        o = fn(q, k0, v0, allowed, diag_k, diag_v, 8**-0.5)
+        (o * w).sum().backward()
+        outs.append(o)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(ins[1 : 2 * K + 1], ref_ins[1 : 2 * K + 1]):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_model_ttt_equals_naive_reference(target, monkeypatch, K):
+    """Whole draft, GQA and RoPE included: efficient path vs the explicit concatenated mask."""
+    model, tc = target
+    draft, cfg = make_draft(tc, model, 256)
+    batch = pack_features(model, random_docs([13, 21, 9]), cfg.aux_layer_ids)
+    args = (batch["aux"], batch["input_ids"], batch["cu_seqlens"], K)
+
+    def run():
+        draft.zero_grad()
+        outs = draft.ttt_hidden(*args)
+        torch.manual_seed(7)
+        sum((o * torch.randn_like(o)).sum() for o in outs).backward()
+        return outs, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+
+    fast, fast_grads = run()
+    monkeypatch.setattr(model_mod, "ttt_attention", naive_ttt_attention)
+    ref, ref_grads = run()
+    assert len(fast) == K
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert fast_grads.keys() == ref_grads.keys() and "fc.weight" in fast_grads
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_no_cross_document_attention(target):
+    model, tc = target
+    draft, cfg = make_draft(tc, model, 256)
+    docs = random_docs([15, 12])
+    batch = pack_features(model, docs, cfg.aux_layer_ids)
+    other = pack_features(model, [docs[0], torch.randint(0, 256, (12,))], cfg.aux_layer_ids)
+    other["aux"][15:] += 3.0  # and the second document's features, beyond what the tokens change
+    K, end1 = 5, 15
+    with torch.no_grad():
+        a = draft.ttt_hidden(batch["aux"], batch["input_ids"], batch["cu_seqlens"], K)
+        b = draft.ttt_hidden(other["aux"], other["input_ids"], other["cu_seqlens"], K)
+    for k in range(K):
+        rows = end1 - 1 - k  # rows of doc 1 whose inputs x_{t+1+k} are still in doc 1
+        torch.testing.assert_close(a[k][:rows], b[k][:rows], atol=1e-6, rtol=0)
+        assert not torch.allclose(a[k][end1:], b[k][end1:])  # doc 2 did change
+
+
+def test_positions_restart_per_document(target):
+    """A document packed behind another gives the same outputs as the document alone."""
+    model, tc = target
+    draft, cfg = make_draft(tc, model, 256)
+    docs = random_docs([10, 17])
+    packed = pack_features(model, docs, cfg.aux_layer_ids)
+    alone = pack_features(model, docs[1:], cfg.aux_layer_ids)
+    K, start = 4, 10
+    with torch.no_grad():
+        a = draft.ttt_hidden(packed["aux"], packed["input_ids"], packed["cu_seqlens"], K)
+        b = draft.ttt_hidden(alone["aux"], alone["input_ids"], alone["cu_seqlens"], K)
+    for k in range(K):
+        rows = 17 - 1 - k
+        torch.testing.assert_close(a[k][start : start + rows], b[k][:rows], atol=2e-6, rtol=1e-5)

@@ -1,0 +1,476 @@
+"""Resampling against a real HF model through the real `hf` backend, no fakes.
+
+The target is a tiny LlamaForCausalLM built here whose next-token logits are a chosen bigram
+table: embeddings are one-hot, so the final RMSNorm gives sqrt(H) * e_t and lm_head[:, t] holds
+the logits after token t / sqrt(H). Attention and MLP run as usual but write back almost nothing
+(o_proj/down_proj scaled to ~1e-3), so context nudges logits by far less than any margin in the
+table. That makes stop/length/empty/reasoning behaviour designable while everything goes through
+load_target(dir, "hf").generate. Tests observe calls with a Spy that wraps the real target (it
+records and can raise, as a killed or failing backend would) and never invents replies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from training.corpus.schema import CONVERSATION_SCHEMA
+from training.resample import (
+    RESAMPLE_REJECTS_SCHEMA,
+    RESAMPLED_SCHEMA,
+    ResampleConfig,
+    ResampleError,
+    ResampleProgress,
+    check_mixture,
+    draw_temperature,
+    passthrough,
+    resample_conversations,
+    strip_reasoning,
+    turn_seed,
+)
+
+SPECIALS = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "[UNK]"]
+WORDS = ["system", "user", "assistant", "<think>", "</think>", "hmm", "answer", "sure", "more",
+         "what", "is", "the", "a", "and", "now", "so", "it", "of", "in", "to"]
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Logits after each token; every other target gets -20. Greedy reply: "<think> hmm </think> answer"
+# then <|im_end|> (5 tokens). At temperature 1: ~24% empty replies, "hmm"/"more" loops that can
+# run into max_new_tokens.
+CHAIN = {
+    "assistant": {"<think>": 3.0, "<|im_end|>": 2.0, "sure": 1.0},
+    "<think>": {"hmm": 10.0},
+    "hmm": {"</think>": 2.0, "hmm": 1.0},
+    "</think>": {"answer": 10.0},
+    "sure": {"answer": 10.0},
+    "answer": {"<|im_end|>": 2.0, "more": 1.0},
+    "more": {"answer": 10.0},
+}
+DEFAULT_NEXT = {"answer": 10.0}  # after any other token (prompt words, specials)
+MUTE_CHAIN = {"assistant": {"<|im_end|>": 10.0}}  # replies with nothing
+
+
+def build_bigram_target(out_dir, chain: dict, hidden: int = 64):
+    import torch
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS)
+    tok.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|im_end|>",
+        unk_token="[UNK]", chat_template=CHATML,
+    )
+    V = len(vocab)
+    assert V <= hidden
+    config = LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=V, max_position_embeddings=2048, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, bos_token_id=vocab["<|bos|>"], eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=vocab["<|pad|>"],
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        emb = torch.zeros(V, hidden)
+        emb[torch.arange(V), torch.arange(V)] = 1.0
+        model.model.embed_tokens.weight.copy_(emb)
+        head = torch.full((V, hidden), 0.0)
+        for t, i in vocab.items():
+            head[:, i] = -20.0
+            for nxt, logit in chain.get(t, DEFAULT_NEXT).items():
+                head[vocab[nxt], i] = logit
+        model.lm_head.weight.copy_(head / math.sqrt(hidden))
+        for layer in model.model.layers:  # real attention/MLP, tiny write-back
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+    model.generation_config = GenerationConfig(eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|pad|>"])
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core box the spinning threads
+    make each forward ~20x slower; restored afterwards for the other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    from training.targets import load_target
+
+    return load_target(str(build_bigram_target(tmp_path_factory.mktemp("bigram"), CHAIN)), backend="hf")
+
+
+@pytest.fixture(scope="module")
+def mute_target(tmp_path_factory):
+    from training.targets import load_target
+
+    return load_target(str(build_bigram_target(tmp_path_factory.mktemp("mute"), MUTE_CHAIN)), backend="hf")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """Demo-corpus conversations: 1-3 exchanges, some with a system prompt."""
+    from training.demo.corpus import generate_conversations
+
+    rows = generate_conversations(24, seed=0)
+    assert any(r["messages"][0]["role"] == "system" for r in rows)
+    assert any(sum(m["role"] == "assistant" for m in r["messages"]) >= 3 for r in rows)
+    return rows
+
+
+class Spy:
+    """Wraps a real target: records every generate call and each row-turn it generated, and can
+    raise before a chosen call (a dying backend or a killed process, seen from inside)."""
+
+    def __init__(self, target, rows, seed=0, fail=None):
+        self.target = target
+        self.fail = fail  # fail(call_no, turns_of_this_call) -> bool, checked before generating
+        self.calls: list[tuple[list, list, list]] = []  # (conversations, params, generations)
+        self.generated: Counter = Counter()  # (row id, turn) -> times generated
+        self.by_seed = {turn_seed(r["id"], j, seed): (r["id"], j) for r in rows for j in range(6)}
+
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+
+    def keys(self, params):
+        return [self.by_seed[p.seed] for p in params]
+
+    def generate(self, conversations, sampling):
+        keys = self.keys(sampling)
+        if self.fail and self.fail(len(self.calls), {j for _, j in keys}):
+            raise RuntimeError("backend went away")
+        gens = self.target.generate(conversations, sampling)
+        self.calls.append((conversations, list(sampling), gens))
+        self.generated.update(keys)
+        return gens
+
+
+def assistant_turns(messages):
+    return [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def check_counts(res):
+    assert res.n_in == res.n_ok + res.n_rejected
+    assert res.table.num_rows == res.n_ok and res.rejects.num_rows == res.n_rejected
+    assert res.table.schema == RESAMPLED_SCHEMA and res.rejects.schema == RESAMPLE_REJECTS_SCHEMA
+
+
+# ---------------------------------------------------------------------------------------------
+# seeding and config
+
+
+def test_temperature_mixture_proportions_and_reproducible():
+    mixture = {0.0: 0.4, 0.7: 0.3, 1.0: 0.3}
+    ids = [f"row-{i:05d}" for i in range(2000)]
+    drawn = [draw_temperature(i, mixture, seed=0) for i in ids]
+    share = Counter(drawn)
+    for t, w in mixture.items():
+        assert abs(share[t] / len(ids) - w) < 0.04, (t, share)
+    # A function of (id, seed) only: order and repetition do not matter, the seed does.
+    assert [draw_temperature(i, mixture, seed=0) for i in reversed(ids)] == drawn[::-1]
+    assert [draw_temperature(i, mixture, seed=1) for i in ids] != drawn
+    # Shares need not sum to 1, string keys (Dagster config) work, a zero share is never drawn.
+    assert {draw_temperature(i, {"0.5": 2, "0.9": 0}, seed=0) for i in ids[:200]} == {0.5}
+    assert check_mixture({"1.0": 3, 0: 1}) == {0.0: 0.25, 1.0: 0.75}
+    seeds = {turn_seed(i, j, 0) for i in ids[:100] for j in range(3)}
+    assert len(seeds) == 300 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_schema_matches_corpus_contract():
+    assert RESAMPLED_SCHEMA.names[:3] == CONVERSATION_SCHEMA.names
+    assert list(RESAMPLED_SCHEMA)[:3] == list(CONVERSATION_SCHEMA)
+    assert RESAMPLED_SCHEMA.field("temperature").type == pa.float64() and RESAMPLED_SCHEMA.field("temperature").nullable
+
+
+def test_config_validation():
+    assert ResampleConfig().temperatures == {0.0: 0.4, 0.7: 0.3, 1.0: 0.3}
+    for bad in ({"on_length": "truncate"}, {"temperatures": {}}, {"temperatures": {0.5: -1}}, {"batch_size": 0}):
+        with pytest.raises(ResampleError):
+            ResampleConfig(**bad)
+
+
+def test_strip_reasoning():
+    assert strip_reasoning("<think>plan\nmore</think>\n\nThe answer.") == "The answer."
+    assert strip_reasoning("a <think>x</think> b <think>y</think> c") == "a  b  c"
+    assert strip_reasoning("opened by the template</think> Answer") == "Answer"  # <think> was in the prompt
+    assert strip_reasoning("<think> cut at the length limit") == ""
+    assert strip_reasoning("  no reasoning here ") == "  no reasoning here "  # untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# generation semantics
+
+
+def test_multiturn_replay_uses_own_replies_and_keeps_system(target, rows):
+    cfg = ResampleConfig(max_new_tokens=12, batch_size=8)
+    spy = Spy(target, rows)
+    res = resample_conversations(spy, rows, cfg, log=lambda _: None)
+    check_counts(res)
+    by_id = {r["id"]: r for r in res.table.to_pylist()}
+    src = {r["id"]: r for r in rows}
+
+    # One generate call per turn index per batch, not per row.
+    batches = [rows[i:i + 8] for i in range(0, len(rows), 8)]
+    assert len(spy.calls) == sum(max(len(assistant_turns(r["messages"])) for r in b) for b in batches)
+    assert all(n == 1 for n in spy.generated.values())
+
+    replies = {}  # (id, turn) -> text the target produced
+    for convs, params, gens in spy.calls:
+        for key, gen in zip(spy.keys(params), gens):
+            replies[key] = gen.text
+    checked_later_turns = 0
+    for convs, params, _ in spy.calls:
+        for conv, (rid, j) in zip(convs, spy.keys(params)):
+            original = src[rid]["messages"]
+            turn_at = assistant_turns(original)[j]
+            # The prompt is the corpus up to this turn with earlier assistant turns replaced by
+            # the target's own replies; system and user turns are the corpus's.
+            assert [m["role"] for m in conv] == [m["role"] for m in original[:turn_at]]
+            for k, i in enumerate(assistant_turns(original)[:j]):
+                assert conv[i]["content"] == replies[(rid, k)]
+                assert conv[i]["content"] != original[i]["content"]
+                checked_later_turns += 1
+            for m, o in zip(conv, original):
+                if m["role"] != "assistant":
+                    assert m == o
+            if rid in by_id:  # and the stored row is exactly what the target saw
+                assert conv == by_id[rid]["messages"][:turn_at]
+    assert checked_later_turns > 0
+
+    with_system = [r for r in rows if r["messages"][0]["role"] == "system" and r["id"] in by_id]
+    assert with_system
+    for r in with_system:
+        assert by_id[r["id"]]["messages"][0] == r["messages"][0]
+    for rid, row in by_id.items():
+        assert row["generator"] == target.identity
+        assert row["temperature"] == draw_temperature(rid, cfg.temperatures, cfg.seed)
+        assert len(row["messages"]) == len(src[rid]["messages"])
+
+
+def test_on_length_flag_vs_drop(target, rows):
+    common = dict(temperatures={0.0: 0.5, 1.0: 0.5}, max_new_tokens=5, batch_size=12)
+    flag_spy, drop_spy = Spy(target, rows), Spy(target, rows)
+    flag = resample_conversations(flag_spy, rows, ResampleConfig(on_length="flag", **common), log=lambda _: None)
+    drop = resample_conversations(drop_spy, rows, ResampleConfig(on_length="drop", **common), log=lambda _: None)
+    check_counts(flag)
+    check_counts(drop)
+    # Same seeds, same replies: drop rejects exactly the rows whose first problem is a cut turn
+    # (a row that ends with an empty reply before any cut is an empty_reply either way).
+    first_problem = {}
+    for _, params, gens in flag_spy.calls:
+        for (rid, j), g in sorted(zip(flag_spy.keys(params), gens), key=lambda kg: kg[0]):
+            if rid not in first_problem and (g.finish_reason == "length" or not g.text.strip()):
+                first_problem[rid] = "length" if g.finish_reason == "length" else "empty"
+    flagged = {r["id"] for r in flag.table.to_pylist() if r["finish_reason"] == "length"}
+    dropped = {r["id"] for r in drop.rejects.to_pylist() if r["reason"] == "length_limit"}
+    assert flagged and flagged <= dropped
+    assert dropped == {rid for rid, p in first_problem.items() if p == "length"}
+    assert all(r["finish_reason"] == "stop" for r in drop.table.to_pylist())
+    # finish_reasons counts every generated row, kept or rejected: any cut turn makes it "length".
+    cut_rows = {rid for _, params, gens in flag_spy.calls
+                for (rid, _), g in zip(flag_spy.keys(params), gens) if g.finish_reason == "length"}
+    assert flag.finish_reasons["length"] == len(cut_rows) >= len(flagged)
+    # A dropped row's later turns are not generated.
+    for rid in dropped:
+        cut = int(next(r["detail"] for r in drop.rejects.to_pylist() if r["id"] == rid).split()[2])
+        assert max(j for (i, j) in drop_spy.generated if i == rid) == cut - 1
+
+    greedy = dict(temperatures={0.0: 1.0}, batch_size=24)
+    cut = resample_conversations(target, rows, ResampleConfig(max_new_tokens=4, on_length="drop", **greedy), log=lambda _: None)
+    assert cut.n_ok == 0 and Counter(cut.rejects["reason"].to_pylist()) == {"length_limit": len(rows)}
+    full = resample_conversations(target, rows, ResampleConfig(max_new_tokens=16, on_length="drop", **greedy), log=lambda _: None)
+    assert full.n_ok == len(rows) and full.finish_reasons == {"stop": len(rows)}
+
+
+def test_keep_or_strip_reasoning(target, rows):
+    greedy = dict(temperatures={0.0: 1.0}, max_new_tokens=16, batch_size=24)
+    kept = resample_conversations(target, rows, ResampleConfig(keep_reasoning=True, **greedy), log=lambda _: None)
+    spy = Spy(target, rows)
+    stripped = resample_conversations(spy, rows, ResampleConfig(keep_reasoning=False, **greedy), log=lambda _: None)
+    assert kept.n_ok == stripped.n_ok == len(rows)
+    for k, s in zip(kept.table.to_pylist(), stripped.table.to_pylist()):
+        for i in assistant_turns(k["messages"]):
+            assert k["messages"][i]["content"].startswith("<think>") and "</think>" in k["messages"][i]["content"]
+            assert s["messages"][i]["content"] == strip_reasoning(k["messages"][i]["content"]) == "answer"
+    # Later turns were generated from the stripped replies, as stored.
+    later = [conv for convs, params, _ in spy.calls for conv, (_, j) in zip(convs, spy.keys(params)) if j > 0]
+    assert later and all(m["content"] == "answer" for conv in later for m in conv if m["role"] == "assistant")
+
+
+def test_empty_reply_rejected(mute_target, rows):
+    res = resample_conversations(mute_target, rows, ResampleConfig(max_new_tokens=8), log=lambda _: None)
+    check_counts(res)
+    assert res.n_ok == 0 and res.n_rejected == len(rows)
+    assert set(res.rejects["reason"].to_pylist()) == {"empty_reply"}
+    assert res.rejects["id"].to_pylist() == [r["id"] for r in rows]
+    assert res.finish_reasons == {"stop": len(rows)}
+
+
+def test_counts_reconcile_with_every_kind_of_reject(target, rows):
+    extra = [
+        {"id": "no-reply", "messages": [{"role": "user", "content": "what is it"}], "source": "t"},
+        dict(rows[0]),  # a repeated id
+    ]
+    inp = rows + extra
+    spy = Spy(target, inp)
+    res = resample_conversations(spy, inp, ResampleConfig(temperatures={1.0: 1.0}, max_new_tokens=8, batch_size=10),
+                                 log=lambda _: None)
+    check_counts(res)
+    assert res.n_in == len(inp)
+    reasons = Counter(res.rejects["reason"].to_pylist())
+    assert reasons["no_assistant_turn"] == 1 and reasons["duplicate_id"] == 1 and reasons["empty_reply"] >= 1
+    assert set(reasons) <= {"no_assistant_turn", "duplicate_id", "empty_reply"}  # on_length="flag" keeps cut rows
+    assert res.finish_reasons.get("length", 0) == sum(r == "length" for r in res.table["finish_reason"].to_pylist())
+    assert res.tokens_generated == sum(g.n_tokens for _, _, gens in spy.calls for g in gens)
+    empty = resample_conversations(spy, [], ResampleConfig(), log=lambda _: None)
+    check_counts(empty)
+    assert empty.n_in == 0 and passthrough([]).n_in == 0
+    order = [r["id"] for r in rows]
+    kept = res.table["id"].to_pylist()
+    assert kept == [i for i in order if i in set(kept)]  # input order
+
+
+def test_generation_error_fails_clearly(target, rows, local_store):
+    progress = ResampleProgress(local_store, "resampled/_/fp/_progress")
+    spy = Spy(target, rows, fail=lambda call, turns: call == 4)
+    with pytest.raises(ResampleError, match=r"generation failed in batch \d+, assistant turn \d+ .*backend went away"):
+        resample_conversations(spy, rows, ResampleConfig(batch_size=6, max_new_tokens=8), progress=progress, log=lambda _: None)
+    assert progress.chunk_keys() and len(progress.done_ids()) % 6 == 0 and progress.done_ids() < {r["id"] for r in rows}
+
+
+def test_passthrough(rows):
+    table = pa.Table.from_pylist(rows, schema=CONVERSATION_SCHEMA)
+    for inp in (table, rows):
+        res = passthrough(inp)
+        check_counts(res)
+        assert res.n_in == res.n_ok == len(rows) and res.n_rejected == 0 and res.tokens_generated == 0
+        assert res.table.select(["id", "messages", "source"]).to_pylist() == rows
+        assert set(res.table["finish_reason"].to_pylist()) == {"source"}
+        assert res.table["temperature"].null_count == len(rows)
+        assert set(res.table["generator"].to_pylist()) == {"corpus"}
+        assert res.finish_reasons == {"source": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------------
+# progress and resume
+
+
+def test_progress_chunks_roundtrip_and_dedupe(store):
+    progress = ResampleProgress(store, "resampled_corpus/shard/fp/_progress")
+    assert progress.done_ids() == set() and progress.chunk_keys() == []
+
+    def rec(i, reason=None):
+        return {"id": f"r{i}", "messages": [{"role": "assistant", "content": f"reply {i}"}], "source": "s",
+                "finish_reason": "stop", "temperature": 0.7, "generator": "g", "n_tokens": i,
+                "reject_reason": reason, "reject_detail": reason and "why"}
+
+    k1 = progress.append([rec(0), rec(1, "empty_reply")])
+    k2 = progress.append([rec(2)])
+    assert k1.endswith("/chunk-000001.parquet") and k2.endswith("/chunk-000002.parquet")
+    store.write_bytes(k1.replace("000001", "000003"), store.read_bytes(k1))  # the same batch saved twice
+    store.write_bytes(k1 + ".tmp-deadbeef", b"half a file")  # what a killed local write leaves
+    assert len(progress.chunk_keys()) == 3
+    loaded = ResampleProgress(store, "resampled_corpus/shard/fp/_progress").load()
+    assert sorted(loaded) == ["r0", "r1", "r2"]
+    assert loaded["r1"]["reject_reason"] == "empty_reply" and loaded["r2"]["n_tokens"] == 2
+    assert progress.append([rec(3)]).endswith("/chunk-000004.parquet")
+    progress.clear()
+    assert progress.done_ids() == set()
+
+
+def _kill_at_batch(n_batches_done):
+    """Raise at the first call of batch n+1, i.e. right after batch n was saved."""
+    state = {"starts": 0}
+
+    def fail(call, turns):
+        if 0 in turns:
+            state["starts"] += 1
+        return state["starts"] > n_batches_done
+
+    return fail
+
+
+def _kill_in_batch(n):
+    """Raise at the first later-turn call of batch n: its first turn was generated, nothing saved."""
+    state = {"starts": 0}
+
+    def fail(call, turns):
+        if 0 in turns:
+            state["starts"] += 1
+        return state["starts"] == n and 0 not in turns
+
+    return fail
+
+
+def test_resume_after_kill_reproduces_uninterrupted_run(target, rows, local_store):
+    cfg = ResampleConfig(max_new_tokens=10, batch_size=5)  # default mixture: greedy and sampled rows
+    table = pa.Table.from_pylist(rows, schema=CONVERSATION_SCHEMA)
+    reference = resample_conversations(target, table, cfg, log=lambda _: None)
+
+    progress = ResampleProgress(local_store, "resampled_corpus/demo-00000/fp/_progress")
+    first = Spy(target, rows, fail=_kill_at_batch(2))
+    with pytest.raises(ResampleError):
+        resample_conversations(first, table, cfg, progress=progress, log=lambda _: None)
+    assert len(progress.done_ids()) == 10 and len(progress.chunk_keys()) == 2
+
+    second = Spy(target, rows)
+    res = resample_conversations(second, table, cfg, progress=ResampleProgress(local_store, progress.prefix), log=lambda _: None)
+    # No row-turn generated twice across the killed and the resumed run, none skipped.
+    both = first.generated + second.generated
+    assert max(both.values()) == 1
+    assert {i for i, _ in both} == {r["id"] for r in rows}
+    assert res.n_resumed == 10
+    check_counts(res)
+    assert res.table.equals(reference.table) and res.rejects.equals(reference.rejects)
+    assert res.finish_reasons == reference.finish_reasons and res.tokens_generated == reference.tokens_generated
+    assert set(res.table["temperature"].to_pylist()) > {0.0}  # sampled rows are compared too
+
+
+def test_resume_after_mid_batch_kill_and_duplicate_chunk(target, rows, local_store):
+    cfg = ResampleConfig(max_new_tokens=10, batch_size=8)
+    reference = resample_conversations(target, rows, cfg, log=lambda _: None)
+    progress = ResampleProgress(local_store, "p/_progress")
+    # Killed inside batch 2, after its first turn was generated but before it was saved.
+    first = Spy(target, rows, fail=_kill_in_batch(2))
+    with pytest.raises(ResampleError):
+        resample_conversations(first, rows, cfg, progress=progress, log=lambda _: None)
+    saved = progress.done_ids()
+    assert saved == {r["id"] for r in rows[:8]}
+    # The same chunk landing twice (a retry after a lost acknowledgement) changes nothing.
+    key = progress.chunk_keys()[0]
+    local_store.write_bytes(key.replace("chunk-000001", "chunk-000007"), local_store.read_bytes(key))
+
+    second = Spy(target, rows)
+    res = resample_conversations(second, rows, cfg, progress=progress, log=lambda _: None)
+    assert not {i for i, _ in second.generated} & saved  # finished rows are never redone
+    assert {i for i, _ in second.generated} == {r["id"] for r in rows[8:]}
+    assert res.n_resumed == 8 and res.table["id"].to_pylist() == reference.table["id"].to_pylist()
+    assert res.table.equals(reference.table) and res.rejects.equals(reference.rejects)
+
+    # A third run generates nothing and returns the same result.
+    third = Spy(target, rows)
+    again = resample_conversations(third, rows, cfg, progress=progress, log=lambda _: None)
+    assert third.calls == [] and again.n_resumed == len(rows) and again.table.equals(reference.table)
+    assert pq.read_table(local_store.open(key)).num_rows == 8
+    # Progress from another config is refused, not mixed in.
+    with pytest.raises(ResampleError, match="fingerprint"):
+        resample_conversations(target, rows, ResampleConfig(max_new_tokens=10, batch_size=8, seed=1),
+                               progress=progress, log=lambda _: None)

@@ -1,0 +1,143 @@
+"""Draft serving export: a directory vLLM's LlamaForCausalLMEagle3 and SGLang load as-is.
+
+config.json + model.safetensors with exactly the tensor names of DESIGN.md ("Draft serving
+export"); they are the Eagle3Draft parameter names, so export and reload are plain state dicts.
+The directory is written under a temporary name and renamed into place: a reader sees either
+the previous export or the complete new one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+
+from training.eagle3.model import DraftConfig, Eagle3Draft, text_config, rope_from_config
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor, draft_vocab: int, target_vocab: int) -> None:
+    """d2t/t2d must describe the same draft vocab: target_id = draft_id + d2t[draft_id] lists the
+    True positions of t2d in ascending order (the draft's logit order)."""
+    if d2t.shape != (draft_vocab,) or t2d.shape != (target_vocab,):
+        raise ValueError(f"d2t {tuple(d2t.shape)} / t2d {tuple(t2d.shape)} vs vocab {draft_vocab}/{target_vocab}")
+    target_ids = torch.arange(draft_vocab, device=d2t.device) + d2t.to(torch.int64)
+    if not torch.equal(target_ids.cpu(), t2d.to(torch.bool).nonzero().squeeze(1).cpu()):
+        raise ValueError("d2t and t2d disagree (draft ids must map to the t2d tokens in ascending order)")
+
+
+def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
+    tc = text_config(target_config)
+    theta, scaling = rope_from_config(tc)
+    if (theta, scaling) != (cfg.rope_theta, cfg.rope_scaling):
+        raise ValueError(f"draft RoPE {(cfg.rope_theta, cfg.rope_scaling)} is not the target's {(theta, scaling)}")
+    if (tc["hidden_size"], tc["vocab_size"]) != (cfg.hidden_size, cfg.target_vocab_size):
+        raise ValueError("the draft was not built for this target (hidden size or vocab differ)")
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": cfg.hidden_act,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": copy.deepcopy(cfg.rope_scaling),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "vocab_size": cfg.target_vocab_size,
+        "draft_vocab_size": cfg.draft_vocab_size,
+        "target_hidden_size": cfg.hidden_size,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": _DTYPE_NAMES[dtype],
+        "eagle_config": {
+            "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids),
+            "use_aux_hidden_state": True,
+        },
+    }
+    if "rope_parameters" in tc:  # transformers-5 readers take RoPE from here; keep it the target's
+        config["rope_parameters"] = copy.deepcopy(tc["rope_parameters"])
+    return config
+
+
+def export_tensors(draft: Eagle3Draft, d2t, t2d, dtype=torch.bfloat16, include_embed: bool = True) -> dict:
+    cfg = draft.cfg
+    check_vocab_maps(d2t, t2d, cfg.draft_vocab_size, cfg.target_vocab_size)
+    tensors = {
+        name: t.detach().to("cpu", dtype).contiguous()
+        for name, t in draft.state_dict().items()
+        if include_embed or name != "embed_tokens.weight"
+    }
+    tensors["d2t"] = d2t.detach().to("cpu", torch.int64).contiguous()
+    tensors["t2d"] = t2d.detach().to("cpu", torch.bool).contiguous()
+    return tensors
+
+
+def export_draft(
+    draft: Eagle3Draft,
+    d2t: torch.Tensor,
+    t2d: torch.Tensor,
+    target_config: dict,
+    out_dir,
+    dtype: torch.dtype = torch.bfloat16,
+    include_embed: bool = True,
+) -> Path:
+    """Write the serving directory at out_dir (replacing an existing one atomically).
+    include_embed=False leaves the frozen target embedding out (vLLM then shares the target's;
+    load_draft then needs embed_weight)."""
+    from safetensors.torch import save_file
+
+    draft = getattr(draft, "module", draft)
+    config = export_config(draft.cfg, target_config, dtype)
+    tensors = export_tensors(draft, d2t, t2d, dtype, include_embed)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; servers may run as another user
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_draft(export_dir, embed_weight: torch.Tensor | None = None, device="cpu"):
+    """Reload an export as a float32 Eagle3Draft -> (draft, d2t, t2d, config dict).
+    embed_weight (the target's input embedding) is needed only when the export has none."""
+    from safetensors.torch import load_file
+
+    d = Path(export_dir)
+    config = json.loads((d / CONFIG).read_text())
+    tensors = load_file(str(d / WEIGHTS), device=str(device))
+    d2t, t2d = tensors.pop("d2t"), tensors.pop("t2d")
+    if "embed_tokens.weight" not in tensors:
+        if embed_weight is None:
+            raise ValueError(f"{d} has no embed_tokens.weight: pass the target's embed_weight")
+        tensors["embed_tokens.weight"] = embed_weight
+    cfg = DraftConfig.from_export_config(config)
+    check_vocab_maps(d2t, t2d, cfg.draft_vocab_size, cfg.target_vocab_size)
+    draft = Eagle3Draft(cfg, tensors["embed_tokens.weight"]).to(device)
+    draft.load_state_dict(tensors, strict=True)  # every tensor consumed, none missing
+    return draft, d2t, t2d, config
