@@ -13,6 +13,12 @@ from spec_assets.partitions import corpus_shards
 PREVIEW_ROWS = 5
 
 
+class SourceCorpusConfig(dg.Config):
+    # Share of conversations (chosen by a hash of their id) kept out of training for eval_report.
+    heldout_fraction: float = 0.05
+    heldout_seed: int = 0
+
+
 def _preview(table, n: int = PREVIEW_ROWS) -> list[dict]:
     rows = []
     for row in table.slice(0, n).to_pylist():
@@ -31,13 +37,17 @@ def _preview(table, n: int = PREVIEW_ROWS) -> list[dict]:
     automation_condition=dg.AutomationCondition.code_version_changed(),
 )
 def source_corpus(
-    context: dg.AssetExecutionContext, object_store: ObjectStoreResource, corpus: CorpusSourceResource
+    context: dg.AssetExecutionContext,
+    config: SourceCorpusConfig,
+    object_store: ObjectStoreResource,
+    corpus: CorpusSourceResource,
 ) -> dg.Output:
-    """Normalized conversations of one source file (data.parquet) and the rows that could not be (rejects.parquet)."""
+    """Normalized conversations of one source file: training rows (data.parquet), held-out rows for
+    evaluation (heldout.parquet) and the rows that could not be normalized (rejects.parquet)."""
     import fsspec
     import pyarrow.parquet as pq
 
-    from training.corpus import corpus_stats, read_source
+    from training.corpus import corpus_stats, read_source, split_heldout
     from training.fingerprint import file_digest
 
     store = object_store.store()
@@ -48,8 +58,11 @@ def source_corpus(
     def build(writer):
         result = read_source(source.url)
         assert result.n_read == result.n_accepted + result.n_rejected, "ingestion counts do not reconcile"
+        train, heldout = split_heldout(result.rows, config.heldout_fraction, config.heldout_seed)
         with writer.open("data.parquet") as f:
-            pq.write_table(result.rows, f)
+            pq.write_table(train, f)
+        with writer.open("heldout.parquet") as f:
+            pq.write_table(heldout, f)
         with writer.open("rejects.parquet") as f:
             pq.write_table(result.rejects, f)
         con = store.duckdb()
@@ -63,16 +76,18 @@ def source_corpus(
             "rows_read": result.n_read,
             "rows_accepted": result.n_accepted,
             "rows_rejected": result.n_rejected,
+            "rows_train": train.num_rows,
+            "rows_heldout": heldout.num_rows,
             "formats": result.formats,
             "rejects_by_reason": {reason: n for reason, n in by_reason},
             **stats,
-            "preview": _preview(result.rows),
+            "preview": _preview(train),
         }
         context.log.info(
             f"{source.url}: read {result.n_read}, accepted {result.n_accepted}, rejected {result.n_rejected}"
         )
 
-    return materialize_artifact(context, store, build=build, upstream={"source": digest})
+    return materialize_artifact(context, store, build=build, upstream={"source": digest}, config=config.model_dump())
 
 
 @dg.sensor(

@@ -8,7 +8,7 @@ from resources.corpus_source import CorpusSourceResource
 from resources.generation_backend import GenerationBackendResource
 from resources.object_store import ArtifactRefIOManager, ObjectStoreResource
 from resources.target_model import TargetModelResource
-from spec_assets import corpus, draft, hidden_states, resample, tokenize
+from spec_assets import corpus, draft, evaluation, hidden_states, resample, tokenize
 from spec_assets.partitions import corpus_shards
 
 
@@ -22,7 +22,7 @@ target = TargetModelResource(target=_from_env("SPECDRAFT_TARGET"))
 
 per_shard_assets = [corpus.source_corpus, resample.resampled_corpus, tokenize.tokenized_shards,
                     hidden_states.hidden_states]
-fan_in_assets = [tokenize.vocab_map, draft.draft_model]
+fan_in_assets = [tokenize.vocab_map, draft.draft_model, evaluation.eval_report, evaluation.released_draft]
 all_assets = [*per_shard_assets, *fan_in_assets]
 
 shard_job = dg.define_asset_job(
@@ -34,12 +34,21 @@ shard_job = dg.define_asset_job(
 train_job = dg.define_asset_job(
     "train_job",
     selection=dg.AssetSelection.assets(*fan_in_assets),
-    description="Fan-in stages over every shard: vocabulary, draft training and export.",
+    description="Fan-in stages over every shard: vocabulary, draft training and export, evaluation, release.",
+)
+
+automation = dg.AutomationConditionSensorDefinition(
+    "specdraft_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds=60,
+    description="Runs the per-shard stages for new shards and rebuilds what a code change made stale.",
 )
 
 defs = dg.Definitions(
     assets=all_assets,
-    sensors=[corpus.corpus_sensor],
+    sensors=[corpus.corpus_sensor, automation],
+    schedules=[draft.nightly_retrain],
     jobs=[shard_job, train_job],
     resources={
         "object_store": object_store,

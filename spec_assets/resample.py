@@ -9,7 +9,7 @@ from spec_assets.partitions import corpus_shards
 from training.storage import ArtifactRef
 
 
-class ResampleConfig(dg.Config):
+class ResampledCorpusConfig(dg.Config):
     resample: bool = True
     # Share of rows per sampling temperature (keys are temperatures; Dagster config keys are strings).
     temperatures: dict[str, float] = {"0.0": 0.4, "0.7": 0.3, "1.0": 0.3}
@@ -31,7 +31,7 @@ class ResampleConfig(dg.Config):
 )
 def resampled_corpus(
     context: dg.AssetExecutionContext,
-    config: ResampleConfig,
+    config: ResampledCorpusConfig,
     source_corpus: ArtifactRef,
     object_store: ObjectStoreResource,
     generator: GenerationBackendResource,

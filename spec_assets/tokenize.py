@@ -1,5 +1,7 @@
 """Stage 3: token ids and assistant loss masks per shard, and the pruned draft vocabulary over all shards."""
 
+from typing import Any
+
 import dagster as dg
 
 from resources.object_store import ObjectStoreResource
@@ -9,9 +11,10 @@ from spec_assets.partitions import corpus_shards
 from training.storage import ArtifactRef, artifact_prefix
 
 
-class TokenizeConfig(dg.Config):
+class TokenizedShardsConfig(dg.Config):
     max_length: int = 2048
     template: str = "auto"  # auto: the tokenizer's chat template, else `plain`; chat; plain
+    chat_template_kwargs: dict[str, Any] = {}  # e.g. {"enable_thinking": false} for Qwen3
 
 
 class VocabMapConfig(dg.Config):
@@ -28,7 +31,7 @@ class VocabMapConfig(dg.Config):
 )
 def tokenized_shards(
     context: dg.AssetExecutionContext,
-    config: TokenizeConfig,
+    config: TokenizedShardsConfig,
     resampled_corpus: ArtifactRef,
     object_store: ObjectStoreResource,
     target: TargetModelResource,
@@ -37,7 +40,7 @@ def tokenized_shards(
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from training import tokenize
+    from training import tokenization
 
     store = object_store.store()
     upstream = store.manifest(resampled_corpus.prefix)
@@ -45,15 +48,20 @@ def tokenized_shards(
     def build(writer):
         rows = store.read_parquet(upstream.key("data.parquet"))
         tokenizer = AutoTokenizer.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code)
-        cfg = tokenize.TokenizeConfig(max_length=config.max_length, template=config.template)
-        result = tokenize.tokenize_conversations(tokenizer, rows, cfg)
+        cfg = tokenization.TokenizeConfig(
+            max_length=config.max_length, template=config.template, chat_template_kwargs=config.chat_template_kwargs
+        )
+        result = tokenization.tokenize_conversations(tokenizer, rows, cfg)
         assert result.n_in == result.n_ok + result.n_rejected, "tokenization counts do not reconcile"
         with writer.open("data.parquet") as f:
             pq.write_table(result.table, f)
         with writer.open("rejects.parquet") as f:
             pq.write_table(result.rejects, f)
-        stats = tokenize.tokenized_stats(store.duckdb(), store.duckdb_path(writer.key("data.parquet")))
-        writer.summary = {"rows_in": result.n_in, "rows_out": result.n_ok, "rows_rejected": result.n_rejected, **stats}
+        stats = tokenization.tokenized_stats(store.duckdb(), store.duckdb_path(writer.key("data.parquet")))
+        # Conversations in = out + rejected; a template that rewrites earlier turns (Qwen3 reasoning)
+        # splits a conversation into several rows, so `rows` in the stats may exceed conversations_out.
+        writer.summary = {"conversations_in": result.n_in, "conversations_out": result.n_ok,
+                          "conversations_rejected": result.n_rejected, **stats}
 
     return materialize_artifact(
         context, store, build=build, upstream={"resampled_corpus": resampled_corpus.fingerprint},

@@ -531,3 +531,32 @@ def test_corpus_stats_empty(tmp_path):
     pq.write_table(CONVERSATION_SCHEMA.empty_table(), path)
     stats = corpus_stats(duckdb.connect(), str(path))
     assert stats["rows"] == 0 and stats["turns"] == 0 and stats["mean_turns_per_row"] == 0.0
+
+
+def test_row_source_keeps_the_records_own_domain():
+    from training.corpus import normalize_record
+
+    base = {"prompt": "p", "completion": "c"}
+    for extra, expected in [({}, "f.jsonl:prompt_completion"), ({"source": "demo/arithmetic"}, "demo/arithmetic"),
+                            ({"category": "writing"}, "writing"), ({"domain": " math "}, "math"),
+                            ({"source": ""}, "f.jsonl:prompt_completion"), ({"source": 3}, "f.jsonl:prompt_completion")]:
+        row, err = normalize_record({**base, **extra}, source="f.jsonl", row_index=0, shard="f")
+        assert err is None and row["source"] == expected, extra
+
+
+def test_heldout_split_is_by_id_and_partitions_the_table():
+    import pyarrow as pa
+
+    from training.corpus import is_heldout, split_heldout
+
+    ids = [f"row-{i}" for i in range(4000)]
+    table = pa.table({"id": ids, "n": list(range(4000))})
+    train, held = split_heldout(table, 0.1)
+    assert train.num_rows + held.num_rows == 4000
+    assert 300 < held.num_rows < 500
+    assert not set(train.column("id").to_pylist()) & set(held.column("id").to_pylist())
+    # Row order and shard composition do not matter: membership is a function of the id.
+    _, held_rev = split_heldout(table.take(list(range(3999, -1, -1))), 0.1)
+    assert sorted(held_rev.column("id").to_pylist()) == sorted(held.column("id").to_pylist())
+    assert all(is_heldout(i, 0.1) for i in held.column("id").to_pylist())
+    assert split_heldout(table, 0.0)[1].num_rows == 0

@@ -43,7 +43,9 @@ def normalize_record(
 ) -> tuple[dict | None, tuple[str, str] | None]:
     """`(row, None)` for a usable record, `(None, (reason, detail))` otherwise.
 
-    `source` names the file (its base name); the row's `source` column is `"{source}:{format}"`.
+    `source` names the file (its base name); the row's `source` column is the record's own
+    `source`, `domain` or `category` string when it has one (the dataset or task family the
+    evaluation groups by), else `"{source}:{format}"`.
     `row_index` and `shard` build the fallback id `"{shard}:{row_index}"`.
     """
     try:
@@ -62,7 +64,15 @@ def normalize_record(
         _check_conversation(messages)
     except _Rejected as rejected:
         return None, (rejected.reason, rejected.detail)
-    return {"id": row_id, "messages": messages, "source": f"{source}:{fmt}"}, None
+    return {"id": row_id, "messages": messages, "source": _record_domain(record) or f"{source}:{fmt}"}, None
+
+
+def _record_domain(record: dict) -> str | None:
+    for key in ("source", "domain", "category"):
+        value = record.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
 
 
 def detect_format(record: dict) -> str | None:

@@ -22,13 +22,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from training.eagle3.attention import block_causal_mask, doc_layout, ttt_attention
+from training.targets.base import default_aux_layer_ids  # one definition of the convention
 
 _ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
-    """vLLM's convention: HF hidden_states[i] for i in (2, L//2, L-3)."""
-    return (2, num_layers // 2, num_layers - 3)
 
 
 def text_config(target_config: dict) -> dict:

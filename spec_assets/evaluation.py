@@ -1,0 +1,145 @@
+"""Stage 6: measured acceptance and speedup of the draft, a quality gate, and the release it guards."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from resources.object_store import ObjectStoreResource, read_ref
+from resources.target_model import TargetModelResource
+from spec_assets.artifact_step import materialize_artifact
+from spec_assets.partitions import corpus_shards
+from training.storage import ArtifactRef
+
+GATE_CHECK = "beats_prompt_lookup"
+
+
+class EvalReportConfig(dg.Config):
+    ks: list[int] = [1, 2, 3, 4, 5, 6, 7]
+    temperatures: list[float] = [0.0, 1.0]
+    max_new_tokens: int = 64
+    max_prompts: int = 24
+    prompts_url: str = ""  # a held-out prompt file; empty: SPECDRAFT_EVAL_PROMPTS, else the corpus's held-out rows
+    gate_k: int = 4
+    min_tau: float = 1.5
+    seed: int = 0
+
+
+def _prompt_rows(context, store, config: EvalReportConfig) -> tuple[list[dict], dict[str, str]]:
+    """Held-out conversations and the fingerprints they come from."""
+    import fsspec
+
+    from training.corpus import read_source
+    from training.fingerprint import file_digest
+
+    url = config.prompts_url or os.environ.get("SPECDRAFT_EVAL_PROMPTS", "")
+    if url:
+        fs, path = fsspec.core.url_to_fs(url)
+        result = read_source(url)
+        if result.n_rejected:
+            context.log.warning(f"{url}: {result.n_rejected} prompt rows rejected: {result.reject_reasons}")
+        return result.rows.to_pylist(), {"prompts": file_digest(fs, path)}
+    rows, upstream = [], {}
+    for shard in sorted(context.instance.get_dynamic_partitions(corpus_shards.name)):
+        ref = read_ref(store, "source_corpus", shard)
+        rows += store.read_parquet(store.manifest(ref.prefix).key("heldout.parquet")).to_pylist()
+        upstream[f"source_corpus/{shard}"] = ref.fingerprint
+    return rows, upstream
+
+
+def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
+    """The draft's serving export as a local directory (downloaded when the store is S3)."""
+    manifest = store.manifest(draft_ref.prefix)
+    for name in manifest.names("export/"):
+        dest = folder / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(store.read_bytes(manifest.key(name)))
+    return folder / "export"
+
+
+@dg.asset(
+    deps=["source_corpus"],
+    code_version="1",
+    group_name="evaluate",
+    io_manager_key="artifact_refs",
+    kinds={"pytorch", "markdown"},
+    check_specs=[dg.AssetCheckSpec(GATE_CHECK, asset="eval_report", blocking=True,
+                                   description="tau at gate_k beats prompt-lookup drafting and min_tau")],
+    automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+)
+def eval_report(
+    context: dg.AssetExecutionContext,
+    config: EvalReportConfig,
+    draft_model: ArtifactRef,
+    object_store: ObjectStoreResource,
+    target: TargetModelResource,
+):
+    """Speculative decoding simulated on the target: tau per k, acceptance by position, speedup, plots."""
+    from training.evaluation import evaluate, gate, load_result, write_report
+    from training.evaluation.prompts import stratified_prompts
+
+    store = object_store.store()
+    rows, prompt_sources = _prompt_rows(context, store, config)
+    prompts = stratified_prompts(rows, config.max_prompts)
+    if not prompts:
+        raise dg.Failure("eval_report has no held-out prompts: set SPECDRAFT_EVAL_PROMPTS or a heldout_fraction > 0")
+
+    def build(writer):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = evaluate(
+                target.load(), str(_local_export(store, draft_model, Path(tmp))), prompts, ks=config.ks,
+                temperature_list=config.temperatures, max_new_tokens=config.max_new_tokens, seed=config.seed,
+                log=context.log.info,
+            )
+        report = write_report(result, writer, k=config.gate_k)
+        writer.summary = {"prompts": len(prompts), **report["summary"], "report_md": report["markdown"]}
+
+    output = materialize_artifact(
+        context, store, build=build, upstream={"draft_model": draft_model.fingerprint, **prompt_sources},
+        config=config.model_dump(), target=target.identity(),
+    )
+    yield output
+    manifest = store.manifest(output.value.prefix)
+    result = load_result(store.read_json(manifest.key("report.json")))
+    passed, detail = gate(result, config.gate_k, config.min_tau)
+    context.log.info(f"quality gate: {detail}")
+    yield dg.AssetCheckResult(check_name=GATE_CHECK, passed=passed, metadata={"detail": detail},
+                              severity=dg.AssetCheckSeverity.ERROR)
+
+
+@dg.asset(
+    code_version="1",
+    group_name="evaluate",
+    io_manager_key="artifact_refs",
+    kinds={"safetensors"},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def released_draft(
+    context: dg.AssetExecutionContext,
+    draft_model: ArtifactRef,
+    eval_report: ArtifactRef,
+    object_store: ObjectStoreResource,
+) -> dg.Output:
+    """The serving export that passed the quality gate; `releases/latest.json` points at it."""
+    store = object_store.store()
+    export = store.manifest(draft_model.prefix)
+    summary = store.manifest(eval_report.prefix).summary
+
+    def build(writer):
+        for name in export.names("export/"):
+            writer.write_bytes(name.removeprefix("export/"), store.read_bytes(export.key(name)))
+        writer.summary = {"tau": summary.get("tau"), "k": summary.get("k"), "draft_fingerprint": draft_model.fingerprint}
+
+    output = materialize_artifact(
+        context, store, build=build,
+        upstream={"draft_model": draft_model.fingerprint, "eval_report": eval_report.fingerprint},
+    )
+    released = store.manifest(output.value.prefix)
+    # A stable pointer for serving: `vllm serve ... --speculative-config '{"model": <path>}'`.
+    store.write_json("releases/latest.json", {
+        "fingerprint": released.fingerprint,
+        "files": {n: store.url(released.key(n)) for n in released.names()},
+        "export_dir": store.url(released.key("config.json")).rsplit("/", 1)[0],
+    })
+    return output

@@ -1,0 +1,247 @@
+"""tokenize_conversations: table contract, truncation, rejects, template handling, stats over Parquet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import training.tokenization as tokenize_mod
+from tests.training.test_chat_templates import (
+    CASES,
+    MISTRAL,
+    QWEN25,
+    decode,
+    family_tokenizer,
+    make_tokenizer,
+    masked_runs,
+    msg,
+)
+from training.tokenization import (
+    REJECTS_SCHEMA,
+    TOKENIZED_SCHEMA,
+    ChatTemplateError,
+    TokenizeConfig,
+    tokenize_conversations,
+    tokenized_stats,
+)
+
+# ChatML with {% generation %} markers around content + <|im_end|>, as the demo target ships it
+MARKED = (
+    "{%- for message in messages -%}{%- if message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\n' -}}"
+    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
+
+def conversations(n: int = 12) -> list[dict]:
+    names = sorted(CASES)
+    return [{"id": f"r{i}", "messages": CASES[names[i % len(names)]]} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    return family_tokenizer("chatml")
+
+
+def test_table_contract(chatml):
+    res = tokenize_conversations(chatml, conversations(), TokenizeConfig())
+    assert res.table.schema == TOKENIZED_SCHEMA and res.rejects.schema == REJECTS_SCHEMA
+    assert (res.n_in, res.n_ok, res.n_rejected) == (12, 12, 0)
+    assert res.table.column("id").to_pylist() == [f"r{i}" for i in range(12)]
+    for row in res.table.to_pylist():
+        assert len(row["input_ids"]) == len(row["loss_mask"]) == row["n_tokens"]
+        assert set(row["loss_mask"]) == {0, 1}
+        assert not row["truncated"]
+
+
+def test_arrow_input_equals_list_input(chatml):
+    convs = conversations()
+    table = pa.table({
+        "id": [c["id"] for c in convs],
+        "messages": pa.array([c["messages"] for c in convs],
+                             pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        "source": ["test"] * len(convs),
+    })
+    a = tokenize_conversations(chatml, convs, TokenizeConfig())
+    b = tokenize_conversations(chatml, table, TokenizeConfig())
+    assert a.table.equals(b.table)
+
+
+def test_batches_do_not_change_results(chatml, monkeypatch):
+    whole = tokenize_conversations(chatml, conversations(40), TokenizeConfig(max_length=40))
+    monkeypatch.setattr(tokenize_mod, "BATCH_CHARS", 700)  # a few conversations per batch
+    batched = tokenize_conversations(chatml, conversations(40), TokenizeConfig(max_length=40))
+    assert batched.table.equals(whole.table) and batched.rejects.equals(whole.rejects)
+
+
+def test_truncation_keeps_the_head_and_flags_it(chatml):
+    messages = CASES["multi_system"]
+    full = tokenize_conversations(chatml, [{"id": "a", "messages": messages}], TokenizeConfig()).table.to_pylist()[0]
+    cut = tokenize_conversations(chatml, [{"id": "a", "messages": messages}], TokenizeConfig(max_length=60))
+    (row,) = cut.table.to_pylist()
+    assert row["truncated"] and row["n_tokens"] == 60
+    assert row["input_ids"] == full["input_ids"][:60] and row["loss_mask"] == full["loss_mask"][:60]
+
+
+def test_assistant_truncated_away_is_rejected(chatml):
+    long_prompt = " ".join(["word"] * 300)
+    rows = [{"id": "long", "messages": [msg("user", long_prompt), msg("assistant", "Short.")]},
+            {"id": "ok", "messages": CASES["single"]}]
+    res = tokenize_conversations(chatml, rows, TokenizeConfig(max_length=64))
+    assert res.rejects.to_pylist()[0]["id"] == "long"
+    assert res.rejects.column("reason").to_pylist() == ["assistant_truncated"]
+    assert res.table.column("id").to_pylist() == ["ok"]
+    assert (res.n_in, res.n_ok, res.n_rejected) == (2, 1, 1)
+
+
+def test_row_rejects_with_reasons(chatml):
+    mistral = make_tokenizer(MISTRAL, bos="<s>", eos="</s>")
+    rows = [
+        {"id": "no_asst", "messages": [msg("user", "Hello?")]},
+        {"id": "bad", "messages": [{"role": "user", "content": None}, msg("assistant", "x")]},
+        {"id": "empty", "messages": []},
+        {"id": "not_alternating", "messages": [msg("user", "a"), msg("user", "b"), msg("assistant", "c")]},
+        {"id": "fine", "messages": CASES["single"]},
+    ]
+    res = tokenize_conversations(mistral, rows, TokenizeConfig())
+    reasons = {r["id"]: r["reason"] for r in res.rejects.to_pylist()}
+    assert reasons == {"no_asst": "no_assistant", "bad": "invalid_messages", "empty": "invalid_messages",
+                       "not_alternating": "template_error"}
+    assert "alternate" in res.rejects.to_pylist()[3]["detail"]
+    assert res.table.column("id").to_pylist() == ["fine"]
+    assert res.n_in == res.n_ok + res.n_rejected == 5
+
+
+def test_empty_result_is_rejected():
+    no_eos = make_tokenizer(None, bos=None, eos=None)
+    rows = [{"id": "blank", "messages": [msg("user", "Say nothing."), msg("assistant", "")]}]
+    res = tokenize_conversations(no_eos, rows, TokenizeConfig(template="plain"))
+    assert res.rejects.column("reason").to_pylist() == ["empty"] and res.table.num_rows == 0
+    assert res.table.schema == TOKENIZED_SCHEMA
+
+
+def test_template_modes(chatml):
+    base = make_tokenizer(None, bos="<s>", eos="</s>")
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        tokenize_conversations(base, conversations(2), TokenizeConfig(template="chat"))
+    auto = tokenize_conversations(base, conversations(2), TokenizeConfig(template="auto"))
+    plain = tokenize_conversations(base, conversations(2), TokenizeConfig(template="plain"))
+    assert auto.table.equals(plain.table)
+    # plain on a tokenizer that has a chat template ignores the template
+    res = tokenize_conversations(chatml, [{"id": "a", "messages": CASES["single"]}], TokenizeConfig(template="plain"))
+    text = decode(chatml, res.table.column("input_ids")[0].as_py())
+    assert text == "What is twenty plus four?The answer is twenty four.<|im_end|>"
+    with pytest.raises(ValueError, match="template must be"):
+        tokenize_conversations(chatml, conversations(2), TokenizeConfig(template="chatml"))
+
+
+def test_template_whose_generation_prompt_is_not_the_turn_header_fails_clearly():
+    broken = QWEN25.replace("{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant:\\n' }}")
+    assert broken != QWEN25
+    with pytest.raises(ChatTemplateError, match="generation prompt does not start assistant message"):
+        tokenize_conversations(make_tokenizer(broken, eos="<|im_end|>"), conversations(2), TokenizeConfig())
+
+
+def test_template_failing_on_a_plain_conversation_fails_clearly():
+    raising = "{{ raise_exception('this template needs tools') }}"
+    with pytest.raises(ChatTemplateError, match="needs tools"):
+        tokenize_conversations(make_tokenizer(raising, eos="<|im_end|>"), conversations(2), TokenizeConfig())
+
+
+def test_template_problem_on_one_row_is_a_reject():
+    # renders a different header for answers starting with '#': its generation prompt cannot start them
+    odd = QWEN25.replace(
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}",
+        "{%- if message.role == 'assistant' and message.content.startswith('#') %}"
+        "{{- '<|im_start|>bot\\n' + message.content + '<|im_end|>\\n' }}{%- else %}"
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}")
+    tok = make_tokenizer(odd, eos="<|im_end|>")
+    rows = [{"id": "hash", "messages": [msg("user", "Title?"), msg("assistant", "# Heading")]},
+            {"id": "fine", "messages": CASES["single"]}]
+    res = tokenize_conversations(tok, rows, TokenizeConfig())
+    (rej,) = res.rejects.to_pylist()
+    assert rej["id"] == "hash" and rej["reason"] == "template_mismatch" and "prefix" in rej["detail"]
+    assert res.table.column("id").to_pylist() == ["fine"]
+
+
+def test_generation_markers_match_transformers_assistant_mask():
+    tok = make_tokenizer(MARKED, eos="<|im_end|>")
+    for messages in CASES.values():
+        res = tokenize_conversations(tok, [{"id": "m", "messages": messages}], TokenizeConfig())
+        (row,) = res.table.to_pylist()
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ref = tok.apply_chat_template(messages[: last + 1], tokenize=True, return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        assert row["input_ids"] == list(ref["input_ids"])
+        assert row["loss_mask"] == list(ref["assistant_masks"])
+        assert masked_runs(tok, row) == [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+
+
+def test_generation_markers_around_content_only_still_take_the_end_of_turn():
+    content_only = MARKED.replace("message['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\n' -}}",
+                                  "message['content'] -}}{%- endgeneration -%}{{- '<|im_end|>\n' -}}")
+    assert content_only != MARKED
+    tok = make_tokenizer(content_only, eos="<|im_end|>")
+    messages = CASES["multi_system"]
+    (row,) = tokenize_conversations(tok, [{"id": "m", "messages": messages}], TokenizeConfig()).table.to_pylist()
+    assert masked_runs(tok, row) == [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+
+
+def test_tokenizer_truncation_settings_are_ignored_and_left_alone(chatml):
+    tok = family_tokenizer("chatml")
+    tok.backend_tokenizer.enable_truncation(max_length=5)
+    res = tokenize_conversations(tok, conversations(3), TokenizeConfig())
+    ref = tokenize_conversations(chatml, conversations(3), TokenizeConfig())
+    assert res.table.equals(ref.table)
+    assert tok.backend_tokenizer.truncation["max_length"] == 5
+
+
+def test_stats_from_parquet_with_duckdb(chatml, tmp_path):
+    import duckdb
+
+    res = tokenize_conversations(chatml, conversations(20), TokenizeConfig(max_length=48))
+    path = str(tmp_path / "tok.parquet")
+    pq.write_table(res.table, path)
+    stats = tokenized_stats(duckdb.connect(), path)
+    n_tokens = np.asarray(res.table.column("n_tokens").to_pylist())
+    masked = sum(sum(m) for m in res.table.column("loss_mask").to_pylist())
+    assert stats["rows"] == res.table.num_rows
+    assert stats["tokens"] == n_tokens.sum() and stats["masked_tokens"] == masked
+    assert stats["mask_ratio"] == pytest.approx(masked / n_tokens.sum())
+    assert stats["truncation_rate"] == pytest.approx(np.mean(res.table.column("truncated").to_pylist()))
+    buckets = 2 ** np.ceil(np.log2(n_tokens)).astype(int)
+    assert stats["length_histogram"] == [(int(b), int((buckets == b).sum())) for b in np.unique(buckets)]
+
+
+def test_empty_input_and_empty_stats(chatml, tmp_path):
+    import duckdb
+
+    res = tokenize_conversations(chatml, [], TokenizeConfig())
+    assert (res.n_in, res.n_ok, res.n_rejected, res.table.num_rows) == (0, 0, 0, 0)
+    path = str(tmp_path / "empty.parquet")
+    pq.write_table(res.table, path)
+    stats = tokenized_stats(duckdb.connect(), path)
+    assert stats == {"rows": 0, "tokens": 0, "masked_tokens": 0, "mask_ratio": 0.0, "truncation_rate": 0.0,
+                     "length_histogram": []}
+
+
+def test_split_conversation_counts_once():
+    """A Qwen3-style split gives two rows for one conversation; the counts stay per conversation."""
+    from tests.training.test_chat_templates import QWEN3
+
+    tok = make_tokenizer(QWEN3, eos="<|im_end|>")
+    messages = [msg("user", "Hi!"), msg("assistant", "<think>\nGreet.\n</think>\n\nHello."),
+                msg("user", "Bye!"), msg("assistant", "<think>\nPart.\n</think>\n\nGoodbye.")]
+    rows = [{"id": "q", "messages": messages}, {"id": "none", "messages": [msg("user", "?")]}]
+    res = tokenize_conversations(tok, rows, TokenizeConfig())
+    assert res.table.column("id").to_pylist() == ["q#1", "q"]
+    assert (res.n_in, res.n_ok, res.n_rejected) == (2, 1, 1)
+    # max_length cuts the final view's answer away but not the first view's: the dropped view is in
+    # the rejects, and the conversation still counts as kept
+    res = tokenize_conversations(tok, [{"id": "q", "messages": messages}], TokenizeConfig(max_length=18))
+    assert res.table.column("id").to_pylist() == ["q#1"]
+    assert [(r["id"], r["reason"]) for r in res.rejects.to_pylist()] == [("q", "assistant_truncated")]
+    assert (res.n_in, res.n_ok, res.n_rejected) == (1, 1, 0)

@@ -1,0 +1,229 @@
+"""Acceptance evaluation of a trained EAGLE-3 draft (DESIGN.md, "Evaluation").
+
+    from training.evaluation import evaluate, write_report, gate
+    result = evaluate(target, export_dir, prompts, ks=[1, 3, 5], temperature_list=[0.0, 0.7])
+    report = write_report(result, artifact_writer)      # report.json, report.md, 3 PNGs
+    passed, detail = gate(result, k=3, min_tau=1.6)
+
+For every temperature, each prompt is decoded three ways with the same HF target: plain decoding
+(the timing reference, tau = 1), chain speculative decoding with the draft, and prompt-lookup
+(n-gram) drafting with the same k (the no-draft-model baseline). Results are split by the prompts'
+`domain` and aggregated over all of them (domain "all").
+
+Importing this package loads no torch (report.py is torch-free); `evaluate` imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+from training.evaluation.report import (
+    ALL,
+    PLOTS,
+    EvalResult,
+    MethodStats,
+    gate,
+    load_result,
+    render_plots,
+    report_markdown,
+    write_report,
+)
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    temperatures: list[float] = field(default_factory=lambda: [0.0])
+    max_new_tokens: int = 128
+    seed: int = 0
+    max_prompt_tokens: int = 1024  # longer prompts keep their last tokens (bounds CPU prefill)
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
+    argmax_draft: bool = False  # sampled runs: propose the draft argmax (vLLM's way) instead of sampling q
+    ignore_eos: bool = False  # generate max_new_tokens whatever the target says (fixed-length timing)
+    warmup: bool = True  # one short untimed run first, so lazy init does not land in the first prompt
+
+    def __post_init__(self):
+        self.ks = sorted({int(k) for k in self.ks})
+        self.temperatures = sorted({float(t) for t in self.temperatures})
+        if not self.ks or self.ks[0] < 1:
+            raise ValueError(f"ks must be positive, got {self.ks}")
+        if not self.temperatures or self.temperatures[0] < 0:
+            raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+
+def prompt_ids(target, prompt: dict, max_tokens: int) -> list[int]:
+    """Token ids of a held-out prompt: `input_ids` as given, else its messages up to the last
+    non-assistant turn rendered with the target's chat template and a generation prompt."""
+    if prompt.get("input_ids") is not None:
+        ids = [int(t) for t in prompt["input_ids"]]
+    else:
+        from training.targets.base import render_prompt
+
+        messages = list(prompt["messages"])
+        while messages and messages[-1].get("role") == "assistant":
+            messages.pop()  # a held-out conversation: its reply is what the models must produce
+        if not messages:
+            raise ValueError(f"prompt {prompt.get('id')!r} has no non-assistant message")
+        ids = render_prompt(target.tokenizer, messages, getattr(target, "chat_template_kwargs", None))
+    if not ids:
+        raise ValueError(f"prompt {prompt.get('id')!r} renders to no tokens")
+    return ids[-max_tokens:]
+
+
+def _load_draft(draft, model, device):
+    """(draft, d2t, description) from an export directory or a (draft, d2t, t2d) tuple."""
+    if isinstance(draft, (str, os.PathLike)):
+        from safetensors import safe_open
+
+        from training.export import WEIGHTS, load_draft
+
+        with safe_open(os.path.join(os.fspath(draft), WEIGHTS), framework="pt") as f:
+            has_embed = "embed_tokens.weight" in f.keys()
+        # An export without the embedding shares the target's (as vLLM does).
+        embed = None if has_embed else model.get_input_embeddings().weight.detach()
+        d, d2t, _t2d, _cfg = load_draft(draft, embed_weight=embed, device=device)
+        return d, d2t, os.fspath(draft)
+    d, d2t = draft[0], draft[1]
+    d = getattr(d, "module", d)
+    return d.to(device), d2t, f"{type(d).__name__} (in memory)"
+
+
+def _check_pair(draft, model) -> None:
+    cfg, tc = draft.cfg, model.config.get_text_config()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if cfg.hidden_size != tc.hidden_size or cfg.target_vocab_size != vocab:
+        raise ValueError(
+            f"draft (H={cfg.hidden_size}, vocab={cfg.target_vocab_size}) was not built for this target "
+            f"(H={tc.hidden_size}, vocab={vocab})"
+        )
+    if max(cfg.aux_layer_ids) > tc.num_hidden_layers:
+        raise ValueError(f"draft aux layers {cfg.aux_layer_ids} beyond the target's {tc.num_hidden_layers} layers")
+
+
+def evaluate(
+    target,
+    draft,
+    prompts: Sequence[dict],
+    ks: Sequence[int] = (1, 3, 5),
+    temperature_list: Sequence[float] = (0.0,),
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> EvalResult:
+    """Measure the draft against prompt lookup and plain decoding on `target`.
+
+    target: an HF-backed TargetModel (`load_target(path, "hf")`; anything with `.model`, an HF
+    causal LM, and `.tokenizer`). draft: a serving export directory, or (draft, d2t, t2d).
+    prompts: dicts with `id`, `domain` and `messages` (or `input_ids`). options: EvalConfig fields.
+    """
+    import torch
+
+    from training.evaluation.prompt_lookup import PromptLookupProposer
+    from training.evaluation.speculative import DecodeConfig, Eagle3Proposer, TargetRunner, generate
+
+    cfg = EvalConfig(ks=list(ks), temperatures=list(temperature_list), max_new_tokens=max_new_tokens,
+                     seed=seed, **options)
+    if not prompts:
+        raise ValueError("evaluate needs at least one prompt")
+    say = log or (lambda s: None)
+    model = getattr(target, "model", None)
+    if model is None or not hasattr(model, "get_decoder"):
+        raise TypeError(f"evaluate simulates decoding with an HF model: load the target with backend 'hf', "
+                        f"not {getattr(target, 'backend', type(target).__name__)!r}")
+    device = next(model.parameters()).device
+    d, d2t, draft_name = _load_draft(draft, model, device)
+    _check_pair(d, model)
+    runner = TargetRunner(model, d.cfg.aux_layer_ids)
+    stops = frozenset() if cfg.ignore_eos else frozenset(getattr(target, "stop_token_ids", lambda: set())())
+    encoded = [(p.get("id", str(i)), str(p.get("domain") or "default"), prompt_ids(target, p, cfg.max_prompt_tokens))
+               for i, p in enumerate(prompts)]
+    eagle = Eagle3Proposer(d, d2t, argmax_draft=cfg.argmax_draft)
+    lookup = PromptLookupProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+
+    def run(proposer, k: int, t: float, i: int, ids, new_tokens: int, salt: int):
+        g = torch.Generator(device=device)
+        g.manual_seed(cfg.seed * 1_000_003 + i * 7_919 + k * 101 + salt)  # reproducible per prompt/method/k
+        dc = DecodeConfig(k=k, temperature=t, max_new_tokens=new_tokens, stop_token_ids=stops)
+        return generate(runner, ids, dc, proposer, g)
+
+    if cfg.warmup:
+        _, _, ids = encoded[0]
+        run(None, 0, 0.0, 0, ids, 4, 0)
+        run(eagle, max(cfg.ks), 0.0, 0, ids, 2 * max(cfg.ks), 0)
+
+    domains = sorted({dom for _, dom, _ in encoded})
+    rows: dict[tuple, MethodStats] = {}
+
+    def add(method: str, k: int, t: float, dom: str, gen) -> None:
+        for key in (dom, ALL):
+            rows.setdefault((method, k, t, key), MethodStats(method, k, t, key)).add(gen)
+
+    def record(method: str, k: int, t: float, gens: list, plain: list | None) -> None:
+        for i, ((_, dom, _), gen) in enumerate(zip(encoded, gens)):
+            add(method, k, t, dom, gen)
+            if plain is not None and t == 0.0:
+                # Greedy speculative decoding must reproduce plain greedy decoding token for token;
+                # a miss on a GPU in bf16 means batched-verification numerics flipped a near-tie.
+                same = int(gen.tokens == plain[i].tokens)
+                for key in (dom, ALL):
+                    r = rows[(method, k, t, key)]
+                    r.exact_match = (r.exact_match or 0) + same
+
+    methods = [("eagle3", eagle, 2), ("prompt_lookup", lookup, 3)]
+    for t in cfg.temperatures:
+        # Prompt by prompt, every method back to back: on a shared or throttling machine, load
+        # drift then hits the plain reference and the drafted runs alike (wall speedups stay fair).
+        plain, gens = [], {(m, k): [] for m, _, _ in methods for k in cfg.ks}
+        for i, (_, _, ids) in enumerate(encoded):
+            plain.append(run(None, 0, t, i, ids, cfg.max_new_tokens, 1))
+            for k in cfg.ks:
+                for method, proposer, salt in methods:
+                    gens[(method, k)].append(run(proposer, k, t, i, ids, cfg.max_new_tokens, salt))
+            if (i + 1) % max(1, len(encoded) // 10) == 0 or i + 1 == len(encoded):
+                say(f"T={t:g}: {i + 1}/{len(encoded)} prompts decoded")
+        record("plain", 0, t, plain, None)
+        say(f"T={t:g} plain: {rows[('plain', 0, t, ALL)].time_per_token * 1e3:.2f} ms/token")
+        for (method, k), g in gens.items():
+            record(method, k, t, g, plain)
+            r = rows[(method, k, t, ALL)]
+            say(f"T={t:g} k={k} {method}: tau {r.tau:.3f}, c {r.c:.3f}, wall speedup "
+                f"{rows[('plain', 0, t, ALL)].time_per_token / r.time_per_token:.2f}")
+
+    order = {m: i for i, m in enumerate(("plain", "eagle3", "prompt_lookup"))}
+    ordered = sorted(rows.values(), key=lambda r: (r.temperature, order[r.method], r.k, r.domain != ALL, r.domain))
+    config = {
+        **asdict(cfg),
+        "target": getattr(target, "name", None) or str(getattr(target, "spec", type(target).__name__)),
+        "draft": draft_name,
+        "draft_vocab_size": d.cfg.draft_vocab_size,
+        "aux_layer_ids": list(d.cfg.aux_layer_ids),
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "n_prompts": len(encoded),
+        "domains": domains,
+        "prompt_tokens": sum(len(ids) for _, _, ids in encoded),
+        "stop_token_ids": sorted(stops),
+    }
+    return EvalResult(config=config, rows=ordered).finalize()
+
+
+__all__ = [
+    "ALL",
+    "PLOTS",
+    "EvalConfig",
+    "EvalResult",
+    "MethodStats",
+    "evaluate",
+    "gate",
+    "load_result",
+    "prompt_ids",
+    "render_plots",
+    "report_markdown",
+    "write_report",
+]

@@ -1,0 +1,245 @@
+"""Where each assistant turn sits in the text the target sees, taken from the target's own template.
+
+A renderer turns one conversation into one or more `View`s: a text to tokenize plus the character
+spans of its assistant turns. Nothing here knows any role header; every span comes from rendering:
+
+- Chat template with `{% generation %}` markers: the template declares the assistant spans itself;
+  one render per conversation (the tracker transformers uses for return_assistant_tokens_mask).
+  Markers that leave out the end-of-turn token get the special token right after them added.
+- Any other chat template: for assistant message i, P = render(messages[:i], generation prompt) and
+  V = render(messages[:i+1]). The target generates exactly V[len(P):] after seeing P, so that is
+  the turn: its content plus whatever the template closes the turn with. The span keeps the turn up
+  to and including its last special token (the end-of-turn token: <|im_end|>, <|eot_id|>, </s>,
+  <end_of_turn>) and drops the template's trailing text after it (the "\n" before the next turn);
+  that cut is made on token ids in masking.py. P must be a prefix of V or the template's generation
+  prompt does not start its own assistant turn, and no mask can be derived (template_mismatch).
+- Templates that rewrite earlier turns once later messages follow (Qwen3 strips <think> reasoning
+  from turns before the last user message) make V for an early turn differ from the same turn inside
+  the full conversation. Such a turn is not masked inside the full text, where the target would
+  never generate it that way; the conversation is split instead: the turn keeps its own view V
+  (everything before it exactly as the target saw it while generating it, reasoning included), and
+  earlier turns whose V is a prefix of that view share it. Templates that never rewrite history
+  (ChatML, Llama-3, Mistral, Gemma) always give one view per conversation.
+  Cost: two renders per assistant turn, each over its prefix; through a context built once per
+  tokenizer that stays well under the cost of encoding the text (bench/bench_tokenize.py).
+- `plain` (tokenizers without a chat template): BOS if the tokenizer adds one; consecutive
+  non-assistant contents joined by "\n" form the prompt; each assistant content follows its prompt
+  directly (the data owns its separators, as in prompt/completion pairs) and is followed by EOS.
+
+Messages after the last assistant turn are dropped: they carry no loss and would only cost features.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from jinja2.runtime import new_context
+
+ASSISTANT = "assistant"
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+# A conversation every chat template must handle: checked once per tokenize call so a template that
+# cannot give a mask fails with one clear error instead of rejecting every row.
+PROBE = [
+    {"role": "user", "content": "Hello there, who are you?"},
+    {"role": "assistant", "content": "I am a helpful assistant."},
+    {"role": "user", "content": "Tell me a short joke."},
+    {"role": "assistant", "content": "Why did the chicken cross the road? To get to the other side."},
+]
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's template cannot give a loss mask; the message names the template problem."""
+
+
+class RowReject(Exception):
+    """One conversation cannot be used; `reason` goes to the rejects table."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class View:
+    """One row to tokenize: `text` and its assistant spans (start, end, trimmed end) in characters.
+
+    `turn` is the message index of the view's last assistant turn, or None for the conversation's
+    final view (which keeps the conversation id).
+    """
+
+    text: str
+    spans: list[tuple[int, int, int]] = field(default_factory=list)
+    turn: int | None = None
+
+
+def _trimmed_end(text: str, start: int, end: int) -> int:
+    """End of text[start:end] without its trailing whitespace, used when a turn has no special token."""
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return end
+
+
+def _last_assistant(messages: list[dict]) -> int:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == ASSISTANT:
+            return i
+    raise RowReject("no_assistant", "conversation has no assistant message")
+
+
+def _first_difference(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    lo, hi = 0, n  # binary search on prefix equality: C-speed compares, no per-char loop
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class ChatRenderer:
+    """Views from the tokenizer's jinja chat template, rendered exactly as apply_chat_template does."""
+
+    def __init__(self, tokenizer, template_kwargs: dict | None = None):
+        # transformers' own compiled template (same sandbox, filters and {% generation %} tracker as
+        # apply_chat_template; a test holds the renders equal). We render through a shared context
+        # built once: Template.render rebuilds the context from the globals ChainMap on every call,
+        # which cost more than the template itself over the many prefixes rendered per conversation.
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.source = tokenizer.get_chat_template()
+        self.template = _compile_jinja_template(self.source)
+        self.base_vars = {**self.template.globals, **tokenizer.special_tokens_map, **(template_kwargs or {})}
+        self.markers = bool(GENERATION_MARKER.search(self.source))
+        # markers may wrap only the content; then the end-of-turn token right after it joins the span
+        self.extend_eot = self.markers
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, spans: list | None = None) -> str:
+        """The template's text for `messages`; with `spans`, also collect its {% generation %} spans."""
+        t = self.template
+        ctx = new_context(t.environment, t.name, t.blocks, shared=True,
+                          vars={**self.base_vars, "messages": messages, "add_generation_prompt": add_generation_prompt})
+        try:
+            if spans is None:
+                return "".join(t.root_render_func(ctx))
+            blocks: list[str] = []
+            with t.environment.activate_tracker(blocks, spans):
+                for block in t.root_render_func(ctx):
+                    blocks.append(block)  # the tracker measures span offsets on `blocks` as it grows
+            return "".join(blocks)
+        except Exception as exc:  # jinja errors, raise_exception(...) of the template, bad data types
+            raise RowReject("template_error", f"{type(exc).__name__}: {exc}") from None
+
+    def views(self, messages: list[dict]) -> list[View]:
+        messages = messages[: _last_assistant(messages) + 1]
+        return self._marked_views(messages) if self.markers else self._prefix_views(messages)
+
+    def _marked_views(self, messages: list[dict]) -> list[View]:
+        spans: list[tuple[int, int]] = []
+        text = self.render(messages, spans=spans)
+        spans = [(s, e, e) for s, e in spans if e > s]
+        if not spans:
+            raise RowReject("template_mismatch", "the template's {% generation %} markers enclose no text")
+        return [View(text, spans)]
+
+    def _prefix_views(self, messages: list[dict]) -> list[View]:
+        turns = []  # (message index, span start, text of the view that ends with this turn)
+        for i, m in enumerate(messages):
+            if m["role"] != ASSISTANT:
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            full = self.render(messages[: i + 1])
+            if not full.startswith(prompt):
+                k = _first_difference(prompt, full)
+                raise RowReject(
+                    "template_mismatch",
+                    f"the generation prompt does not start assistant message {i}: render(messages[:{i}], "
+                    f"add_generation_prompt=True) is not a prefix of render(messages[:{i + 1}]); they differ "
+                    f"at char {k}: {prompt[k:k + 40]!r} vs {full[k:k + 40]!r}",
+                )
+            turns.append((i, len(prompt), full))
+        # Walk back from the last turn; a turn whose own view is not a prefix of the current view was
+        # rewritten by the template once later messages followed, so it starts a view of its own.
+        views = [View(turns[-1][2])]
+        for i, start, full in reversed(turns):
+            if not views[-1].text.startswith(full):
+                views.append(View(full, turn=i))
+            views[-1].spans.append((start, len(full), _trimmed_end(full, start, len(full))))
+        for v in views:
+            v.spans.reverse()
+        views.reverse()
+        return views
+
+
+class PlainRenderer:
+    """The explicit `plain` template: prompt text, then completion + EOS; BOS as the tokenizer adds it."""
+
+    markers = False
+    extend_eot = False
+
+    def __init__(self, tokenizer):
+        # BOS only if the tokenizer itself puts one in front of text (Llama does, GPT-2 does not)
+        with_special = tokenizer.encode("a", add_special_tokens=True)
+        without = tokenizer.encode("a", add_special_tokens=False)
+        bos_id = tokenizer.bos_token_id
+        adds_bos = bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
+        self.bos = tokenizer.bos_token if adds_bos else ""
+        self.eos = tokenizer.eos_token or ""
+
+    def views(self, messages: list[dict]) -> list[View]:
+        messages = messages[: _last_assistant(messages) + 1]
+        parts, spans, pos = [self.bos], [], len(self.bos)
+        prev_prompt = False
+        for m in messages:
+            if m["role"] == ASSISTANT:
+                piece = m["content"] + self.eos
+                spans.append((pos, pos + len(piece), pos + len(piece)))
+                prev_prompt = False
+            else:
+                piece = ("\n" if prev_prompt else "") + m["content"]
+                prev_prompt = True
+            parts.append(piece)
+            pos += len(piece)
+        return [View("".join(parts), spans)]
+
+
+def check_chat_template(renderer: ChatRenderer) -> None:
+    """Fail early, with the template problem named, if the template cannot mask a plain conversation."""
+    try:
+        views = renderer.views([dict(m) for m in PROBE])
+    except RowReject as exc:
+        raise ChatTemplateError(f"chat template cannot give a loss mask ({exc.reason}): {exc.detail}") from None
+    spans = [(v.text, s, e) for v in views for s, e, _ in v.spans]
+    contents = [m["content"] for m in PROBE if m["role"] == ASSISTANT]
+    if len(spans) != len(contents):
+        raise ChatTemplateError(
+            f"chat template marks {len(spans)} assistant spans in a conversation with {len(contents)} "
+            "assistant messages: its {% generation %} markers do not enclose each assistant turn"
+        )
+    for (text, s, e), content in zip(spans, contents):
+        if content not in text[s:e]:
+            raise ChatTemplateError(
+                "chat template renders an assistant message outside its own turn (non-contiguously): "
+                f"{content!r} is not inside the assistant span {text[s:e]!r}"
+            )
+
+
+def make_renderer(tokenizer, template: str = "auto", template_kwargs: dict | None = None):
+    """`chat`: the tokenizer's chat template (error if it has none); `plain`; `auto`: chat if present."""
+    if template not in ("auto", "chat", "plain"):
+        raise ValueError(f"template must be 'auto', 'chat' or 'plain', got {template!r}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has_chat:
+        raise ChatTemplateError(
+            f"template='chat' but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+            "use template='plain' (or 'auto') for a base model"
+        )
+    if template == "plain" or not has_chat:
+        return PlainRenderer(tokenizer)
+    renderer = ChatRenderer(tokenizer, template_kwargs)
+    check_chat_template(renderer)
+    return renderer

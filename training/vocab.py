@@ -1,0 +1,109 @@
+"""The draft vocabulary: the target ids the draft's lm_head can emit (DESIGN.md, "Vocab map").
+
+Counts come from loss-masked tokens only (what the target generates, which is what the draft must
+guess), computed by DuckDB straight from tokenized Parquet on the object store, one shard at a time
+so a caller can cache each shard's counts under the shard's fingerprint; the fan-in just sums them.
+
+    d2t[draft_id] = target_id - draft_id      (int64 [draft_vocab], EAGLE-3's offset convention)
+    t2d[target_id] = target_id is in the draft vocab   (bool [target_vocab])
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+VOCAB_MAP_KEYS = ("d2t", "t2d", "counts")
+
+
+def count_masked_tokens(con, parquet_path, vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: how often each target id is a loss-masked token in the Parquet file(s).
+
+    `con` is a DuckDB connection that can read `parquet_path` (ObjectStore.duckdb() registers the
+    s3 filesystem; a path, URL or list of them works). Two unnests in one SELECT walk input_ids and
+    loss_mask in step, so DuckDB does the counting without the rows ever reaching Python.
+    """
+    res = con.execute(
+        "SELECT tok, count(*) AS n FROM ("
+        "  SELECT unnest(input_ids) AS tok, unnest(loss_mask) AS m FROM read_parquet(?)"
+        ") WHERE m = 1 GROUP BY tok",
+        [parquet_path],
+    ).fetchnumpy()
+    toks = np.asarray(res["tok"], dtype=np.int64)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    if toks.size:
+        if toks.min() < 0 or toks.max() >= vocab_size:
+            bad = int(toks.max() if toks.max() >= vocab_size else toks.min())
+            raise ValueError(f"{parquet_path}: token id {bad} outside the target vocab of {vocab_size}")
+        counts[toks] = np.asarray(res["n"], dtype=np.int64)
+    return counts
+
+
+def build_vocab_map(counts, draft_vocab_size: int) -> dict[str, torch.Tensor]:
+    """Top-N target ids by masked frequency (ties to the lower id), sorted ascending; N >= vocab: identity."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
+    if draft_vocab_size < 1:
+        raise ValueError(f"draft_vocab_size must be positive, got {draft_vocab_size}")
+    vocab = counts.size
+    if draft_vocab_size >= vocab:
+        draft = np.arange(vocab, dtype=np.int64)
+    else:
+        # stable sort on -count keeps ascending id order among equal counts: ties go to the lower id
+        draft = np.sort(np.argsort(-counts, kind="stable")[:draft_vocab_size])
+    t2d = np.zeros(vocab, dtype=bool)
+    t2d[draft] = True
+    return {
+        "d2t": torch.from_numpy(draft - np.arange(draft.size, dtype=np.int64)),
+        "t2d": torch.from_numpy(t2d),
+        "counts": torch.from_numpy(counts.copy()),
+    }
+
+
+def coverage(counts, t2d) -> float:
+    """Share of masked target tokens whose id is in the draft vocab (1.0 when there are none)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    t2d = np.asarray(t2d, dtype=bool)
+    total = int(counts.sum())
+    return float(counts[t2d].sum()) / total if total else 1.0
+
+
+def check_vocab_map(vmap: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError unless d2t, t2d and counts describe one consistent draft vocabulary."""
+    missing = [k for k in VOCAB_MAP_KEYS if k not in vmap]
+    if missing:
+        raise ValueError(f"vocab map lacks {missing}")
+    d2t, t2d, counts = vmap["d2t"], vmap["t2d"], vmap["counts"]
+    if d2t.dtype != torch.int64 or t2d.dtype != torch.bool or counts.dtype != torch.int64:
+        raise ValueError(f"vocab map dtypes d2t={d2t.dtype} t2d={t2d.dtype} counts={counts.dtype}; "
+                         "expected int64, bool, int64")
+    if t2d.shape != counts.shape:
+        raise ValueError(f"t2d {tuple(t2d.shape)} and counts {tuple(counts.shape)} disagree on the target vocab")
+    target_ids = torch.arange(d2t.numel()) + d2t
+    if not torch.equal(target_ids, torch.nonzero(t2d).flatten()):
+        raise ValueError("d2t does not map the draft ids onto exactly the ascending target ids where t2d is true")
+
+
+def save_vocab_map(vmap: dict[str, torch.Tensor], f: BinaryIO | None = None) -> bytes:
+    """safetensors bytes of the map (also written to `f`, e.g. an ArtifactWriter file, if given)."""
+    from safetensors.torch import save
+
+    check_vocab_map(vmap)
+    data = save({k: vmap[k].contiguous() for k in VOCAB_MAP_KEYS})
+    if f is not None:
+        f.write(data)
+    return data
+
+
+def load_vocab_map(data: bytes | BinaryIO) -> dict[str, torch.Tensor]:
+    """The map from safetensors bytes (or a readable file), checked for consistency."""
+    from safetensors.torch import load
+
+    if hasattr(data, "read"):
+        data = data.read()
+    vmap = load(data)
+    check_vocab_map(vmap)
+    return vmap
