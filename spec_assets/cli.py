@@ -40,6 +40,13 @@ def sync_shards(defs, instance) -> list[str]:
     return shards
 
 
+def _config_for(run_config: dict, keys) -> dict:
+    """The part of a run config that a run over `keys` accepts (Dagster rejects config for other assets)."""
+    names = {k.to_user_string() for k in keys}
+    ops = {name: cfg for name, cfg in run_config.get("ops", {}).items() if name in names}
+    return {**{k: v for k, v in run_config.items() if k != "ops"}, **({"ops": ops} if ops else {})}
+
+
 def run_pipeline(select: str = "*", run_config: dict | None = None, instance=None, log=print):
     """Materialize `select` (a Dagster asset selection string) for every shard, in dependency order."""
     import dagster as dg
@@ -54,25 +61,37 @@ def run_pipeline(select: str = "*", run_config: dict | None = None, instance=Non
     ordered = [k for k in graph.toposorted_asset_keys if k in selected]
     per_shard = [k for k in ordered if graph.get(k).partitions_def is not None]
     fan_in = [k for k in ordered if graph.get(k).partitions_def is None]
-    assets = all_assets
 
     shards = sync_shards(defs, instance)
     results = []
-    if per_shard:
-        for shard in shards:
-            t0 = time.time()
-            results.append(
-                dg.materialize(assets, selection=per_shard, partition_key=shard, instance=instance,
-                               resources=defs.resources, run_config=run_config)
-            )
-            log(f"shard {shard}: {', '.join(k.to_user_string() for k in per_shard)} in {time.time() - t0:.1f}s")
-    if fan_in:
+
+    def run(selection, partition_key=None):
         t0 = time.time()
-        results.append(
-            dg.materialize(assets, selection=fan_in, instance=instance, resources=defs.resources, run_config=run_config)
-        )
-        log(f"{', '.join(k.to_user_string() for k in fan_in)} in {time.time() - t0:.1f}s")
+        result = dg.materialize(all_assets, selection=selection, partition_key=partition_key, instance=instance,
+                                resources=defs.resources, run_config=_config_for(run_config, selection),
+                                raise_on_error=False)
+        results.append(result)
+        where = f"shard {partition_key}: " if partition_key else ""
+        status = "ok" if result.success else "FAILED: " + "; ".join(failure_messages(result))
+        log(f"{where}{', '.join(k.to_user_string() for k in selection)} in {time.time() - t0:.1f}s {status}")
+        return result.success
+
+    per_shard_ok = all([run(per_shard, shard) for shard in shards]) if per_shard else True
+    # A fan-in over a failed shard would fail on its missing input; report the shard instead.
+    if fan_in and per_shard_ok:
+        run(fan_in)
     return results
+
+
+def failure_messages(result) -> list[str]:
+    """One line per failed step: the step and its error message (a failed gate names its check)."""
+    out = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            message = " ".join((error.message if error else "failed").split())
+            out.append(f"{event.step_key}: {message[:400]}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     home = ensure_dagster_home()
     run_config = json.loads(args.config_json) if args.config_json else None
     t0 = time.time()
-    try:
-        run_pipeline(select=args.select, run_config=run_config)
-    except Exception as exc:  # a failed step: Dagster has logged it; say where to look
-        print(f"specdraft run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        print(f"see the run in the UI: DAGSTER_HOME={home} dagster dev -w workspace.yaml", file=sys.stderr)
+    results = run_pipeline(select=args.select, run_config=run_config)
+    failed = [line for r in results if not r.success for line in failure_messages(r)]
+    if failed:
+        print("specdraft run failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        print(f"see the runs in the UI: DAGSTER_HOME={home} dagster dev -w workspace.yaml", file=sys.stderr)
         return 1
     print(f"specdraft run finished in {time.time() - t0:.1f}s; runs recorded in DAGSTER_HOME={home}")
     return 0

@@ -1,9 +1,5 @@
 """Stage 5: the EAGLE-3 draft trained with training-time test, checkpointed, exported for vLLM/SGLang."""
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -41,21 +37,6 @@ class DraftModelConfig(dg.Config):
         keys = ("ttt_length", "step_weight", "lr", "epochs", "max_steps", "max_tokens_per_batch", "grad_accum",
                 "warmup_ratio", "weight_decay", "grad_clip", "seed", "checkpoint_every", "log_every")
         return {k: getattr(self, k) for k in keys}
-
-
-def _run_torchrun(spec: dict, nproc: int, log) -> None:
-    """Train under torchrun in a subprocess, streaming its output to the Dagster log."""
-    with tempfile.TemporaryDirectory() as tmp:
-        spec_path = Path(tmp) / "job.json"
-        spec_path.write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "training.train_main", str(spec_path)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        for line in proc.stdout:
-            log(line.rstrip())
-        if proc.wait() != 0:
-            raise dg.Failure(f"torchrun training exited with {proc.returncode}; checkpoints under {spec['run_prefix']} resume it")
 
 
 @dg.asset(
@@ -110,14 +91,10 @@ def draft_model(
             spec["tokenized"] = [store.manifest(r.prefix).key("data.parquet") for r in refs.values()]
             spec["target"] = {"spec": model_path, "backend": "hf"}
         if warm_from is not None:
-            spec["init_from"] = f"{warm_from.prefix}/{store.manifest(warm_from.prefix).files['export/model.safetensors']['path']}"
+            spec["init_from"] = store.manifest(warm_from.prefix).key("export/model.safetensors")
         with tempfile.TemporaryDirectory() as tmp:
             spec["export_dir"] = str(Path(tmp) / "export")
-            if config.nproc > 1:
-                _run_torchrun(spec, config.nproc, context.log.info)
-                result = store.read_json(f"{spec['run_prefix']}/result.json")
-            else:
-                result = train_main.run(spec, log=context.log.info).summary()
+            result = train_main.launch(spec, config.nproc, log=context.log.info)
             for name in EXPORT_FILES:
                 writer.write_bytes(f"export/{name}", (Path(spec["export_dir"]) / name).read_bytes())
         acc_table = [

@@ -3,7 +3,6 @@
 import json
 
 import dagster as dg
-import pyarrow.parquet as pq
 import pytest
 
 from spec_assets.corpus import corpus_sensor, source_corpus
@@ -46,9 +45,11 @@ def test_source_corpus_on_demo_shard_then_cache_hit(instance, corpus_dir, tmp_pa
 
     store = ObjectStore((tmp_path / "store").as_uri())
     manifest = store.manifest(ref.prefix)
-    with store.open(manifest.key("data.parquet")) as f:
-        table = pq.read_table(f)
-    assert table.num_rows == 40 and table.column_names[:3] == ["id", "messages", "source"]
+    table = store.read_parquet(manifest.key("data.parquet"))
+    heldout = store.read_parquet(manifest.key("heldout.parquet"))
+    assert table.column_names[:3] == ["id", "messages", "source"]
+    assert table.num_rows == md["rows_train"].value and heldout.num_rows == md["rows_heldout"].value
+    assert table.num_rows + heldout.num_rows == 40 and table.num_rows > heldout.num_rows
 
     again, mat2 = _materialize(instance, resources, "demo-00000")
     assert mat2.metadata["cache_hit"].value is True
