@@ -1,0 +1,164 @@
+"""The openai backend against a real OpenAI-compatible HTTP server on loopback serving a tiny HF target."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from training.targets import OpenAIError, SamplingParams, TargetError, load_target
+from training.targets.tiny import build_tiny_target
+
+KEY = "sk-test-not-a-real-key"
+
+
+class Server:
+    """/v1/models and /v1/chat/completions backed by an HF target; faults are injected by setting fields."""
+
+    def __init__(self, target):
+        self.target = target
+        self.lock = threading.Lock()
+        self.fail_next = 0  # answer this many chat requests with 503 first
+        self.mode = "ok"  # or "empty", "bad_request"
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.auth_seen: set[str] = set()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self.reply(200, {"object": "list", "data": [{"id": "tiny-llama", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.auth_seen.add(self.headers.get("Authorization", ""))
+                with server.lock:
+                    server.requests += 1
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    fail = server.fail_next > 0
+                    server.fail_next -= fail
+                try:
+                    code, obj = server.answer(body, fail)
+                finally:  # before replying: the client may send its next request as soon as it reads this one
+                    with server.lock:
+                        server.in_flight -= 1
+                self.reply(code, obj)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def answer(self, body, fail):
+        time.sleep(0.05)  # let concurrent requests overlap
+        if fail:
+            return 503, {"error": {"message": "overloaded"}}
+        if self.mode == "bad_request":
+            return 400, {"error": {"message": "max_tokens is too large"}}
+        if self.mode == "empty":
+            return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}
+        params = SamplingParams(body["temperature"], body["top_p"], body["max_tokens"], body.get("seed"))
+        with self.lock:  # one forward at a time on the shared model
+            [gen] = self.target.generate([body["messages"]], [params])
+        return 200, {
+            "id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
+                         "finish_reason": gen.finish_reason}],
+            "usage": {"completion_tokens": gen.n_tokens},
+        }
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def hf_target(tmp_path_factory):
+    return load_target(str(build_tiny_target(tmp_path_factory.mktemp("oai") / "llama", "llama", num_layers=2)))
+
+
+@pytest.fixture
+def server(hf_target, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with Server(hf_target) as s:
+        yield s
+
+
+CONVS = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
+PARAMS = [SamplingParams(temperature=0.7 * (i % 2), top_p=0.9, max_new_tokens=6, seed=i) for i in range(6)]
+
+
+def test_generation_matches_the_served_target(server, hf_target):
+    client = load_target(server.url, backend="openai", max_concurrency=2)
+    gens = client.generate(CONVS, PARAMS)
+    assert client.model_name == "tiny-llama"  # discovered from /v1/models
+    assert gens == hf_target.generate(CONVS, PARAMS)
+    assert 1 < server.max_in_flight <= 2  # concurrent, and bounded
+    assert server.auth_seen == {f"Bearer {KEY}"}
+    assert client.identity == f"openai:{server.url}#tiny-llama"
+
+
+def test_retries_5xx_then_succeeds(server):
+    server.fail_next = 3
+    client = load_target(server.url.removesuffix("/v1"), backend="openai", model="tiny-llama", backoff_s=0.01, max_concurrency=1)
+    [gen] = client.generate(CONVS[:1], PARAMS[:1])
+    assert gen.n_tokens > 0 and server.requests == 4
+
+
+def test_gives_up_after_max_retries(server):
+    server.fail_next = 100
+    client = load_target(server.url, backend="openai", model="m", backoff_s=0.001, max_retries=2)
+    with pytest.raises(OpenAIError, match="after 3 attempts.*HTTP 503") as err:
+        client.generate(CONVS[:1], PARAMS[:1])
+    assert KEY not in str(err.value)
+
+
+def test_4xx_fails_at_once_with_the_servers_message(server):
+    server.mode = "bad_request"
+    client = load_target(server.url, backend="openai", model="m", backoff_s=0.01)
+    with pytest.raises(OpenAIError, match="HTTP 400.*max_tokens is too large") as err:
+        client.generate(CONVS[:1], PARAMS[:1])
+    assert server.requests == 1 and KEY not in str(err.value)
+
+
+def test_empty_reply_is_an_error(server):
+    server.mode = "empty"
+    client = load_target(server.url, backend="openai", model="m")
+    with pytest.raises(OpenAIError, match="empty reply"):
+        client.generate(CONVS[:1], PARAMS[:1])
+    [gen] = load_target(server.url, backend="openai", model="m", allow_empty=True).generate(CONVS[:1], PARAMS[:1])
+    assert gen.text == ""
+
+
+def test_connection_refused_is_retried_then_reported():
+    client = load_target("http://127.0.0.1:9/v1", backend="openai", model="m", backoff_s=0.001, max_retries=1)
+    with pytest.raises(OpenAIError, match="after 2 attempts"):
+        client.generate(CONVS[:1], PARAMS[:1])
+
+
+def test_no_features_and_facts_only_with_a_tokenizer(hf_target):
+    client = load_target("http://127.0.0.1:9", backend="openai", model="m")
+    with pytest.raises(TargetError, match="cannot compute features"):
+        client.features([[1, 2]], (0,))
+    with pytest.raises(TargetError, match="tokenizer="):
+        client.facts
+    with_tok = load_target("http://127.0.0.1:9", backend="openai", model="m", tokenizer=hf_target.spec)
+    assert with_tok.facts == hf_target.facts
+    assert with_tok.tokenizer("ab")["input_ids"] == hf_target.tokenizer("ab")["input_ids"]

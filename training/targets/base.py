@@ -1,0 +1,204 @@
+"""The one interface every target backend implements (DESIGN.md, "Target backends").
+
+A target is the LLM the draft learns to imitate. The pipeline needs four things from it: its
+architecture facts (to size and export the draft), its tokenizer, its features over packed
+sequences (aux hidden states + final post-norm state, the training signal) and generations
+(to resample assistant turns). A backend that cannot do one of them raises TargetError saying so.
+
+No torch import at module level: the Dagster code location imports this package while loading.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+
+class TargetError(RuntimeError):
+    """A target backend cannot do what was asked (missing dependency, unsupported method, bad input)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-conversation sampling. temperature 0 means greedy. seed None means not reproducible."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One assistant reply. finish_reason is "stop" (end-of-turn token) or "length" (max_new_tokens)."""
+
+    text: str
+    finish_reason: str
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class TargetFacts:
+    """Architecture facts the draft model and its serving export copy from the target."""
+
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    hidden_act: str
+    config: dict[str, Any] = field(repr=False, compare=False)  # the raw HF config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TargetFacts:
+        """Read facts from an HF config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+        text = config.get("text_config") or config  # multimodal wrappers keep the LM under text_config
+        heads = int(text["num_attention_heads"])
+        hidden = int(text["hidden_size"])
+        rope = text.get("rope_parameters") or {}
+        if rope and all(isinstance(v, dict) for v in rope.values()):
+            # per-layer-type rope (Gemma 3): the draft is one full-attention layer
+            rope = rope.get("full_attention") or next(iter(rope.values()))
+        theta = text.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        scaling = text.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        intermediate = text.get("intermediate_size") or text.get("moe_intermediate_size") or 4 * hidden
+        return cls(
+            num_layers=int(text["num_hidden_layers"]),
+            hidden_size=hidden,
+            vocab_size=int(text["vocab_size"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+            head_dim=int(text.get("head_dim") or hidden // heads),
+            intermediate_size=int(intermediate),
+            rms_norm_eps=float(text.get("rms_norm_eps") or text.get("layer_norm_eps") or 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=dict(scaling) if scaling else None,
+            max_position_embeddings=int(text.get("max_position_embeddings") or 4096),
+            hidden_act=str(text.get("hidden_act") or text.get("hidden_activation") or "silu"),
+            config=dict(config),
+        )
+
+
+def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
+    """vLLM's EAGLE-3 default: (2, L//2, L-3), indices into HF `hidden_states` (0 = embeddings)."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+def check_aux_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    ids = tuple(int(i) for i in ids)
+    if not ids or any(i < 0 or i > num_layers for i in ids):
+        raise TargetError(f"aux_layer_ids {ids} must be indices into hidden_states, 0..{num_layers}")
+    return ids
+
+
+def check_sequences(sequences: Sequence[Sequence[int]]) -> list[int]:
+    lengths = [len(s) for s in sequences]
+    if not lengths or min(lengths) == 0:
+        raise TargetError("features() needs at least one sequence and no empty sequence")
+    return lengths
+
+
+class TargetModel(ABC):
+    """A target LLM. Construct through `load_target(spec, backend)`; heavy state loads lazily."""
+
+    backend: ClassVar[str]
+
+    def __init__(self, spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
+        self.spec = str(spec)
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code  # never implied: remote code runs on our machines
+        self._tokenizer = None
+        self._facts: TargetFacts | None = None
+        self._identity: str | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    @property
+    def identity(self) -> str:
+        """Stable id of the weights (path + content hash, or hub id + revision) for fingerprints and headers."""
+        if self._identity is None:
+            from training.fingerprint import model_identity
+
+            self._identity = model_identity(self.spec, self.revision)
+        return self._identity
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.spec, revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+        return self._tokenizer
+
+    @property
+    def facts(self) -> TargetFacts:
+        if self._facts is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(
+                self.spec, revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+            self._facts = TargetFacts.from_config(config.to_dict())
+        return self._facts
+
+    def default_aux_layer_ids(self) -> tuple[int, int, int]:
+        return default_aux_layer_ids(self.facts.num_layers)
+
+    def features(self, sequences: Sequence[Sequence[int]], aux_layer_ids: Sequence[int] | None = None) -> dict:
+        """Packed features: {aux [T, k*H], last [T, H], cu_seqlens [S+1] int64}, T = sum of lengths, no padding."""
+        raise TargetError(f"the {self.backend!r} backend cannot compute features; use 'hf' or 'vllm'")
+
+    def logits(self, last):
+        """Target logits [T, V] from `last` [T, H] (lm_head plus any final soft-capping the model applies)."""
+        raise TargetError(f"the {self.backend!r} backend cannot compute logits; use 'hf' or 'vllm'")
+
+    @abstractmethod
+    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        """One assistant reply per conversation; the backend applies the chat template."""
+
+    def close(self) -> None:
+        """Release models, engines and pools (a later call loads them again)."""
+
+
+def apply_final_logit_transforms(logits, config: dict):
+    """What some CausalLM heads do after lm_head: Granite divides, Cohere multiplies, Gemma soft-caps."""
+    text = config.get("text_config") or config
+    if text.get("logits_scaling"):
+        logits = logits / text["logits_scaling"]
+    if text.get("logit_scale"):
+        logits = logits * text["logit_scale"]
+    cap = text.get("final_logit_softcapping")
+    if cap:
+        logits = (logits / cap).tanh() * cap
+    return logits
+
+
+def render_prompt(tokenizer, conversation: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt.
+
+    The tokenizer's own chat template renders it; one without a template gets the `plain` rendering
+    (DESIGN.md): contents joined by blank lines, special tokens as the tokenizer adds them.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    text = "\n\n".join(str(m.get("content") or "") for m in conversation)
+    return list(tokenizer(text)["input_ids"])

@@ -1,0 +1,263 @@
+"""transformers backend: any AutoModelForCausalLM on CPU or GPU, features and generation.
+
+Features run over sequences packed into one row without padding: position_ids restart at 0 for
+each document and no attention mask is passed, which transformers (5.x) turns into a
+block-diagonal causal mask for eager/sdpa/flex and into varlen cu_seqlens for flash attention.
+So each token sees exactly its own document's prefix, as in a per-sequence forward.
+
+Only the requested layers are kept: a forward pre-hook on decoder layer i copies its input
+(= HF hidden_states[i]) straight into the output buffer, and we call the decoder body, not the
+LM head, so no [T, V] logits and no list of all layers is ever built.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from training.targets.base import (
+    Generation,
+    SamplingParams,
+    TargetError,
+    TargetModel,
+    apply_final_logit_transforms,
+    check_aux_layer_ids,
+    check_sequences,
+    render_prompt,
+)
+
+_DTYPES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
+}
+
+
+def resolve_dtype(dtype, device: str):
+    """`auto` = bf16 on GPU (what targets ship in), fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if str(dtype) not in _DTYPES:
+        raise TargetError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
+    return getattr(torch, _DTYPES[str(dtype)])
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def decoder_layers(decoder, num_layers: int):
+    """The decoder's ModuleList of `num_layers` blocks (`.layers` almost everywhere, searched otherwise)."""
+    import torch
+
+    layers = getattr(decoder, "layers", None)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) == num_layers:
+        return layers
+    for _, module in decoder.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise TargetError(f"cannot find the {num_layers} decoder layers of {type(decoder).__name__}")
+
+
+def sample_token(logits, params: SamplingParams, generator) -> int:
+    """One token from a [V] float32 CPU logits row: greedy at temperature 0, else top-p sampling."""
+    import torch
+
+    if params.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < params.top_p  # the top token is always kept
+        sorted_p = sorted_p * keep
+        choice = torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class HFTarget(TargetModel):
+    """`load_target(path_or_hub_id, "hf", dtype=..., device=...)`."""
+
+    backend = "hf"
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        dtype="auto",
+        device: str | None = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = "sdpa",
+        generation_batch_size: int = 16,
+        chat_template_kwargs: dict | None = None,
+    ):
+        super().__init__(spec, revision=revision, trust_remote_code=trust_remote_code)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.attn_implementation = attn_implementation
+        self.generation_batch_size = int(generation_batch_size)
+        self.chat_template_kwargs = chat_template_kwargs
+        self._model = None
+
+    # -- loading ----------------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+            model = AutoModelForCausalLM.from_pretrained(
+                self.spec,
+                revision=self.revision,
+                trust_remote_code=self.trust_remote_code,
+                dtype=self.dtype,
+                **kwargs,
+            )
+            self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model
+
+    def close(self) -> None:
+        self._model = None
+
+    # -- features ---------------------------------------------------------------------------
+    def features(self, sequences: Sequence[Sequence[int]], aux_layer_ids: Sequence[int] | None = None) -> dict:
+        import torch
+
+        L, H = self.facts.num_layers, self.facts.hidden_size
+        ids = check_aux_layer_ids(aux_layer_ids or self.default_aux_layer_ids(), L)
+        lengths = check_sequences(sequences)
+        T, dev = sum(lengths), self.device
+        input_ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=dev)
+        position_ids = torch.cat([torch.arange(n, device=dev) for n in lengths])
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
+
+        decoder = self.model.get_decoder()
+        layers = decoder_layers(decoder, L)
+        aux = torch.empty(T, len(ids) * H, dtype=self.dtype, device=dev)
+        hooks = [
+            layers[i].register_forward_pre_hook(_copy_input_hook(aux[:, slot * H:(slot + 1) * H]), with_kwargs=True)
+            for slot, i in enumerate(ids) if i < L
+        ]
+        try:
+            # no_grad, not inference_mode: an online trainer may use these tensors inside its autograd graph.
+            with torch.no_grad():
+                out = decoder(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        last = out.last_hidden_state[0]
+        for slot, i in enumerate(ids):
+            if i == L:  # HF's hidden_states[L] is the final post-norm state
+                aux[:, slot * H:(slot + 1) * H].copy_(last)
+        return {"aux": aux, "last": last, "cu_seqlens": cu_seqlens.to(dev)}
+
+    def logits(self, last):
+        import torch
+
+        with torch.no_grad():
+            head = self.model.get_output_embeddings()
+            return apply_final_logit_transforms(head(last.to(head.weight.dtype)), self.facts.config)
+
+    # -- generation -------------------------------------------------------------------------
+    def stop_token_ids(self) -> set[int]:
+        ids = set()
+        for value in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if value is None:
+                continue
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+        return ids
+
+    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        """Batched sampling with one RNG per row, seeded by that row's `seed`.
+
+        Guarantee: a row's tokens depend only on its own prompt, params and seed, never on which
+        other rows share its batch or on their order; same inputs give the same output on the same
+        hardware and dtype. Rows are batched by prompt length to limit padding; left padding with
+        positions counted from each row's first real token keeps each row's forward the same
+        computation (up to float summation order in kernels that see a different padded length).
+        """
+        if len(conversations) != len(sampling):
+            raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
+        prompts = [render_prompt(self.tokenizer, c, self.chat_template_kwargs) for c in conversations]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[Generation | None] = [None] * len(prompts)
+        step = max(1, self.generation_batch_size)
+        for start in range(0, len(order), step):
+            rows = order[start:start + step]
+            for i, gen in zip(rows, self._generate_batch([prompts[i] for i in rows], [sampling[i] for i in rows])):
+                results[i] = gen
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
+        import torch
+
+        B, P, dev = len(prompts), max(len(p) for p in prompts), self.device
+        stops = self.stop_token_ids()
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else next(iter(stops), 0)
+        input_ids = torch.full((B, P), pad, dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            input_ids[b, P - len(p):] = torch.tensor(p)
+            mask[b, P - len(p):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = input_ids.to(dev), mask.to(dev), positions.to(dev)
+        generators = []
+        for p in params:
+            g = torch.Generator()
+            g.manual_seed(p.seed) if p.seed is not None else g.seed()
+            generators.append(g)
+
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        finish: list[str | None] = [None] * B
+        past = None
+        with torch.inference_mode():
+            for _ in range(max(p.max_new_tokens for p in params)):
+                out = self.model(
+                    input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                    past_key_values=past, use_cache=True, logits_to_keep=1,
+                )
+                past = out.past_key_values
+                logits = out.logits[:, -1].float().cpu()
+                nxt = []
+                for b in range(B):
+                    if finish[b] is not None:
+                        nxt.append(pad)  # finished rows ride along; their outputs are ignored
+                        continue
+                    t = sample_token(logits[b], params[b], generators[b])
+                    tokens[b].append(t)
+                    if t in stops:
+                        finish[b] = "stop"
+                    elif len(tokens[b]) >= params[b].max_new_tokens:
+                        finish[b] = "length"
+                    nxt.append(t)
+                if all(f is not None for f in finish):
+                    break
+                input_ids = torch.tensor(nxt, device=dev)[:, None]
+                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
+                positions = positions[:, -1:] + 1
+        results = []
+        for b in range(B):
+            toks = tokens[b][:-1] if finish[b] == "stop" else tokens[b]
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            results.append(Generation(text=text, finish_reason=finish[b] or "length", n_tokens=len(tokens[b])))
+        return results
+
+
+def _copy_input_hook(dest):
+    """Pre-hook copying a decoder layer's input hidden states [1, T, H] into `dest` [T, H]."""
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        dest.copy_(hidden[0])
+
+    return hook

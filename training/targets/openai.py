@@ -1,0 +1,185 @@
+"""Generation through any OpenAI-compatible /v1/chat/completions server (`vllm serve`, SGLang, ...).
+
+Generation only: hidden states never cross an HTTP API. Requests run on a bounded thread pool;
+connection errors, 429 and 5xx are retried with exponential backoff, other 4xx fail at once with
+the server's message. The API key comes from OPENAI_API_KEY (or the variable named by
+`api_key_env`) and only ever goes into the Authorization header, never into logs or errors.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from training.targets.base import Generation, SamplingParams, TargetError, TargetModel
+
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+class OpenAIError(TargetError):
+    """The server refused or answered something unusable; the message says which request and why."""
+
+
+class OpenAITarget(TargetModel):
+    """`load_target("http://host:8000/v1", "openai", model="served-name", tokenizer="hf/dir")`.
+
+    `tokenizer` (an HF directory or hub id of the served model) is optional and only needed for
+    `tokenizer` and `facts`; without it those raise, since the server does not expose them.
+    """
+
+    backend = "openai"
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        model: str | None = None,
+        tokenizer: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        max_concurrency: int = 8,
+        timeout_s: float = 600.0,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        api_key_env: str = "OPENAI_API_KEY",
+        allow_empty: bool = False,
+        extra_body: dict | None = None,
+    ):
+        super().__init__(spec, revision=revision, trust_remote_code=trust_remote_code)
+        base = self.spec.rstrip("/")
+        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self._model_name = model
+        self.tokenizer_spec = tokenizer
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.timeout_s = timeout_s
+        self.max_retries = int(max_retries)
+        self.backoff_s = backoff_s
+        self.api_key_env = api_key_env
+        self.allow_empty = allow_empty
+        self.extra_body = dict(extra_body or {})
+
+    @property
+    def identity(self) -> str:
+        return f"openai:{self.base_url}#{self.model_name}"
+
+    @property
+    def model_name(self) -> str:
+        """The served model: as given, or the first (usually only) one the server lists."""
+        if self._model_name is None:
+            data = self._request("GET", "/models", None)
+            models = [m.get("id") for m in data.get("data") or [] if m.get("id")]
+            if not models:
+                raise OpenAIError(f"{self.base_url}/models lists no model; pass model=...")
+            self._model_name = models[0]
+        return self._model_name
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._need_local("tokenizer")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.tokenizer_spec, revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+        return self._tokenizer
+
+    @property
+    def facts(self):
+        if self._facts is None:
+            self._need_local("facts")
+            from transformers import AutoConfig
+
+            from training.targets.base import TargetFacts
+
+            config = AutoConfig.from_pretrained(
+                self.tokenizer_spec, revision=self.revision, trust_remote_code=self.trust_remote_code
+            )
+            self._facts = TargetFacts.from_config(config.to_dict())
+        return self._facts
+
+    def _need_local(self, what: str) -> None:
+        if not self.tokenizer_spec:
+            raise TargetError(
+                f"the openai backend has no {what} of its own: pass tokenizer=<HF dir or hub id of the served model>"
+            )
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        if len(conversations) != len(sampling):
+            raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
+        model = self.model_name
+        with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="openai-gen") as pool:
+            futures = [pool.submit(self._complete, model, i, c, s) for i, (c, s) in enumerate(zip(conversations, sampling))]
+            return [f.result() for f in futures]
+
+    def _complete(self, model: str, index: int, conversation: list[dict], params: SamplingParams) -> Generation:
+        body = {
+            "model": model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+            **self.extra_body,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        data = self._request("POST", "/chat/completions", body)
+        choices = data.get("choices") or []
+        message = (choices[0].get("message") or {}) if choices else {}
+        text = message.get("content")
+        if not choices or text is None or (text == "" and not self.allow_empty):
+            raise OpenAIError(
+                f"{self.base_url}/chat/completions returned an empty reply for conversation {index} "
+                f"(choices={len(choices)}, finish_reason={choices[0].get('finish_reason') if choices else None})"
+            )
+        usage = data.get("usage") or {}
+        return Generation(
+            text=text,
+            finish_reason=str(choices[0].get("finish_reason") or "stop"),
+            n_tokens=int(usage.get("completion_tokens") or 0),
+        )
+
+    def _request(self, method: str, path: str, body: dict | None) -> dict:
+        url = self.base_url + path
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        payload = json.dumps(body).encode() if body is not None else None
+        for attempt in range(self.max_retries + 1):
+            request = urllib.request.Request(url, data=payload, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as exc:
+                detail = _excerpt(exc.read())
+                if exc.code not in RETRY_STATUS:
+                    raise OpenAIError(f"{method} {url}: HTTP {exc.code}: {detail}") from None
+                failure = f"HTTP {exc.code}: {detail}"
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+                failure = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            else:
+                if not raw.strip():
+                    raise OpenAIError(f"{method} {url}: empty response body")
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise OpenAIError(f"{method} {url}: response is not JSON: {_excerpt(raw)}") from None
+            if attempt == self.max_retries:
+                raise OpenAIError(f"{method} {url}: failed after {attempt + 1} attempts, last: {failure}")
+            # Jitter keeps many workers from retrying in lockstep against a recovering server.
+            time.sleep(self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2))
+        raise AssertionError("unreachable")
+
+
+def _excerpt(raw: bytes, limit: int = 300) -> str:
+    text = raw.decode("utf-8", errors="replace").strip()
+    return text if len(text) <= limit else text[:limit] + "..."

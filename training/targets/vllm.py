@@ -1,0 +1,231 @@
+"""vLLM backend (GPU): generation with LLM.chat, features with vLLM's `extract_hidden_states` method.
+
+Features use the speculative method "extract_hidden_states" with the ExampleHiddenStatesConnector
+(vLLM >= 0.11; checked against the 0.2x/0.3x docs): a prefill-only request (max_tokens=1) stores,
+per prompt token, the residual stream at `eagle_aux_hidden_state_layer_ids` into a safetensors
+file named in `output.kv_transfer_params["hidden_states_path"]`, shaped [n, k, H]. vLLM's layer
+id i is the input of decoder layer i, HF's hidden_states[i]; id L is the last layer's output
+*before* the final norm, so `last` applies the target's final RMSNorm here, in float32 like HF.
+
+An engine is built for one mode at a time (generation, or features for one set of layer ids):
+feature extraction needs prefix caching and chunked prefill off, which generation wants on, and
+two engines would not share one GPU's memory. Switching mode releases the previous engine.
+Nothing here runs without a GPU and `pip install specdraft[gpu]`.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from typing import Sequence
+
+from training.targets.base import (
+    Generation,
+    SamplingParams,
+    TargetError,
+    TargetModel,
+    apply_final_logit_transforms,
+    check_aux_layer_ids,
+    check_sequences,
+)
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise TargetError(
+            "the 'vllm' target backend needs vLLM on a CUDA machine: pip install 'specdraft[gpu]' "
+            f"(import failed: {exc}); on CPU use backend='hf'"
+        ) from None
+    return vllm
+
+
+class VLLMTarget(TargetModel):
+    """`load_target(path_or_hub_id, "vllm", tensor_parallel_size=..., gpu_memory_utilization=...)`."""
+
+    backend = "vllm"
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        chat_template_kwargs: dict | None = None,
+        engine_kwargs: dict | None = None,
+        scratch_dir: str | None = None,
+    ):
+        super().__init__(spec, revision=revision, trust_remote_code=trust_remote_code)
+        self.dtype = dtype
+        self.tensor_parallel_size = int(tensor_parallel_size)
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+        self.chat_template_kwargs = chat_template_kwargs
+        self.engine_kwargs = dict(engine_kwargs or {})
+        # vLLM's docs recommend a RAM-backed folder: each file is read once and deleted at once.
+        self.scratch_root = scratch_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self._llm = None
+        self._mode: tuple | None = None
+        self._scratch: str | None = None
+        self._norm = None
+        self._head = None
+
+    # -- engines ----------------------------------------------------------------------------
+    def _engine(self, mode: tuple):
+        if self._llm is not None and self._mode == mode:
+            return self._llm
+        self.close()
+        vllm = import_vllm()
+        kwargs = dict(
+            model=self.spec,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+            dtype=self.dtype,
+            tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+        )
+        if self.max_model_len:
+            kwargs["max_model_len"] = self.max_model_len
+        if mode[0] == "features":
+            self._scratch = tempfile.mkdtemp(prefix="specdraft-hs-", dir=self.scratch_root)
+            kwargs.update(
+                enable_chunked_prefill=False,  # required by the connector
+                enable_prefix_caching=False,  # every prompt token must be computed, and stored, by its own request
+                speculative_config={
+                    "method": "extract_hidden_states",
+                    "num_speculative_tokens": 1,
+                    "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(mode[1])}},
+                },
+                kv_transfer_config=_kv_transfer_config(self._scratch),
+            )
+        kwargs.update(self.engine_kwargs)
+        self._llm = vllm.LLM(**kwargs)
+        self._mode = mode
+        return self._llm
+
+    def close(self) -> None:
+        if self._llm is not None:
+            self._llm = None
+            gc.collect()
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception:
+                pass
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        self._mode = None
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        if len(conversations) != len(sampling):
+            raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
+        vllm = import_vllm()
+        llm = self._engine(("generate",))
+        params = [
+            vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed)
+            for s in sampling
+        ]
+        outputs = llm.chat(
+            [list(c) for c in conversations], params, use_tqdm=False,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            results.append(Generation(
+                text=completion.text,
+                finish_reason=str(completion.finish_reason or "length"),
+                n_tokens=len(completion.token_ids),
+            ))
+        return results
+
+    # -- features ---------------------------------------------------------------------------
+    def features(self, sequences: Sequence[Sequence[int]], aux_layer_ids: Sequence[int] | None = None) -> dict:
+        import torch
+
+        vllm = import_vllm()
+        L, H = self.facts.num_layers, self.facts.hidden_size
+        ids = check_aux_layer_ids(aux_layer_ids or self.default_aux_layer_ids(), L)
+        lengths = check_sequences(sequences)
+        captured = tuple(sorted(set(ids) | {L}))  # L: pre-norm final state, normed below into `last`
+        slot = {layer: k for k, layer in enumerate(captured)}
+        llm = self._engine(("features", captured))
+        prompts = [{"prompt_token_ids": [int(t) for t in s]} for s in sequences]
+        outputs = llm.generate(prompts, vllm.SamplingParams(max_tokens=1), use_tqdm=False)
+
+        aux_parts, last_parts = [], []
+        for seq, out in zip(sequences, outputs):
+            path = (out.kv_transfer_params or {}).get("hidden_states_path")
+            if not path:
+                raise TargetError("vLLM returned no hidden_states_path: is the extract_hidden_states method enabled?")
+            hidden = _load_hidden_states(path)  # [n, len(captured), H]
+            if hidden.shape[0] != len(seq):
+                raise TargetError(f"vLLM stored {hidden.shape[0]} positions for a {len(seq)}-token sequence")
+            last = self._final_norm(hidden[:, slot[L]])
+            aux_parts.append(torch.cat([last if i == L else hidden[:, slot[i]] for i in ids], dim=-1))
+            last_parts.append(last)
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.long)
+        cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
+        return {"aux": torch.cat(aux_parts), "last": torch.cat(last_parts), "cu_seqlens": cu_seqlens}
+
+    def _final_norm(self, x):
+        """The target's final RMSNorm, computed as HF does (float32 statistics, weight applied after)."""
+        import torch
+
+        from training.targets.weights import load_final_norm
+
+        if self._norm is None:
+            self._norm = load_final_norm(self.spec, self.revision).float()
+        eps = self.facts.rms_norm_eps
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        model_type = str((self.facts.config.get("text_config") or self.facts.config).get("model_type", ""))
+        if model_type.startswith("gemma"):  # Gemma's norm scales by (1 + w), in float32
+            return (normed * (1.0 + self._norm)).to(x.dtype)
+        return self._norm.to(x.dtype) * normed.to(x.dtype)
+
+    def logits(self, last):
+        from training.targets.weights import load_head_weights
+
+        if self._head is None:
+            self._head = load_head_weights(self.spec, self.revision)[1]
+        head = self._head.to(device=last.device, dtype=last.dtype)
+        return apply_final_logit_transforms(last @ head.T, self.facts.config)
+
+
+def _kv_transfer_config(path: str):
+    extra = {"shared_storage_path": path, "use_synchronization_lock": True}
+    try:
+        from vllm.config.kv_transfer import KVTransferConfig
+
+        return KVTransferConfig(kv_connector="ExampleHiddenStatesConnector", kv_role="kv_producer",
+                                kv_connector_extra_config=extra)
+    except ImportError:  # older releases take the plain dict
+        return {"kv_connector": "ExampleHiddenStatesConnector", "kv_role": "kv_producer",
+                "kv_connector_extra_config": extra}
+
+
+def _load_hidden_states(path: str):
+    """Read one request's file (waiting on the connector's lock where it has one), then delete it."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connector import load_hidden_states
+    except ImportError:  # releases before the lock file: the write is done when the request returns
+        from safetensors.torch import load_file as load_hidden_states
+    try:
+        return load_hidden_states(path)["hidden_states"]
+    finally:
+        for p in (path, path + ".lock"):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
