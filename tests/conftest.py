@@ -6,6 +6,8 @@ No network, no ../shared: everything here is built locally.
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see training/__init__.py
 import socket
 import subprocess
 import sys
