@@ -66,7 +66,11 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
     kinds={"pytorch", "markdown"},
     check_specs=[dg.AssetCheckSpec(GATE_CHECK, asset="eval_report", blocking=True,
                                    description="tau at gate_k beats prompt-lookup drafting and min_tau")],
-    automation_condition=dg.AutomationCondition.eager() | dg.AutomationCondition.code_version_changed(),
+    # A new shard's source_corpus must not re-evaluate (and re-release) the old draft: follow the draft.
+    automation_condition=(
+        dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets("source_corpus"))
+        | dg.AutomationCondition.code_version_changed()
+    ),
 )
 def eval_report(
     context: dg.AssetExecutionContext,

@@ -110,7 +110,7 @@ def vocab_map(
 
         from training.vocab import build_vocab_map, coverage, save_vocab_map
 
-        vocab_size = AutoConfig.from_pretrained(target.model_path()).vocab_size
+        vocab_size = AutoConfig.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code).vocab_size
         counts = sum(_shard_counts(store, ref, vocab_size) for ref in tokenized_shards.values())
         maps = build_vocab_map(counts, config.draft_vocab_size)
         writer.write_bytes("vocab_map.safetensors", save_vocab_map(maps))

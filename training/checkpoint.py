@@ -172,6 +172,17 @@ def _read_checked(store: ObjectStore, manifest, name: str) -> bytes:
     return data
 
 
+def _load_tensors(store: ObjectStore, manifest, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; anything else (a torch.save pickle) is refused, never unpickled."""
+    try:
+        return st_load(_read_checked(store, manifest, name))
+    except StoreError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError: not a safetensors file
+        raise StoreError(f"{store.url(manifest.key(name))} is not a safetensors file ({type(exc).__name__}: {exc}); "
+                         "checkpoints are loaded as safetensors only, never unpickled") from exc
+
+
 def load_checkpoint(store: ObjectStore, run_prefix: str, prefix: str | None = None) -> Checkpoint | None:
     """The latest complete checkpoint of the run (or the one at `prefix`), or None if there is none."""
     prefix = prefix or latest_checkpoint_prefix(store, run_prefix)
@@ -180,10 +191,10 @@ def load_checkpoint(store: ObjectStore, run_prefix: str, prefix: str | None = No
     manifest = store.manifest(prefix)
     if manifest is None:
         raise StoreError(f"checkpoint {store.url(prefix)} has no manifest (the pointer must follow a complete one)")
-    model = st_load(_read_checked(store, manifest, "model.safetensors"))
-    opt_tensors = st_load(_read_checked(store, manifest, "optimizer.safetensors"))
+    model = _load_tensors(store, manifest, "model.safetensors")
+    opt_tensors = _load_tensors(store, manifest, "optimizer.safetensors")
     opt_index = json.loads(_read_checked(store, manifest, "optimizer.json"))
-    rng = st_load(_read_checked(store, manifest, "rng.safetensors"))
+    rng = _load_tensors(store, manifest, "rng.safetensors")
     state = json.loads(_read_checked(store, manifest, "state.json"))
     return Checkpoint(
         step=int(state["step"]), prefix=prefix, model=model,

@@ -9,9 +9,12 @@ the previous export or the complete new one.
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -111,16 +114,38 @@ def export_draft(
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; servers may run as another user
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, out):  # one atomic step: tmp now holds the previous export
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # no atomic exchange here: a short window in which out_dir is absent
+                old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE), so a process killed at
+    any moment leaves out_dir holding a complete export; False where the OS or filesystem lacks it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def load_draft(export_dir, embed_weight: torch.Tensor | None = None, device="cpu"):

@@ -4,14 +4,27 @@ Artifacts are written atomically without renames (S3 has none): each writer puts
 a fresh `attempt-<id>/` folder inside the artifact prefix and writes `manifest.json` last. The
 manifest names the files with their sizes and sha256, so a reader that trusts only a manifest never
 sees a partial artifact, and a killed writer leaves nothing a reader would pick up.
+
+Transient faults of a remote store (5xx answers, throttling, refused, reset or timed-out
+connections) are retried at two levels, each bounded and with exponential backoff:
+  - every S3 request by botocore ("standard" retry mode, `S3_MAX_ATTEMPTS` attempts; AWS_MAX_ATTEMPTS /
+    AWS_RETRY_MODE override it), which covers the multipart uploads of streamed artifact parts;
+  - every whole-object call of ObjectStore (read/write bytes and JSON, manifests, exists, list,
+    size, delete, open) once more by `RetryPolicy` (SPECDRAFT_STORE_RETRIES attempts, default 4),
+    so an endpoint that is away for a couple of seconds (a restart) is ridden out.
+Then the call fails with a StoreError naming the URL. 4xx answers (missing object, wrong
+credentials, no such bucket) and local-disk errors are never retried.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import posixpath
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,9 +34,86 @@ from typing import Any, BinaryIO
 MANIFEST = "manifest.json"
 ATTEMPT_PREFIX = "attempt-"
 
+S3_MAX_ATTEMPTS = 3  # botocore attempts per S3 request (standard retry mode)
+S3_CONNECT_TIMEOUT_S = 5  # a refused or unroutable endpoint fails in seconds, then is retried
+
+log = logging.getLogger(__name__)
+_sleep = time.sleep  # the backoff's sleep (tests record it instead of waiting)
+
 
 class StoreError(RuntimeError):
     """An object-store operation failed; the message names the URL and the cause."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff for transient faults of a remote store.
+
+    `attempts` calls in all; before retry n (0-based) it sleeps min(max_s, base_s * 2**n) times
+    a jitter factor in [0.5, 1] (so many workers hitting one outage do not retry in lockstep).
+    """
+
+    attempts: int = 4
+    base_s: float = 0.25
+    max_s: float = 4.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        raw = os.environ.get("SPECDRAFT_STORE_RETRIES")
+        try:
+            return cls(attempts=max(1, int(raw))) if raw else cls()
+        except ValueError:
+            raise StoreError(f"SPECDRAFT_STORE_RETRIES must be an integer, got {raw!r}") from None
+
+    def delay(self, retry: int) -> float:
+        return min(self.max_s, self.base_s * 2**retry) * random.uniform(0.5, 1.0)
+
+
+# S3 error codes and HTTP statuses that mean "try again", never "you asked for the wrong thing".
+_TRANSIENT_CODES = {
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException",
+    "Throttling", "ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
+    "BandwidthLimitExceeded", "PriorRequestNotComplete", "OperationAborted",
+}
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, getattr(errno, "EREMOTEIO", 121),
+}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failed store call is worth retrying: a 5xx/429 answer or throttling code, or a
+    connection that was refused, reset, dropped or timed out. Follows the exception's cause chain
+    (s3fs wraps botocore's errors in OSError subclasses); a definite 4xx answer is final."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain and len(chain) < 16:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "Error" in response:  # botocore ClientError: the server answered
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(response["Error"].get("Code", ""))
+            return status >= 500 or status == 429 or code in _TRANSIENT_CODES or code in ("500", "502", "503", "504")
+    for e in chain:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        module = type(e).__module__ or ""
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True  # refused/reset/aborted, socket and asyncio timeouts, fsspec's FSTimeoutError
+        if module.startswith("botocore") and type(e).__name__ in (
+            "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+            "ProxyConnectionError", "ResponseStreamingError", "IncompleteReadError", "HTTPClientError",
+        ):
+            return True
+        if module.startswith("aiohttp") and type(e).__name__ in (
+            "ClientConnectionError", "ClientOSError", "ServerDisconnectedError", "ServerTimeoutError",
+            "ClientConnectorError", "ClientPayloadError", "ServerConnectionError",
+        ):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+    return False
 
 
 def _check_key(key: str) -> str:
@@ -35,6 +125,13 @@ def _check_key(key: str) -> str:
     if "\\" in key or any(p in ("..", ".") for p in parts) or "\x00" in key:
         raise StoreError(f"object-store key {key!r} escapes the storage root")
     return key
+
+
+def _relative_name(name: str) -> str:
+    """A file name inside an artifact: a relative key in canonical form (no leading "/", no "..")."""
+    if not isinstance(name, str) or not name or _check_key(name) != name or "//" in name:
+        raise StoreError(f"artifact file name {name!r} is not a plain relative path")
+    return name
 
 
 def safe_component(name: str) -> str:
@@ -54,6 +151,13 @@ def s3_storage_options() -> dict[str, Any]:
     # pass the endpoint so a loopback or on-prem S3 API works, and disable listing caches so
     # a manifest written by another process is seen at once.
     opts: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
+    # Bounded request retries with a short connect timeout (botocore's legacy default retries a
+    # dead endpoint for ~10 s per call). botocore reads AWS_MAX_ATTEMPTS / AWS_RETRY_MODE itself;
+    # an explicit retries setting would override them, so it is set only when they are not.
+    config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S}
+    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+        config["retries"] = {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
+    opts["config_kwargs"] = config
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
@@ -66,7 +170,7 @@ def s3_storage_options() -> dict[str, Any]:
 class ObjectStore:
     """fsspec-backed store rooted at `root` (`file:///abs/path`, a plain path, or `s3://bucket/prefix`)."""
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None, *, retry: RetryPolicy | None = None):
         import fsspec
 
         root = str(root)
@@ -78,6 +182,8 @@ class ObjectStore:
         options = dict(s3_storage_options() if self.protocol == "s3" else {})
         options.update(storage_options or {})
         self.root = root.rstrip("/")
+        # Local disk errors are not transient; only a remote store's calls are retried.
+        self.retry = (retry or RetryPolicy.from_env()) if self.protocol != "file" else RetryPolicy(attempts=1)
         self.fs = fsspec.filesystem(self.protocol, **options)
         self._base = self.root.split("://", 1)[1]  # path as the filesystem names it
         if self.protocol == "file":
@@ -95,16 +201,29 @@ class ObjectStore:
     def url(self, key: str) -> str:
         return f"{self.protocol}://{self.path(key)}"
 
-    def _guard(self, action: str, key: str, fn, *args, **kwargs):
-        """Run an fsspec call, turning its many error types into one that names the URL."""
-        try:
-            return fn(*args, **kwargs)
-        except FileNotFoundError:
-            raise
-        except StoreError:
-            raise
-        except Exception as exc:  # botocore/aiohttp/OSError: report what and where
-            raise StoreError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}") from exc
+    def _guard(self, action: str, key: str, fn, *args, write: bool = False, **kwargs):
+        """Run an fsspec call, retrying transient faults (RetryPolicy) and turning its many error
+        types into one that names the URL. A missing object stays FileNotFoundError when reading;
+        a write that finds no bucket is a StoreError like any other failed write."""
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except FileNotFoundError as exc:
+                if write:
+                    raise StoreError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}") from exc
+                raise
+            except StoreError:
+                raise
+            except Exception as exc:  # botocore/aiohttp/OSError: report what and where
+                if attempt < self.retry.attempts and is_transient(exc):
+                    delay = self.retry.delay(attempt - 1)
+                    log.warning("%s %s failed (attempt %d of %d), retrying in %.2fs: %s: %s", action,
+                                self.url(key), attempt, self.retry.attempts, delay, type(exc).__name__, exc)
+                    _sleep(delay)
+                    continue
+                tries = f" after {attempt} attempts" if attempt > 1 else ""
+                raise StoreError(f"{action} {self.url(key)} failed{tries}: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     # -- plain objects ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -129,13 +248,16 @@ class ObjectStore:
         """Whole-object write: a local file is replaced by rename, an S3 PUT is atomic anyway."""
         path = self.path(key)
         if self.protocol == "file":
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            def replace() -> None:
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+
+            self._guard("writing", key, replace, write=True)
         else:
-            self._guard("writing", key, self.fs.pipe_file, path, data)
+            self._guard("writing", key, self.fs.pipe_file, path, data, write=True)
 
     def read_json(self, key: str) -> Any:
         return json.loads(self.read_bytes(key))
@@ -148,6 +270,10 @@ class ObjectStore:
         if "w" in mode and self.protocol == "file":
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         return self._guard("opening", key, self.fs.open, path, mode)
+
+    def _writer(self, key: str) -> _HashingWriter:
+        """A streamed write of `key` whose errors (a failed part upload, the final PUT) name the URL."""
+        return _HashingWriter(self.open(key, "wb"), url=self.url(key))
 
     def read_parquet(self, key: str, columns: list[str] | None = None):
         """A Parquet object as a pyarrow Table (small artifacts; big ones are streamed by their readers)."""
@@ -177,8 +303,15 @@ class ObjectStore:
             return None
         try:
             data = json.loads(raw)
-            return Manifest(prefix=_check_key(prefix), **data)
-        except (ValueError, TypeError) as exc:
+            manifest = Manifest(prefix=_check_key(prefix), **data)
+            for name, entry in manifest.files.items():
+                # Names and paths come from the store: a tampered manifest must not lead a reader
+                # (or a local download of an artifact) outside the artifact.
+                _relative_name(name)
+                _relative_name(entry["path"])
+                int(entry["bytes"]), str(entry["sha256"])
+            return manifest
+        except (ValueError, TypeError, KeyError, AttributeError, StoreError) as exc:
             raise StoreError(f"corrupt manifest {self.url(key)}: {exc}") from exc
 
     def artifact(self, prefix: str, fingerprint: str) -> ArtifactWriter:
@@ -232,26 +365,40 @@ class Manifest:
 
 
 class _HashingWriter:
-    """File wrapper that hashes and counts bytes as they are written (no second read pass)."""
+    """File wrapper that hashes and counts bytes as they are written (no second read pass).
 
-    def __init__(self, f: BinaryIO, on_close):
+    Errors of the underlying file (on S3: a block upload during write, the final PUT or multipart
+    completion at close, each already retried per request by botocore) become StoreError naming `url`.
+    """
+
+    def __init__(self, f: BinaryIO, on_close=None, *, url: str = ""):
         self._f = f
         self._on_close = on_close
+        self.url = url
         self.sha = hashlib.sha256()
         self.bytes = 0
 
     def write(self, data) -> int:
         self.sha.update(data)
         self.bytes += len(data)
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"writing {self.url} failed: {type(exc).__name__}: {exc}") from exc
 
     def __getattr__(self, name):  # tell/flush/closed/... as the underlying file has them
         return getattr(self._f, name)
 
     def close(self):
         if not self._f.closed:
-            self._f.close()
-            self._on_close(self)
+            try:
+                self._f.close()
+            except Exception as exc:
+                raise StoreError(f"finishing {self.url} failed: {type(exc).__name__}: {exc}") from exc
+            if self._on_close is not None:
+                self._on_close(self)
 
     def __enter__(self):
         return self
@@ -279,9 +426,11 @@ class ArtifactWriter:
         return f"{self.prefix}/{self.attempt}/{_check_key(name)}"
 
     def open(self, name: str) -> _HashingWriter:
+        _relative_name(name)
         if name in self.files or name in self._open:
             raise StoreError(f"artifact {self.prefix}: file {name!r} written twice")
-        w = _HashingWriter(self.store.open(self.key(name), "wb"), lambda w: self._record(name, w))
+        w = self.store._writer(self.key(name))
+        w._on_close = lambda w: self._record(name, w)
         self._open[name] = w
         return w
 
@@ -291,8 +440,13 @@ class ArtifactWriter:
         self.files[name] = {"path": f"{self.attempt}/{name}", "bytes": w.bytes, "sha256": w.sha.hexdigest()}
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        with self.open(name) as f:
-            f.write(data)
+        """A whole file at once: one object write, retried as a whole on transient faults."""
+        _relative_name(name)
+        if name in self.files or name in self._open:
+            raise StoreError(f"artifact {self.prefix}: file {name!r} written twice")
+        data = bytes(data)
+        self.store.write_bytes(self.key(name), data)
+        self.files[name] = {"path": f"{self.attempt}/{name}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_bytes(name, json.dumps(obj, indent=1, sort_keys=True).encode())

@@ -142,6 +142,11 @@ def _parse_line(line: bytes, line_no: int) -> RawRecord:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return RawRecord(line_no, text=text, problem=("malformed_json", f"{exc.msg} at column {exc.colno}"))
+    except (ValueError, RecursionError) as exc:
+        # Python's parser also refuses valid-looking JSON with other errors: nesting deeper than the
+        # recursion limit (RecursionError) and integers over 4300 digits (ValueError). They are this
+        # line's problem, not the file's.
+        return RawRecord(line_no, text=text, problem=("malformed_json", f"{type(exc).__name__}: {exc}"[:200]))
     return RawRecord(line_no, value=value, text=text)
 
 

@@ -39,8 +39,17 @@ def _digits(n: int) -> list[int]:
 _PLACES = ("ones", "tens", "hundreds", "thousands")
 
 
+def _join(steps: list[str]) -> str:
+    """The first step continues the 'For a + b,' clause; later ones start a sentence."""
+    return " ".join([steps[0]] + [s[0].upper() + s[1:] for s in steps[1:]])
+
+
+# Each solution restates the problem first: later steps then copy digits from a fixed offset in
+# the reply itself, which a small model learns much sooner than finding them in free-form prompts.
+
+
 def _column_add(a: int, b: int) -> str:
-    """'Add the ones: 7 + 8 = 15, write 5 and carry 1. Add the tens: 4 + 3 + 1 = 8. So ...'"""
+    """'For 47 + 38, add the ones: 7 + 8 = 15, write 5, carry 1. Add the tens: ... So 47 + 38 = 85.'"""
     da, db = _digits(a), _digits(b)
     width = max(len(da), len(db))
     da += [0] * (width - len(da))
@@ -50,11 +59,11 @@ def _column_add(a: int, b: int) -> str:
         terms = f"{da[i]} + {db[i]}" + (f" + {carry}" if carry else "")
         s = da[i] + db[i] + carry
         if i < width - 1 and s >= 10:
-            steps.append(f"Add the {_PLACES[i]}: {terms} = {s}, write {s % 10} and carry 1.")
+            steps.append(f"add the {_PLACES[i]}: {terms} = {s}, write {s % 10}, carry 1.")
         else:
-            steps.append(f"Add the {_PLACES[i]}: {terms} = {s}.")
+            steps.append(f"add the {_PLACES[i]}: {terms} = {s}.")
         carry = s // 10
-    return " ".join(steps) + f" So {a} + {b} = {a + b}."
+    return f"For {a} + {b}, {_join(steps)} So {a} + {b} = {a + b}."
 
 
 def _column_sub(a: int, b: int) -> str:
@@ -66,13 +75,13 @@ def _column_sub(a: int, b: int) -> str:
         top = da[i] - borrow
         terms = f"{da[i]} - {db[i]}" + (f" - {borrow}" if borrow else "")
         if top < db[i]:
-            steps.append(f"Subtract the {_PLACES[i]}: {terms} needs a borrow, "
+            steps.append(f"subtract the {_PLACES[i]}: {terms} needs a borrow, "
                          f"so {top + 10} - {db[i]} = {top + 10 - db[i]}.")
             borrow = 1
         else:
-            steps.append(f"Subtract the {_PLACES[i]}: {terms} = {top - db[i]}.")
+            steps.append(f"subtract the {_PLACES[i]}: {terms} = {top - db[i]}.")
             borrow = 0
-    return " ".join(steps) + f" So {a} - {b} = {a - b}."
+    return f"For {a} - {b}, {_join(steps)} So {a} - {b} = {a - b}."
 
 
 def _column_mul(a: int, m: int) -> str:
@@ -80,15 +89,15 @@ def _column_mul(a: int, m: int) -> str:
     ones, tens = a % 10, a // 10
     p1 = ones * m
     p2 = tens * m
-    first = f"Multiply the ones: {ones} × {m} = {p1}"
-    first += f", write {p1 % 10} and carry {p1 // 10}." if p1 >= 10 else "."
+    first = f"For {a} × {m}, multiply the ones: {ones} × {m} = {p1}"
+    first += f", write {p1 % 10}, carry {p1 // 10}." if p1 >= 10 else "."
     second = f"Multiply the tens: {tens} × {m} = {p2}"
     second += f", plus {p1 // 10} is {p2 + p1 // 10}." if p1 >= 10 else "."
     return f"{first} {second} So {a} × {m} = {a * m}."
 
 
 def _parity(n: int) -> str:
-    return f"{n} ends in {n % 10}, so {n} is {'even' if n % 2 == 0 else 'odd'}."
+    return f"The last digit of {n} is {n % 10}, so {n} is {'even' if n % 2 == 0 else 'odd'}."
 
 
 _ASK_ADD = ("What is {a} + {b}?", "Compute {a} + {b}.", "Please add {a} and {b}.",
@@ -117,9 +126,7 @@ def _arithmetic(rng: random.Random, turns: int) -> list[tuple[str, str]]:
     while len(exchanges) < turns:
         # Follow-ups act on the previous result; doubling only while it stays two columns wide.
         if result < 100 and rng.random() < 0.6:
-            exchanges.append((rng.choice(_ASK_DOUBLE),
-                              f"Double {result} by adding it to itself. "
-                              + _column_add(result, result)))
+            exchanges.append((rng.choice(_ASK_DOUBLE), _column_add(result, result)))
             result *= 2
         else:
             exchanges.append((rng.choice(_ASK_PARITY), _parity(result)))
@@ -186,28 +193,32 @@ def _fmt(xs: list[int]) -> str:
 
 
 def _list_op(op: str, xs: list[int]) -> tuple[str, list[int] | None]:
-    """Reply text and the list a follow-up should act on (None when the answer is a number)."""
-    if op == "sort":
-        ys = sorted(xs)
-        return f"The list {_fmt(xs)} has {len(xs)} numbers. From smallest to largest: {_fmt(ys)}.", ys
-    if op == "sort_desc":
-        ys = sorted(xs, reverse=True)
-        return f"The list {_fmt(xs)} has {len(xs)} numbers. From largest to smallest: {_fmt(ys)}.", ys
+    """Reply text and the list a follow-up should act on (None when the answer is a number).
+
+    Replies write the result once, plus fixed sentences: every number in them is one token picked
+    from the prompt (numbers up to 99 are single tokens), which a small model learns quickly.
+    """
+    n = len(xs)
+    if op in ("sort", "sort_desc"):
+        ys = sorted(xs, reverse=op == "sort_desc")
+        a, b = ("smallest", "largest") if op == "sort" else ("largest", "smallest")
+        return f"From {a} to {b}, the {n} numbers are {_fmt(ys)}. The first one is the {a}.", ys
     if op == "reverse":
         ys = xs[::-1]
-        return f"Reading {_fmt(xs)} from the end to the start gives {_fmt(ys)}.", ys
-    if op == "max":
-        return f"Checking each number in {_fmt(xs)}, the largest is {max(xs)}.", None
-    if op == "min":
-        return f"Checking each number in {_fmt(xs)}, the smallest is {min(xs)}.", None
+        return (f"Read from the end to the start, the list becomes {_fmt(ys)}. "
+                "The last number now comes first."), ys
+    if op in ("max", "min"):
+        v = max(xs) if op == "max" else min(xs)
+        which, than = ("largest", "bigger") if op == "max" else ("smallest", "smaller")
+        return f"The {which} number in the list is {v}. No other number in it is {than} than {v}.", None
     if op == "count":
-        return f"The list {_fmt(xs)} has {len(xs)} numbers in it.", None
+        return f"The list has {n} numbers in it, so its length is {n}.", None
     # sum: a running total, each step one small addition
     total, steps = xs[0], []
     for x in xs[1:]:
         steps.append(f"{total} + {x} = {total + x}")
         total += x
-    return f"Adding the numbers in order: {', '.join(steps)}. The sum is {total}.", None
+    return f"Adding the numbers in order: {', then '.join(steps)}. The sum is {total}.", None
 
 
 _ASK_LIST = {
@@ -233,9 +244,10 @@ _ASK_LIST_FOLLOW = {
 
 def _lists(rng: random.Random, turns: int) -> list[tuple[str, str]]:
     op = rng.choice(tuple(_ASK_LIST))
-    # Sums use one-digit numbers so the running total stays a chain of small additions.
-    hi = 9 if op == "sum" else 30
-    xs = [rng.randint(1, hi) for _ in range(rng.randint(3, 6))]
+    # Short lists of distinct numbers: each element is its own token, so picking and ordering
+    # them is unambiguous; sums use one-digit numbers so each step is a small addition.
+    hi = 9 if op == "sum" else 20
+    xs = rng.sample(range(1, hi + 1), rng.randint(3, 4))
     reply, current = _list_op(op, xs)
     exchanges = [(rng.choice(_ASK_LIST[op]).format(l=_fmt(xs)), reply)]
     current = current or xs
@@ -278,9 +290,12 @@ LANDS = {
     "Ostmark": ("Brennan", "winter markets"),
 }
 _ASK_CREATURE = {
-    "colour": ("What colour is a {c}?", "What colour is the {c}?", "Tell me the colour of a {c}."),
-    "home": ("Where does the {c} live?", "Where can I find a {c}?", "What is the home of the {c}?"),
-    "food": ("What does a {c} eat?", "What does the {c} like to eat?", "What is the food of the {c}?"),
+    "colour": ("What colour is a {c}?", "What colour is the {c}?",
+               "Tell me the colour of a {c}."),
+    "home": ("Where does the {c} live?", "Where can I find a {c}?",
+             "What is the home of the {c}?"),
+    "food": ("What does a {c} eat?", "What does the {c} like to eat?",
+             "What is the food of the {c}?"),
 }
 _ANSWER_CREATURE = {
     "colour": "A {c} is always {colour}. You can spot a {c} by its {colour} fur.",
@@ -302,7 +317,8 @@ _ANSWER_LAND = {
     "capital": "The capital of {l} is {capital}. {capital} is the largest city in {l}.",
     "famous": "{l} is famous for its {thing}. Visitors come to {l} to see the {thing}.",
 }
-_ASK_LAND_FOLLOW = {"capital": ("And what is its capital?",), "famous": ("And what is it famous for?",)}
+_ASK_LAND_FOLLOW = {"capital": ("And what is its capital?",),
+                    "famous": ("And what is it famous for?",)}
 _ASK_ABOUT = ("What about the {x}?", "And the {x}?")
 _ASK_ABOUT_LAND = ("What about {x}?", "And {x}?")
 

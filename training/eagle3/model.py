@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from training.eagle3.attention import block_causal_mask, doc_layout, ttt_attention
+from training.eagle3.attention import PackedDocs, block_causal_mask, doc_layout, ttt_attention
 from training.targets.base import default_aux_layer_ids  # one definition of the convention
 
 _ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -252,6 +252,8 @@ class KVCache:
 
 
 class Eagle3Draft(nn.Module):
+    ttt_layout = "per_doc"  # step-0 TTT attention layout: "per_doc" or "dense" (see ttt_hidden)
+
     def __init__(self, cfg: DraftConfig, embed_weight: torch.Tensor):
         super().__init__()
         if tuple(embed_weight.shape) != (cfg.target_vocab_size, cfg.hidden_size):
@@ -291,13 +293,19 @@ class Eagle3Draft(nn.Module):
           RoPE position = in-document position of t plus k (where vLLM puts the k-th draft token),
           keys   = step-0 keys s <= t of t's document, plus t's own keys of steps 1..k.
         Rows whose inputs run past their document are computed but meaningless (the loss masks them).
+        Step-0 attention runs per document (padded groups of similar length, `ttt_layout` "per_doc"),
+        so a row of many short documents costs sum_d L_d^2, not T^2; "dense" is the former
+        whole-row [T, T] mask, kept as a reference for tests and benchmarks.
         """
         T = input_ids.shape[0]
         doc, pos = doc_layout(cu_seqlens, T)
         ids = input_ids.to(torch.long)
         attn = self.midlayer.self_attn
         scale = 1.0 / math.sqrt(attn.head_dim)
-        allowed = block_causal_mask(doc[: T - 1])
+        if self.ttt_layout not in ("per_doc", "dense"):
+            raise ValueError(f"ttt_layout must be 'per_doc' or 'dense', not {self.ttt_layout!r}")
+        rows = PackedDocs.from_cu_seqlens(cu_seqlens, T).truncate(T - 1)  # per-document layout
+        dense = block_causal_mask(doc[: T - 1]) if self.ttt_layout == "dense" else None
         h = self.fc(aux[: T - 1].to(self.fc.weight.dtype))
         k0 = v0 = None
         diag_k, diag_v, outs = [], [], []
@@ -317,7 +325,7 @@ class Eagle3Draft(nn.Module):
                 q,
                 k0[..., :n, :],
                 v0[..., :n, :],
-                None if allowed is None else allowed[:n, :n],
+                rows.truncate(n) if dense is None else dense[:n, :n],  # step k: last k tokens dropped
                 [x[..., :n, :] for x in diag_k],
                 [x[..., :n, :] for x in diag_v],
                 scale,

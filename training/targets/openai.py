@@ -160,7 +160,10 @@ class OpenAITarget(TargetModel):
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as exc:
-                detail = _excerpt(exc.read())
+                body = exc.read()
+                if key:  # a server may echo the key it refused ("invalid api key: sk-..."): never pass it on
+                    body = body.replace(key.encode(), b"<redacted>")
+                detail = _excerpt(body)
                 if exc.code not in RETRY_STATUS:
                     raise OpenAIError(f"{method} {url}: HTTP {exc.code}: {detail}") from None
                 failure = f"HTTP {exc.code}: {detail}"
