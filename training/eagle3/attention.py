@@ -252,7 +252,7 @@ class _ShortCausalAttention(torch.autograd.Function):
                 do = dout[i:j].to(acc)
                 torch.matmul(p.transpose(-1, -2), do, out=dv[i:j])
                 ds = do @ v[i:j].to(acc).transpose(-1, -2)
-                shift = (do * out[i:j].to(acc)).sum(-1, keepdim=True)
+                shift = (do * out[i:j].to(acc)).sum(-1, keepdim=True) - dlse[i:j, ..., None].to(acc)
                 ds.sub_(shift).mul_(p)  # dS / scale
                 torch.matmul(ds, k[i:j].to(acc) * scale, out=dq[i:j])
                 torch.matmul(ds.transpose(-1, -2), q[i:j].to(acc) * scale, out=dk[i:j])
