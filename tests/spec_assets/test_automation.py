@@ -22,17 +22,7 @@ PER_SHARD = ("source_corpus", "resampled_corpus", "tokenized_shards", "hidden_st
 FAN_IN = ("vocab_map", "draft_model", "eval_report", "released_draft")
 FIRST, NEW = "demo-00000", "demo-00042"
 
-SMALL = {
-    "ops": {
-        "source_corpus": {"config": {"heldout_fraction": 0.2}},
-        "resampled_corpus": {"config": {"max_new_tokens": 8, "batch_size": 16}},
-        "tokenized_shards": {"config": {"max_length": 128}},
-        "draft_model": {"config": {"epochs": 1, "max_steps": 2, "ttt_length": 2, "max_tokens_per_batch": 1024}},
-        "eval_report": {"config": {"ks": [1, 2], "temperatures": [0.0], "max_new_tokens": 4, "max_prompts": 2,
-                                   # above the ceiling k+1 = 3: the gate fails whatever the draft
-                                   "gate_k": 2, "min_tau": 4.0}},
-    }
-}
+from tests.spec_assets.small_run import SMALL  # noqa: E402
 
 
 def requested(result) -> dict[str, set]:

@@ -39,16 +39,7 @@ if not CHROMIUM.exists():
     warnings.warn(f"test_ui skipped: {REASON}", stacklevel=1)
     pytest.skip(REASON, allow_module_level=True)
 
-SMALL = {
-    "ops": {
-        "source_corpus": {"config": {"heldout_fraction": 0.2}},
-        "resampled_corpus": {"config": {"max_new_tokens": 8, "batch_size": 16}},
-        "tokenized_shards": {"config": {"max_length": 128}},
-        "draft_model": {"config": {"epochs": 1, "max_steps": 2, "ttt_length": 2, "max_tokens_per_batch": 1024}},
-        "eval_report": {"config": {"ks": [1, 2], "temperatures": [0.0], "max_new_tokens": 4, "max_prompts": 2,
-                                   "gate_k": 2, "min_tau": 4.0}},  # above the ceiling: the gate fails
-    }
-}
+from tests.spec_assets.small_run import SMALL  # noqa: E402
 
 # Asset nodes and edges as the lineage graph draws them: each node is an SVG foreignObject holding
 # the asset's name, each edge a path with an arrow marker from a node's right side to another's left.
