@@ -6,6 +6,7 @@ function that writes the files; nothing else in the code location decides whethe
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping
 
 import dagster as dg
@@ -80,4 +81,8 @@ def materialize_artifact(
         "bytes": manifest.total_bytes,
     }
     ref = ArtifactRef(asset=asset, partition=partition, fingerprint=fp, prefix=prefix)
-    return dg.Output(ref, data_version=dg.DataVersion(fp), metadata=metadata)
+    # data_version is flagged beta, but it is how Dagster learns that an unchanged input needs
+    # no recompute downstream; the warning would print on every step of every run.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(ref, data_version=dg.DataVersion(fp), metadata=metadata)

@@ -62,7 +62,8 @@ def source_signature(url: str) -> str:
 
 
 def sync_shards(defs, instance) -> list[str]:
-    """Add a corpus_shards partition for every source file (what corpus_sensor does on a tick)."""
+    """Make the corpus_shards partitions match the source files, as corpus_sensor does on a tick:
+    one per file, none for a file that is gone."""
     from spec_assets.partitions import corpus_shards
 
     shards = list(corpus_sources(defs))
@@ -70,6 +71,8 @@ def sync_shards(defs, instance) -> list[str]:
     new = [s for s in shards if s not in existing]
     if new:
         instance.add_dynamic_partitions(corpus_shards.name, new)
+    for gone in sorted(existing - set(shards)):
+        instance.delete_dynamic_partition(corpus_shards.name, gone)
     return shards
 
 

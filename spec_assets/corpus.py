@@ -95,7 +95,8 @@ def source_corpus(
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
     asset_selection=[source_corpus],
-    description="Adds a corpus_shards partition for each new source file and re-runs a shard whose file changed.",
+    description="Adds a corpus_shards partition for each new source file, re-runs a shard whose file changed, "
+                "and drops the partition of a file that is gone.",
 )
 def corpus_sensor(context: dg.SensorEvaluationContext, corpus: CorpusSourceResource) -> dg.SensorResult:
     import fsspec
@@ -115,7 +116,11 @@ def corpus_sensor(context: dg.SensorEvaluationContext, corpus: CorpusSourceResou
         elif source.shard in known and known[source.shard] != seen[source.shard]:
             changed.append(source.shard)
     requests = [dg.RunRequest(partition_key=shard, run_key=f"{shard}:{seen[shard]}") for shard in new + changed]
-    partition_requests = [corpus_shards.build_add_request(new)] if new else []
+    # A shard whose file is gone leaves the partition set: the fan-ins (vocab_map, draft_model,
+    # eval_report) read every partition and would otherwise fail on its missing source.
+    removed = sorted(existing - seen.keys())
+    partition_requests = ([corpus_shards.build_add_request(new)] if new else []) + (
+        [corpus_shards.build_delete_request(removed)] if removed else [])
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=partition_requests,

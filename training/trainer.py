@@ -279,6 +279,30 @@ class _Window:
         }
 
 
+@torch.no_grad()
+def measure_acceptance(draft: torch.nn.Module, source: BatchSource, target_head: torch.Tensor,
+                       t2d: torch.Tensor, *, ttt_length: int = 7, max_tokens_per_batch: int = 8192,
+                       loss_fn: Callable | None = None) -> dict:
+    """acc_k, conditional acceptance and simulated acceptance length of `draft` over one pass of
+    `source` (held-out data: every row counts once), unrolled `ttt_length` steps as in training,
+    so a draft trained with a shorter unroll is judged on the chain it will serve. No gradients;
+    the draft's train/eval mode is restored."""
+    loss_fn = loss_fn or _default_loss_fn()
+    device = next(draft.parameters()).device
+    target_head, t2d = target_head.to(device), t2d.to(device)
+    window = _Window(ttt_length)
+    was_training = draft.training
+    draft.eval()
+    try:
+        for batch in source.batches(max_tokens_per_batch, epoch=0, seed=0):
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            out = loss_fn(draft, batch, target_head, t2d, ttt_length=ttt_length)
+            window.add(out, int(batch["input_ids"].numel()))
+    finally:
+        draft.train(was_training)
+    return window.summary(world=1)
+
+
 # -- distributed helpers -------------------------------------------------------------------------
 def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():

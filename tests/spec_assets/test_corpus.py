@@ -104,7 +104,7 @@ def test_missing_shard_file_fails_with_its_name(instance, corpus_dir, tmp_path):
         dg.materialize([source_corpus], instance=instance, resources=resources, partition_key="gone-00009")
 
 
-def test_corpus_sensor_adds_partitions_for_new_files(instance, corpus_dir):
+def test_corpus_sensor_adds_and_removes_partitions_with_files(instance, corpus_dir):
     from resources.corpus_source import CorpusSourceResource
 
     corpus = CorpusSourceResource(location=str(corpus_dir))
@@ -124,3 +124,11 @@ def test_corpus_sensor_adds_partitions_for_new_files(instance, corpus_dir):
     more = corpus_sensor(dg.build_sensor_context(instance=instance, resources={"corpus": corpus}, cursor=result.cursor))
     assert more.dynamic_partitions_requests[0].partition_keys == ["extra-00001"]
     assert [r.partition_key for r in more.run_requests] == ["extra-00001"]
+    instance.add_dynamic_partitions(corpus_shards.name, ["extra-00001"])
+
+    # A file that is gone: its partition is deleted, nothing runs.
+    (corpus_dir / "mixed-00000.jsonl").unlink()
+    gone = corpus_sensor(dg.build_sensor_context(instance=instance, resources={"corpus": corpus}, cursor=more.cursor))
+    (deleted,) = gone.dynamic_partitions_requests
+    assert isinstance(deleted, dg.DeleteDynamicPartitionsRequest)
+    assert deleted.partition_keys == ["mixed-00000"] and not gone.run_requests

@@ -135,26 +135,29 @@ class HFTarget(TargetModel):
         ids = check_aux_layer_ids(aux_layer_ids or self.default_aux_layer_ids(), L)
         lengths = check_sequences(sequences)
         T, dev = sum(lengths), self.device
-        input_ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=dev)
-        position_ids = torch.cat([torch.arange(n, device=dev) for n in lengths])
         cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.long)
         cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
 
         decoder = self.model.get_decoder()
         layers = decoder_layers(decoder, L)
         aux = torch.empty(T, len(ids) * H, dtype=self.dtype, device=dev)
-        hooks = [
-            layers[i].register_forward_pre_hook(_copy_input_hook(aux[:, slot * H:(slot + 1) * H]), with_kwargs=True)
-            for slot, i in enumerate(ids) if i < L
-        ]
-        try:
-            # no_grad, not inference_mode: an online trainer may use these tensors inside its autograd graph.
-            with torch.no_grad():
-                out = decoder(input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        last = out.last_hidden_state[0]
+        last = torch.empty(T, H, dtype=self.dtype, device=dev)
+        varlen = str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash_attention")
+        # no_grad, not inference_mode: an online trainer may use these tensors inside its autograd graph.
+        with torch.no_grad():
+            for batch in _forward_batches(sequences, lengths, cu_seqlens, packed=varlen, device=dev):
+                hooks = [
+                    layers[i].register_forward_pre_hook(
+                        _copy_input_hook(aux[:, slot * H:(slot + 1) * H], batch["rows"], batch["valid"]),
+                        with_kwargs=True)
+                    for slot, i in enumerate(ids) if i < L
+                ]
+                try:
+                    out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                last.index_copy_(0, batch["rows"], out.last_hidden_state[batch["valid"]])
         for slot, i in enumerate(ids):
             if i == L:  # HF's hidden_states[L] is the final post-norm state
                 aux[:, slot * H:(slot + 1) * H].copy_(last)
@@ -253,11 +256,59 @@ class HFTarget(TargetModel):
         return results
 
 
-def _copy_input_hook(dest):
-    """Pre-hook copying a decoder layer's input hidden states [1, T, H] into `dest` [T, H]."""
+# Most padding a batch of sorted sequences may add before the next sequence starts a new batch.
+PAD_WASTE = 0.25
+
+
+def _forward_batches(sequences, lengths: list[int], cu_seqlens, *, packed: bool, device):
+    """Forward batches covering every token of `sequences` once: {input_ids, position_ids [B, W]
+    (None: 0..W-1), valid [B, W] bool, rows [n] (each valid token's row in the packed output, in
+    valid's row-major order)}.
+
+    packed: one [1, T] row with per-document positions, for the flash-attention kernels, which
+    read document boundaries from position_ids (varlen). Otherwise right-padded batches of
+    similar-length sequences, causal only: a real token never attends to the padding on its
+    right, and attention costs sum(B * W^2) per batch rather than T^2 over a dense
+    block-diagonal mask (sdpa and eager build that mask from packed position_ids).
+    """
+    import torch
+
+    if packed:
+        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)
+        pos = torch.cat([torch.arange(n, device=device) for n in lengths])
+        T = ids.numel()
+        yield {"input_ids": ids[None], "position_ids": pos[None],
+               "valid": torch.ones(1, T, dtype=torch.bool, device=device),
+               "rows": torch.arange(T, device=device)}
+        return
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups, group, real = [], [], 0
+    for i in order:  # ascending: the newest sequence is the batch's widest
+        if group and (len(group) + 1) * lengths[i] > (1 + PAD_WASTE) * (real + lengths[i]):
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += lengths[i]
+    groups.append(group)
+    for group in groups:
+        W = lengths[group[-1]]
+        ids = torch.zeros(len(group), W, dtype=torch.long)
+        valid = torch.zeros(len(group), W, dtype=torch.bool)
+        rows = []
+        for b, i in enumerate(group):
+            ids[b, :lengths[i]] = torch.as_tensor(sequences[i], dtype=torch.long)
+            valid[b, :lengths[i]] = True
+            rows.append(torch.arange(int(cu_seqlens[i]), int(cu_seqlens[i + 1])))
+        yield {"input_ids": ids.to(device), "position_ids": None, "valid": valid.to(device),
+               "rows": torch.cat(rows).to(device)}
+
+
+def _copy_input_hook(dest, rows, valid):
+    """Pre-hook scattering a decoder layer's input hidden states [B, W, H] at `valid` into the
+    packed `dest` [T, H] at `rows`."""
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        dest.copy_(hidden[0])
+        dest.index_copy_(0, rows, hidden[valid].to(dest.dtype))
 
     return hook

@@ -48,6 +48,30 @@ def test_packed_features_equal_per_sequence_forward(target_dirs, arch):
         torch.testing.assert_close(target.logits(feats["last"][a:b]), out.logits[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_forward_batches_cover_every_token_once(packed):
+    """Padded batches (sdpa/eager) or one varlen row (flash): every packed row exactly once, the
+    token at each valid cell being the one at its row."""
+    from training.targets.hf import PAD_WASTE, _forward_batches
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 50, (int(n),), generator=g).tolist()
+            for n in torch.randint(1, 300, (40,), generator=g)]
+    lengths = [len(s) for s in seqs]
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.long)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    flat = torch.tensor([t for s in seqs for t in s])
+    seen = torch.zeros(flat.numel(), dtype=torch.long)
+    batches = list(_forward_batches(seqs, lengths, cu, packed=packed, device="cpu"))
+    for b in batches:
+        assert torch.equal(b["input_ids"][b["valid"]], flat[b["rows"]])
+        seen[b["rows"]] += 1
+        if not packed:
+            assert b["position_ids"] is None and b["valid"].numel() <= (1 + PAD_WASTE) * b["rows"].numel()
+    assert seen.eq(1).all()
+    assert len(batches) == 1 if packed else 1 < len(batches) < 20
+
+
 def test_default_aux_ids_and_hooks_removed(llama):
     L = llama.facts.num_layers
     assert llama.default_aux_layer_ids() == default_aux_layer_ids(L) == (2, L // 2, L - 3)
