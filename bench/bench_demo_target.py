@@ -1,5 +1,5 @@
 """Demo target: wall-clock of a fresh training run against the 180 s limit, and its held-out
-greedy exact match per task family.
+greedy exact match and teacher-forced token accuracy per task family.
 
 Trains into a temporary folder (never the cached target), so the time is a real cold run:
     .venv/bin/python bench/bench_demo_target.py [--max-seconds 170] [--keep DIR]
@@ -46,10 +46,10 @@ def main() -> None:
     print(f"{'whole call (s)':24}{wall:12.1f}{LIMIT_S:10.0f}{wall / LIMIT_S:8.2f}")
     print(f"steps {q['steps']}, epochs {q['epochs']}, final loss {q['final_loss']:.4f}, "
           f"{q['n_params'] / 1e6:.2f}M params, {q['train_rows']} conversations\n")
-    print(f"{'held-out family':24}{'exact match':>12}{'turns':>8}")
+    print(f"{'held-out family':24}{'exact match':>12}{'token acc':>10}{'turns':>8}")
     for family, em in q["exact_match"].items():
-        print(f"{family:24}{em:12.3f}{q['n_turns'][family]:8d}")
-    print(f"{'overall':24}{q['exact_match_overall']:12.3f}")
+        print(f"{family:24}{em:12.3f}{q['token_accuracy'][family]:10.3f}{q['n_turns'][family]:8d}")
+    print(f"{'overall':24}{q['exact_match_overall']:12.3f}{q['token_accuracy_overall']:10.3f}")
     for e in q["examples"][:4]:
         print(f"\n[{e['family']}] {e['prompt']}\n  reference: {e['reference']}\n  greedy:    {e['greedy']}")
 
