@@ -96,6 +96,9 @@ def eval_report(
                 temperature_list=config.temperatures, max_new_tokens=config.max_new_tokens, seed=config.seed,
                 log=context.log.info,
             )
+        # Name the draft by where it lives in the store, not by the temporary download folder.
+        config_key = store.manifest(draft_model.prefix).key("export/config.json")
+        result.config["draft"] = store.url(config_key.rsplit("/", 1)[0])
         report = write_report(result, writer, k=config.gate_k)
         writer.summary = {"prompts": len(prompts), **report["summary"], "report_md": report["markdown"]}
 

@@ -4,6 +4,8 @@ A random-weight draft cannot beat prompt-lookup drafting, so this run also prove
 check: eval_report's gate fails and released_draft does not run.
 """
 
+import re
+
 import dagster as dg
 import pytest
 
@@ -73,6 +75,9 @@ def test_full_graph_then_everything_is_a_cache_hit(env):
         assert draft["steps"].value == 3 and draft["tokens_seen"].value > 0
         report = _materializations(instance, "eval_report")[0].metadata
         assert "data:image/png;base64," in report["report"].value
+        # The draft is named by its export in the store, not by a temporary download folder.
+        export_dir = re.search(r"draft `([^`]+)`", report["report"].value).group(1)
+        assert export_dir.startswith(store.url("draft_model/")) and export_dir.endswith("/export")
         checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(dg.AssetKey("eval_report"), "beats_prompt_lookup")]
         )
