@@ -352,11 +352,9 @@ def _token_accuracy(model, tokenizer, items, batch_size: int) -> list[tuple[int,
             for row, e in enumerate(encoded):  # right padding: causal rows never see it
                 n = len(e["input_ids"])
                 ids[row, :n] = torch.tensor(e["input_ids"])
-                mask[row, :n] = torch.tensor(e["assistant_masks"], dtype=torch.bool)
-            # The earlier assistant turns of the history carry the mask too; score the last reply.
-            for row, e in enumerate(encoded):
-                last = _last_turn_start(e["assistant_masks"])
-                mask[row, :last] = False
+                # The history's assistant turns are masked too; only the last reply is scored.
+                start = _last_turn_start(e["assistant_masks"])
+                mask[row, start:n] = torch.tensor(e["assistant_masks"][start:], dtype=torch.bool)
             pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
             hit = (pred == ids[:, 1:]) & mask[:, 1:]
             out += [(int(h), int(m)) for h, m in zip(hit.sum(1), mask[:, 1:].sum(1))]
