@@ -4,6 +4,10 @@
                 manifest) / wall time of the bare decoder forward over the same packed batches
                 (goals: <= 1.10)
     footprint = bytes written per token / (8H+5)   (goals: <= 1.01 bf16, <= 0.52 fp8)
+    layout    = the forward in one packed row (dense block-diagonal mask) / in the layout
+                features() picks (right-padded length-sorted batches when its cost model says
+                they pay): on these chat-length rows (goal >= 0.95, they stay packed) and on short
+                documents in big packs with a demo-sized model (goal >= 1.25)
 
 on a random-weight ~110M-parameter Llama on CPU, with the store on a local folder and on a
 loopback S3 server (moto). Runs are interleaved and the best of --repeats is kept, because this
@@ -53,19 +57,44 @@ def make_rows(tokens: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     return rows
 
 
-def bare_forward(target, rows, batch_tokens: int) -> tuple[float, float]:
-    """The decoder alone over the same packed batches the writer forms (no hooks, no head, no I/O).
+def bare_forward(target, rows, batch_tokens: int, packed: bool | None = None) -> tuple[float, float]:
+    """The decoder alone over the same packed batches the writer forms (no hooks, no head, no I/O),
+    in the layout features() picks for each (packed=None), or forced to one packed row with
+    per-document positions (packed=True: a dense block-diagonal [T, T] mask under sdpa).
 
     Returns (wall s, this process's CPU s): CPU time is the steadier number on a busy machine.
     """
+    from training.targets.hf import _forward_batches, _padding_pays
+
     decoder = target.model.get_decoder()
+    H, inter = target.facts.hidden_size, target.facts.intermediate_size
     start, cpu = time.perf_counter(), time.process_time()
     for batch in pack_stream(rows, batch_tokens, length=lambda r: len(r[0])):
-        ids = torch.tensor([t for r in batch for t in r[0]])[None]
-        pos = torch.cat([torch.arange(len(r[0])) for r in batch])[None]
+        seqs = [r[0] for r in batch]
+        lengths = [len(q) for q in seqs]
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.long)
+        cu[1:] = torch.tensor(lengths).cumsum(0)
+        as_one_row = packed if packed is not None else not _padding_pays(lengths, H, inter)
         with torch.inference_mode():
-            decoder(input_ids=ids, position_ids=pos, use_cache=False)
+            for b in _forward_batches(seqs, lengths, cu, packed=as_one_row, device="cpu"):
+                decoder(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
     return time.perf_counter() - start, time.process_time() - cpu
+
+
+def layout_speedup(model_dir: Path, repeats: int) -> tuple[float, float, int]:
+    """Short documents in big packs (the demo's shape: 16..160 tokens, 8192-token packs) on a
+    demo-sized random Llama: one packed row's time / the chosen layout's, best of `repeats`."""
+    if not (model_dir / "config.json").exists():
+        build_tiny_target(model_dir, "llama", seed=0, hidden_size=128, num_layers=8, num_heads=4,
+                          num_kv_heads=2, intermediate_size=384, vocab_size=1024)
+    target = load_target(str(model_dir), dtype="float32", device="cpu")
+    rng = np.random.default_rng(1)
+    rows = [(rng.integers(0, 1024, n).tolist(), [1] * n) for n in rng.integers(16, 160, 200)]
+    chosen = packed = float("inf")
+    for _ in range(repeats):
+        chosen = min(chosen, bare_forward(target, rows, 8192)[1])
+        packed = min(packed, bare_forward(target, rows, 8192, packed=True)[1])
+    return packed, chosen, sum(len(r[0]) for r in rows)
 
 
 class TimedTarget:
@@ -158,7 +187,7 @@ def main() -> None:
           f"parts of <= {args.part_mb} MiB, torch threads {args.threads}, best of {args.repeats}")
 
     configs = [(s, d) for s in ("local", "s3") for d in ("bf16", "fp8")]
-    best: dict = {"bare": (float("inf"), float("inf"))}
+    best: dict = {"bare": (float("inf"), float("inf")), "packed": (float("inf"), float("inf"))}
     with tempfile.TemporaryDirectory() as tmp, MotoS3() as s3:
         stores = {"local": ObjectStore(Path(tmp).as_uri()), "s3": s3.store()}
         # Warm-up of both paths (allocator, kernels, s3 client) on a few sequences.
@@ -167,6 +196,8 @@ def main() -> None:
         for rep in range(args.repeats):
             wall, cpu = bare_forward(target, rows, args.batch_tokens)
             best["bare"] = (min(best["bare"][0], wall), min(best["bare"][1], cpu))
+            wall, cpu = bare_forward(target, rows, args.batch_tokens, packed=True)
+            best["packed"] = (min(best["packed"][0], wall), min(best["packed"][1], cpu))
             for storage, dtype in configs:
                 wall, cpu, outside, summary = extract(target, rows, stores[storage], dtype, args.batch_tokens, part_bytes)
                 old = best.get((storage, dtype), (float("inf"), float("inf"), float("inf"), None))
@@ -174,7 +205,15 @@ def main() -> None:
             print(f"  repeat {rep + 1}/{args.repeats} done", flush=True)
 
     bare_wall, bare_cpu = best["bare"]
-    print(f"\nbare forward: {bare_wall:.2f} s wall, {bare_cpu:.2f} s CPU ({tokens / bare_wall:.0f} tokens/s)\n")
+    packed_wall, packed_cpu = best["packed"]
+    print(f"\nbare forward: {bare_wall:.2f} s wall, {bare_cpu:.2f} s CPU ({tokens / bare_wall:.0f} tokens/s)")
+    print(f"the same batches forced into one packed row (dense block-diagonal mask): {packed_wall:.2f} s wall, "
+          f"{packed_cpu:.2f} s CPU; chosen layout speedup {packed_wall / bare_wall:.2f}x wall, "
+          f"{packed_cpu / bare_cpu:.2f}x CPU (goal >= 0.95: few long documents per pack stay packed)")
+    packed_s, chosen_s, short_tokens = layout_speedup(Path(args.model_dir).with_name("llama-demo-size"), args.repeats)
+    print(f"short documents ({short_tokens} tokens, 16..160 each, 8192-token packs, demo-sized model): "
+          f"one packed row {packed_s:.2f} CPU s, chosen layout {chosen_s:.2f} CPU s, speedup "
+          f"{packed_s / chosen_s:.2f}x (goal >= 1.25)\n")
     print(f"{'store':6} {'dtype':5} {'wall s':>7} {'overhead':>8} {'(CPU)':>6} {'(I/O)':>6} {'goal':>6}   "
           f"{'bytes/tok':>9} {'8H+5':>5} {'footprint':>9} {'goal':>6}  parts")
     for storage, dtype in configs:

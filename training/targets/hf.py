@@ -143,9 +143,10 @@ class HFTarget(TargetModel):
         aux = torch.empty(T, len(ids) * H, dtype=self.dtype, device=dev)
         last = torch.empty(T, H, dtype=self.dtype, device=dev)
         varlen = str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash_attention")
+        packed = varlen or not _padding_pays(lengths, H, self.facts.intermediate_size)
         # no_grad, not inference_mode: an online trainer may use these tensors inside its autograd graph.
         with torch.no_grad():
-            for batch in _forward_batches(sequences, lengths, cu_seqlens, packed=varlen, device=dev):
+            for batch in _forward_batches(sequences, lengths, cu_seqlens, packed=packed, device=dev):
                 hooks = [
                     layers[i].register_forward_pre_hook(
                         _copy_input_hook(aux[:, slot * H:(slot + 1) * H], batch["rows"], batch["valid"]),
@@ -157,7 +158,7 @@ class HFTarget(TargetModel):
                 finally:
                     for h in hooks:
                         h.remove()
-                last.index_copy_(0, batch["rows"], out.last_hidden_state[batch["valid"]])
+                _scatter(last, out.last_hidden_state, batch["rows"], batch["valid"])
         for slot, i in enumerate(ids):
             if i == L:  # HF's hidden_states[L] is the final post-norm state
                 aux[:, slot * H:(slot + 1) * H].copy_(last)
@@ -258,29 +259,14 @@ class HFTarget(TargetModel):
 
 # Most padding a batch of sorted sequences may add before the next sequence starts a new batch.
 PAD_WASTE = 0.25
+# Padded batches are used when the cost model below predicts them this much cheaper than one
+# packed row: the model is rough (on CPU a 110M Llama over 2-4 chat-length sequences per pack
+# measured 0.90x where it predicted 1.05x), and short documents in a big pack win 5-10x anyway.
+MIN_PADDED_GAIN = 1.25
 
 
-def _forward_batches(sequences, lengths: list[int], cu_seqlens, *, packed: bool, device):
-    """Forward batches covering every token of `sequences` once: {input_ids, position_ids [B, W]
-    (None: 0..W-1), valid [B, W] bool, rows [n] (each valid token's row in the packed output, in
-    valid's row-major order)}.
-
-    packed: one [1, T] row with per-document positions, for the flash-attention kernels, which
-    read document boundaries from position_ids (varlen). Otherwise right-padded batches of
-    similar-length sequences, causal only: a real token never attends to the padding on its
-    right, and attention costs sum(B * W^2) per batch rather than T^2 over a dense
-    block-diagonal mask (sdpa and eager build that mask from packed position_ids).
-    """
-    import torch
-
-    if packed:
-        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)
-        pos = torch.cat([torch.arange(n, device=device) for n in lengths])
-        T = ids.numel()
-        yield {"input_ids": ids[None], "position_ids": pos[None],
-               "valid": torch.ones(1, T, dtype=torch.bool, device=device),
-               "rows": torch.arange(T, device=device)}
-        return
+def _pad_groups(lengths: list[int]) -> list[list[int]]:
+    """Sequence indices in batches of similar length, ascending, each padded by <= PAD_WASTE."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups, group, real = [], [], 0
     for i in order:  # ascending: the newest sequence is the batch's widest
@@ -290,7 +276,44 @@ def _forward_batches(sequences, lengths: list[int], cu_seqlens, *, packed: bool,
         group.append(i)
         real += lengths[i]
     groups.append(group)
-    for group in groups:
+    return groups
+
+
+def _padding_pays(lengths: list[int], hidden: int, intermediate: int) -> bool:
+    """Whether right-padded batches beat one packed row with a dense block-diagonal mask.
+
+    Per layer, a token costs about 4H^2 + 3HI multiply-adds in its projections and MLP, and a
+    (query, key) pair 2H in attention. The packed row pays its projections once per token but
+    attention over all T^2 pairs (sdpa and eager skip nothing under a mask); padded batches pay
+    projections on their padding too, and causal attention over B*W^2/2 pairs each.
+    """
+    token, pair = 4 * hidden * hidden + 3 * hidden * intermediate, 2 * hidden
+    T = sum(lengths)
+    packed = T * token + T * T * pair
+    padded = sum(len(g) * lengths[g[-1]] * (token + lengths[g[-1]] * pair / 2) for g in _pad_groups(lengths))
+    return packed >= MIN_PADDED_GAIN * padded
+
+
+def _forward_batches(sequences, lengths: list[int], cu_seqlens, *, packed: bool, device):
+    """Forward batches covering every token of `sequences` once: {input_ids, position_ids [B, W]
+    (None: 0..W-1), valid [B, W] bool, rows [n] (each valid token's row in the packed output, in
+    valid's row-major order)}; valid and rows are None for the packed row (it is the output).
+
+    packed: one [1, T] row with per-document positions: for the flash-attention kernels, which
+    read document boundaries from position_ids (varlen), and where few long documents share a
+    pack (see _padding_pays). Otherwise right-padded batches of similar-length sequences, causal
+    only: a real token never attends to the padding on its right, and attention costs
+    sum(B * W^2) rather than T^2 over the dense block-diagonal mask that sdpa and eager build
+    from packed position_ids.
+    """
+    import torch
+
+    if packed:
+        ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)
+        pos = torch.cat([torch.arange(n, device=device) for n in lengths])
+        yield {"input_ids": ids[None], "position_ids": pos[None], "valid": None, "rows": None}
+        return
+    for group in _pad_groups(lengths):
         W = lengths[group[-1]]
         ids = torch.zeros(len(group), W, dtype=torch.long)
         valid = torch.zeros(len(group), W, dtype=torch.bool)
@@ -303,12 +326,18 @@ def _forward_batches(sequences, lengths: list[int], cu_seqlens, *, packed: bool,
                "rows": torch.cat(rows).to(device)}
 
 
+def _scatter(dest, hidden, rows, valid) -> None:
+    """hidden [B, W, H] at `valid` into the packed dest [T, H] at `rows` (None: hidden is [1, T, H])."""
+    if rows is None:
+        dest.copy_(hidden[0])
+    else:
+        dest.index_copy_(0, rows, hidden[valid].to(dest.dtype))
+
+
 def _copy_input_hook(dest, rows, valid):
-    """Pre-hook scattering a decoder layer's input hidden states [B, W, H] at `valid` into the
-    packed `dest` [T, H] at `rows`."""
+    """Pre-hook scattering a decoder layer's input hidden states into the packed `dest` [T, H]."""
 
     def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        dest.index_copy_(0, rows, hidden[valid].to(dest.dtype))
+        _scatter(dest, args[0] if args else kwargs["hidden_states"], rows, valid)
 
     return hook

@@ -28,8 +28,12 @@ def reference(model, seq):
         return model(torch.tensor([seq]), output_hidden_states=True)
 
 
+@pytest.mark.parametrize("layout", ["packed", "padded"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_packed_features_equal_per_sequence_forward(target_dirs, arch):
+def test_packed_features_equal_per_sequence_forward(target_dirs, arch, layout, monkeypatch):
+    from training.targets import hf
+
+    monkeypatch.setattr(hf, "_padding_pays", lambda *a: layout == "padded")
     target = load_target(str(target_dirs[arch]), dtype="float32", device="cpu")
     L, H = target.facts.num_layers, target.facts.hidden_size
     ids = (0, 2, L // 2, L - 3, L)  # embeddings, the defaults, and HF's post-norm hidden_states[L]
@@ -64,12 +68,24 @@ def test_forward_batches_cover_every_token_once(packed):
     seen = torch.zeros(flat.numel(), dtype=torch.long)
     batches = list(_forward_batches(seqs, lengths, cu, packed=packed, device="cpu"))
     for b in batches:
+        if packed:  # the one row is the packed output itself
+            assert b["rows"] is None and b["valid"] is None and torch.equal(b["input_ids"][0], flat)
+            seen += 1
+            continue
         assert torch.equal(b["input_ids"][b["valid"]], flat[b["rows"]])
         seen[b["rows"]] += 1
         if not packed:
             assert b["position_ids"] is None and b["valid"].numel() <= (1 + PAD_WASTE) * b["rows"].numel()
     assert seen.eq(1).all()
     assert len(batches) == 1 if packed else 1 < len(batches) < 20
+
+
+def test_padding_pays_for_many_short_documents_not_for_a_few_long_ones():
+    from training.targets.hf import _padding_pays
+
+    short = [90 + (i % 40) for i in range(80)]  # the demo: ~90-token conversations, 8192-token packs
+    assert _padding_pays(short, hidden=128, intermediate=384)
+    assert not _padding_pays([300, 340, 380], hidden=768, intermediate=2048)  # chat-length, 110M
 
 
 def test_default_aux_ids_and_hooks_removed(llama):
