@@ -19,6 +19,21 @@ class SourceCorpusConfig(dg.Config):
     heldout_seed: int = 0
 
 
+# Reasons carry the offending value (`unknown_role:<name>`): a file with many bogus roles would
+# otherwise grow the metadata without bound. rejects.parquet keeps every row and reason.
+MAX_REASONS = 20
+
+
+def _top_reasons(by_reason: list[tuple[str, int]]) -> dict[str, int]:
+    """{reason: count} for the MAX_REASONS most frequent (by_reason is sorted by count), the
+    rest summed under one key, so the counts still add up to rows_rejected."""
+    top = dict(by_reason[:MAX_REASONS])
+    rest = by_reason[MAX_REASONS:]
+    if rest:
+        top[f"({len(rest)} more reasons)"] = sum(n for _, n in rest)
+    return top
+
+
 def _preview(table, n: int = PREVIEW_ROWS) -> list[dict]:
     rows = []
     for row in table.slice(0, n).to_pylist():
@@ -79,7 +94,7 @@ def source_corpus(
             "rows_train": train.num_rows,
             "rows_heldout": heldout.num_rows,
             "formats": result.formats,
-            "rejects_by_reason": {reason: n for reason, n in by_reason},
+            "rejects_by_reason": _top_reasons(by_reason),
             **stats,
             "preview": _preview(train),
         }

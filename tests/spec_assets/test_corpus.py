@@ -72,6 +72,23 @@ def test_rejects_are_counted_with_reasons(instance, corpus_dir, tmp_path):
     assert set(md["rejects_by_reason"].value) == {"malformed_json", "no_assistant_turn"}
 
 
+def test_many_distinct_reasons_fold_into_one_count(instance, corpus_dir, tmp_path):
+    from spec_assets.corpus import MAX_REASONS
+
+    lines = [json.dumps({"messages": [{"role": f"bogus{i}", "content": "x"}, {"role": "assistant", "content": "y"}]})
+             for i in range(MAX_REASONS + 10)]
+    (corpus_dir / "roles-00000.jsonl").write_text("\n".join(lines) + "\n")
+    resources = make_resources((tmp_path / "store").as_uri(), str(corpus_dir))
+    result, mat = _materialize(instance, resources, "roles-00000")
+    reasons = mat.metadata["rejects_by_reason"].value
+    assert len(reasons) == MAX_REASONS + 1 and reasons["(10 more reasons)"] == 10
+    assert sum(reasons.values()) == mat.metadata["rows_rejected"].value == MAX_REASONS + 10
+    # rejects.parquet keeps every row with its own reason.
+    store = ObjectStore((tmp_path / "store").as_uri())
+    rejects = store.read_parquet(store.manifest(result.output_for_node("source_corpus").prefix).key("rejects.parquet"))
+    assert sorted(rejects.column("reason").to_pylist()) == sorted(f"unknown_role:bogus{i}" for i in range(MAX_REASONS + 10))
+
+
 def test_changed_file_gets_a_new_fingerprint(instance, corpus_dir, tmp_path):
     resources = make_resources((tmp_path / "store").as_uri(), str(corpus_dir))
     _, first = _materialize(instance, resources, "mixed-00000")
