@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import dagster as dg
 import pytest
 
@@ -20,3 +22,18 @@ def make_resources(store_root: str, corpus_location: str, **extra) -> dict:
         "corpus": CorpusSourceResource(location=corpus_location),
         **extra,
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory) -> Path:
+    """A random-weight 8-layer Llama (H=64, distinct aux layers) that every graph test runs."""
+    from training.targets.tiny import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny", hidden_size=64, num_layers=8)
+
+
+def new_dagster_home(folder: Path, *, ui: bool = False) -> Path:
+    """A DAGSTER_HOME without telemetry (ui: and without the first-visit dialog over the pages)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n" + ("nux:\n  enabled: false\n" if ui else ""))
+    return folder

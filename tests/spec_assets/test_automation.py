@@ -22,6 +22,7 @@ PER_SHARD = ("source_corpus", "resampled_corpus", "tokenized_shards", "hidden_st
 FAN_IN = ("vocab_map", "draft_model", "eval_report", "released_draft")
 FIRST, NEW = "demo-00000", "demo-00042"
 
+from tests.spec_assets.conftest import new_dagster_home  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
 
 
@@ -37,17 +38,13 @@ def requested(result) -> dict[str, set]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_target):
     """One shard, every asset materialized (released_draft by hand: the gate is set to fail)."""
-    from training.targets.tiny import build_tiny_target
-
     root = tmp_path_factory.mktemp("automation")
-    target = build_tiny_target(root / "tiny", hidden_size=64, num_layers=8)
+    target = tiny_target
     corpus = root / "corpus"
     write_demo_corpus(corpus, n_shards=1, rows_per_shard=16, seed=1)
-    home = root / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = new_dagster_home(root / "dagster_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", str(home))
         mp.setenv("SPECDRAFT_ROOT", (root / "store").as_uri())

@@ -25,31 +25,23 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SHARDS = ["demo-00000", "demo-00001"]
 
+from tests.spec_assets.conftest import new_dagster_home  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
 
 
-def new_home(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
+def shared(tmp_path_factory, tiny_target):
     """Target, corpus and object store for the module; DAGSTER_HOME is set per test."""
-    from training.targets.tiny import build_tiny_target
-
     root = tmp_path_factory.mktemp("cli")
-    target = build_tiny_target(root / "tiny", hidden_size=64, num_layers=8)
     write_demo_corpus(root / "corpus", n_shards=2, rows_per_shard=16, seed=1)
-    return {"root": root, "target": target, "corpus": root / "corpus", "store": (root / "store").as_uri()}
+    return {"root": root, "target": tiny_target, "corpus": root / "corpus", "store": (root / "store").as_uri()}
 
 
 @pytest.fixture
 def env(shared, tmp_path, monkeypatch):
     """The variables a shell would export, set here (for in-process calls) and returned (for subprocesses)."""
     values = {
-        "DAGSTER_HOME": str(new_home(tmp_path / "dagster_home")),
+        "DAGSTER_HOME": str(new_dagster_home(tmp_path / "dagster_home")),
         "SPECDRAFT_ROOT": shared["store"],
         "SPECDRAFT_TARGET": str(shared["target"]),
         "SPECDRAFT_CORPUS": str(shared["corpus"]),

@@ -19,6 +19,7 @@ import dagster as dg
 import pytest
 
 from spec_assets.cli import failure_messages, run_pipeline
+from tests.spec_assets.conftest import new_dagster_home
 from training.demo.corpus import write_demo_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,16 +117,12 @@ def expected_keys(shards) -> set:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    from training.targets.tiny import build_tiny_target
-
+def pipeline(tmp_path_factory, tiny_target):
     root = tmp_path_factory.mktemp("incremental")
-    target = build_tiny_target(root / "tiny", hidden_size=64, num_layers=8)
+    target = tiny_target
     corpus = root / "corpus"
     write_demo_corpus(corpus, n_shards=2, rows_per_shard=16, seed=1)
-    home = root / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    home = new_dagster_home(root / "dagster_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", str(home))
         mp.setenv("SPECDRAFT_ROOT", (root / "store").as_uri())

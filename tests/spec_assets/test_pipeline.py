@@ -28,13 +28,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    from training.targets.tiny import build_tiny_target
-
-    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny", hidden_size=64, num_layers=8)
-
-
 @pytest.fixture
 def env(tmp_path, tiny_target, monkeypatch):
     corpus = tmp_path / "corpus"

@@ -113,13 +113,6 @@ class FakeOpenAI:
         self.server.server_close()
 
 
-@pytest.fixture(scope="module")
-def tiny_target(tmp_path_factory):
-    from training.targets.tiny import build_tiny_target
-
-    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny", hidden_size=64, num_layers=8)
-
-
 @pytest.fixture
 def canaries(monkeypatch, s3_server):
     """Every secret set to a canary (moto accepts any credentials, so S3 really signs with them)."""
@@ -507,7 +500,7 @@ ESCAPES = ["../x", "a/../../x", "..", "a/..", "./a", "a/./b", "a\\..\\b", "a/\x0
 
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_store_keys_cannot_escape_the_root(kind, tmp_path, request):
-    from training.storage import ObjectStore, StoreError, artifact_prefix
+    from training.storage import StoreError, artifact_prefix
 
     store = request.getfixturevalue(f"{kind}_store")
     outside = tmp_path / "outside.txt"

@@ -39,6 +39,7 @@ if not CHROMIUM.exists():
     warnings.warn(f"test_ui skipped: {REASON}", stacklevel=1)
     pytest.skip(REASON, allow_module_level=True)
 
+from tests.spec_assets.conftest import new_dagster_home  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
 
 # Asset nodes and edges as the lineage graph draws them: each node is an SVG foreignObject holding
@@ -78,17 +79,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def instance_env(tmp_path_factory):
+def instance_env(tmp_path_factory, tiny_target):
     """A DAGSTER_HOME holding one finished `specdraft run` (eval_report's gate failed: no release)."""
-    from training.targets.tiny import build_tiny_target
-
     root = tmp_path_factory.mktemp("ui")
-    target = build_tiny_target(root / "tiny", hidden_size=64, num_layers=8)
+    target = tiny_target
     write_demo_corpus(root / "corpus", n_shards=1, rows_per_shard=16, seed=1)
-    home = root / "dagster_home"
-    home.mkdir()
-    # No telemetry, and no "Join the Dagster community" dialog over the pages (it would cover them).
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    # No "Join the Dagster community" dialog over the pages (it would cover them).
+    home = new_dagster_home(root / "dagster_home", ui=True)
     env = {"DAGSTER_HOME": str(home), "SPECDRAFT_ROOT": (root / "store").as_uri(),
            "SPECDRAFT_TARGET": str(target), "SPECDRAFT_CORPUS": str(root / "corpus")}
     with pytest.MonkeyPatch.context() as mp:

@@ -154,7 +154,7 @@ class VLLMTarget(TargetModel):
         import torch
 
         vllm = import_vllm()
-        L, H = self.facts.num_layers, self.facts.hidden_size
+        L = self.facts.num_layers
         ids = check_aux_layer_ids(aux_layer_ids or self.default_aux_layer_ids(), L)
         lengths = check_sequences(sequences)
         captured = tuple(sorted(set(ids) | {L}))  # L: pre-norm final state, normed below into `last`
