@@ -170,7 +170,7 @@ def test_tokenization_of_accepted_rows_reconciles(fuzz, ingested):
 
 def test_source_corpus_asset_reconciles(fuzz, tmp_path):
     """The Dagster asset over the fuzz file: finishes, and its metadata and tables add up."""
-    from spec_assets.corpus import source_corpus
+    from spec_assets.corpus import _top_reasons, source_corpus
     from spec_assets.partitions import corpus_shards
     from tests.spec_assets.conftest import make_resources
     from training.storage import ObjectStore
@@ -187,7 +187,9 @@ def test_source_corpus_asset_reconciles(fuzz, tmp_path):
     assert (md["rows_read"], md["rows_accepted"], md["rows_rejected"]) == (corpus.n_read, corpus.n_accepted, corpus.n_rejected)
     assert md["rows_train"] + md["rows_heldout"] == corpus.n_accepted
     assert md["formats"] == corpus.formats
-    assert md["rejects_by_reason"] == corpus.by_reason
+    # The metadata keeps the most frequent reasons and folds the rest (spec_assets.corpus.MAX_REASONS);
+    # rejects.parquet below keeps every row's own reason.
+    assert md["rejects_by_reason"] == _top_reasons(sorted(corpus.by_reason.items(), key=lambda r: (-r[1], r[0])))
 
     store = ObjectStore(root)
     ref = result.output_for_node("source_corpus")
@@ -199,4 +201,5 @@ def test_source_corpus_asset_reconciles(fuzz, tmp_path):
     assert train.num_rows + heldout.num_rows == corpus.n_accepted
     assert set(train.column("id").to_pylist()) | set(heldout.column("id").to_pylist()) == {e.id for e in corpus.accepted}
     assert sorted(rejects.column("row_index").to_pylist()) == sorted(e.line for e in corpus.rejected)
+    assert Counter(rejects.column("reason").to_pylist()) == corpus.by_reason
     assert manifest.summary["characters"] > 2 * corpus.huge_bytes  # the huge turns are in the stats
