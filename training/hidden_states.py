@@ -258,12 +258,12 @@ def read_part_index(store, key: str) -> tuple[dict[str, str], np.ndarray]:
 
 def load_part(store, key: str) -> dict[str, torch.Tensor]:
     """A whole part: from the local file directly, or one object's bytes from S3."""
-    import safetensors.torch
+    from safetensors.torch import load as tensors_from_bytes, load_file
 
     local = store.local_path(key)
     if local is not None:
-        return safetensors.torch.load_file(local)
-    return safetensors.torch.load(store.read_bytes(key))
+        return load_file(local)
+    return tensors_from_bytes(store.read_bytes(key))
 
 
 class HiddenStateDataset:
