@@ -64,7 +64,7 @@ def bare_forward(target, rows, batch_tokens: int, packed: bool | None = None) ->
 
     Returns (wall s, this process's CPU s): CPU time is the steadier number on a busy machine.
     """
-    from training.targets.hf import _forward_batches, _padding_pays
+    from training.targets.hf import _forward_batches, _forward_layout
 
     decoder = target.model.get_decoder()
     H, inter = target.facts.hidden_size, target.facts.intermediate_size
@@ -74,9 +74,9 @@ def bare_forward(target, rows, batch_tokens: int, packed: bool | None = None) ->
         lengths = [len(q) for q in seqs]
         cu = torch.zeros(len(seqs) + 1, dtype=torch.long)
         cu[1:] = torch.tensor(lengths).cumsum(0)
-        as_one_row = packed if packed is not None else not _padding_pays(lengths, H, inter)
+        groups = None if packed else _forward_layout(lengths, H, inter)
         with torch.inference_mode():
-            for b in _forward_batches(seqs, lengths, cu, packed=as_one_row, device="cpu"):
+            for b in _forward_batches(seqs, lengths, cu, groups, device="cpu"):
                 decoder(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
     return time.perf_counter() - start, time.process_time() - cpu
 

@@ -37,3 +37,15 @@ def new_dagster_home(folder: Path, *, ui: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "dagster.yaml").write_text("telemetry:\n  enabled: false\n" + ("nux:\n  enabled: false\n" if ui else ""))
     return folder
+
+
+def graph_env(root: Path, target: Path, *, n_shards: int, ui: bool = False) -> dict[str, str]:
+    """A demo corpus of `n_shards` small shards, a store and a DAGSTER_HOME under `root`: the
+    variables a shell would export to run the graph on them with `target`."""
+    from training.demo.corpus import write_demo_corpus
+
+    write_demo_corpus(root / "corpus", n_shards=n_shards, rows_per_shard=16, seed=1)
+    return {"DAGSTER_HOME": str(new_dagster_home(root / "dagster_home", ui=ui)),
+            "SPECDRAFT_ROOT": (root / "store").as_uri(),
+            "SPECDRAFT_TARGET": str(target),
+            "SPECDRAFT_CORPUS": str(root / "corpus")}

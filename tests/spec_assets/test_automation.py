@@ -22,7 +22,7 @@ PER_SHARD = ("source_corpus", "resampled_corpus", "tokenized_shards", "hidden_st
 FAN_IN = ("vocab_map", "draft_model", "eval_report", "released_draft")
 FIRST, NEW = "demo-00000", "demo-00042"
 
-from tests.spec_assets.conftest import new_dagster_home  # noqa: E402
+from tests.spec_assets.conftest import graph_env  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
 
 
@@ -41,15 +41,9 @@ def requested(result) -> dict[str, set]:
 def env(tmp_path_factory, tiny_target):
     """One shard, every asset materialized (released_draft by hand: the gate is set to fail)."""
     root = tmp_path_factory.mktemp("automation")
-    target = tiny_target
-    corpus = root / "corpus"
-    write_demo_corpus(corpus, n_shards=1, rows_per_shard=16, seed=1)
-    home = new_dagster_home(root / "dagster_home")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
-        mp.setenv("SPECDRAFT_ROOT", (root / "store").as_uri())
-        mp.setenv("SPECDRAFT_TARGET", str(target))
-        mp.setenv("SPECDRAFT_CORPUS", str(corpus))
+        for key, value in graph_env(root, tiny_target, n_shards=1).items():
+            mp.setenv(key, value)
         with dg.DagsterInstance.get() as instance:
             results = run_pipeline(run_config=SMALL, instance=instance, log=lambda _: None)
             assert [r.success for r in results] == [True, False]

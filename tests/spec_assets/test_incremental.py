@@ -19,7 +19,7 @@ import dagster as dg
 import pytest
 
 from spec_assets.cli import failure_messages, run_pipeline
-from tests.spec_assets.conftest import new_dagster_home
+from tests.spec_assets.conftest import graph_env
 from training.demo.corpus import write_demo_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,15 +119,11 @@ def expected_keys(shards) -> set:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_target):
     root = tmp_path_factory.mktemp("incremental")
-    target = tiny_target
-    corpus = root / "corpus"
-    write_demo_corpus(corpus, n_shards=2, rows_per_shard=16, seed=1)
-    home = new_dagster_home(root / "dagster_home")
+    env = graph_env(root, tiny_target, n_shards=2)
+    corpus, home = Path(env["SPECDRAFT_CORPUS"]), Path(env["DAGSTER_HOME"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(home))
-        mp.setenv("SPECDRAFT_ROOT", (root / "store").as_uri())
-        mp.setenv("SPECDRAFT_TARGET", str(target))
-        mp.setenv("SPECDRAFT_CORPUS", str(corpus))
+        for key, value in env.items():
+            mp.setenv(key, value)
         first, seconds = run(SMALL)
         assert set(first) == expected_keys(["demo-00000", "demo-00001"])
         assert not any(cache_hit(m) for m in first.values()), "a cold store cannot have cache hits"

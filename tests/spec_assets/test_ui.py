@@ -24,7 +24,6 @@ import dagster as dg
 import pytest
 
 from spec_assets.cli import failure_messages, run_pipeline
-from training.demo.corpus import write_demo_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,7 +38,7 @@ if not CHROMIUM.exists():
     warnings.warn(f"test_ui skipped: {REASON}", stacklevel=1)
     pytest.skip(REASON, allow_module_level=True)
 
-from tests.spec_assets.conftest import new_dagster_home  # noqa: E402
+from tests.spec_assets.conftest import graph_env  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
 
 # Asset nodes and edges as the lineage graph draws them: each node is an SVG foreignObject holding
@@ -81,13 +80,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def instance_env(tmp_path_factory, tiny_target):
     """A DAGSTER_HOME holding one finished `specdraft run` (eval_report's gate failed: no release)."""
-    root = tmp_path_factory.mktemp("ui")
-    target = tiny_target
-    write_demo_corpus(root / "corpus", n_shards=1, rows_per_shard=16, seed=1)
-    # No "Join the Dagster community" dialog over the pages (it would cover them).
-    home = new_dagster_home(root / "dagster_home", ui=True)
-    env = {"DAGSTER_HOME": str(home), "SPECDRAFT_ROOT": (root / "store").as_uri(),
-           "SPECDRAFT_TARGET": str(target), "SPECDRAFT_CORPUS": str(root / "corpus")}
+    # ui: no "Join the Dagster community" dialog over the pages (it would cover them).
+    env = graph_env(tmp_path_factory.mktemp("ui"), tiny_target, n_shards=1, ui=True)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)

@@ -142,11 +142,11 @@ class HFTarget(TargetModel):
         layers = decoder_layers(decoder, L)
         aux = torch.empty(T, len(ids) * H, dtype=self.dtype, device=dev)
         last = torch.empty(T, H, dtype=self.dtype, device=dev)
-        varlen = str(getattr(self.model.config, "_attn_implementation", "")).startswith("flash_attention")
-        packed = varlen or not _padding_pays(lengths, H, self.facts.intermediate_size)
+        groups = _forward_layout(lengths, H, self.facts.intermediate_size, varlen=str(
+            getattr(self.model.config, "_attn_implementation", "")).startswith("flash_attention"))
         # no_grad, not inference_mode: an online trainer may use these tensors inside its autograd graph.
         with torch.no_grad():
-            for batch in _forward_batches(sequences, lengths, cu_seqlens, packed=packed, device=dev):
+            for batch in _forward_batches(sequences, lengths, cu_seqlens, groups, device=dev):
                 hooks = [
                     layers[i].register_forward_pre_hook(
                         _copy_input_hook(aux[:, slot * H:(slot + 1) * H], batch["rows"], batch["valid"]),
@@ -279,8 +279,17 @@ def _pad_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _padding_pays(lengths: list[int], hidden: int, intermediate: int) -> bool:
-    """Whether right-padded batches beat one packed row with a dense block-diagonal mask.
+def _forward_layout(lengths: list[int], hidden: int, intermediate: int, *, varlen: bool = False):
+    """The padded batches (_pad_groups) to run `lengths` in, or None for one packed row: always
+    for varlen (flash-attention) kernels, else when padding does not pay."""
+    if varlen:
+        return None
+    groups = _pad_groups(lengths)
+    return groups if _padding_pays(lengths, groups, hidden, intermediate) else None
+
+
+def _padding_pays(lengths: list[int], groups: list[list[int]], hidden: int, intermediate: int) -> bool:
+    """Whether right-padded batches `groups` beat one packed row with a dense block-diagonal mask.
 
     Per layer, a token costs about 4H^2 + 3HI multiply-adds in its projections and MLP, and a
     (query, key) pair 2H in attention. The packed row pays its projections once per token but
@@ -290,30 +299,30 @@ def _padding_pays(lengths: list[int], hidden: int, intermediate: int) -> bool:
     token, pair = 4 * hidden * hidden + 3 * hidden * intermediate, 2 * hidden
     T = sum(lengths)
     packed = T * token + T * T * pair
-    padded = sum(len(g) * lengths[g[-1]] * (token + lengths[g[-1]] * pair / 2) for g in _pad_groups(lengths))
+    padded = sum(len(g) * lengths[g[-1]] * (token + lengths[g[-1]] * pair / 2) for g in groups)
     return packed >= MIN_PADDED_GAIN * padded
 
 
-def _forward_batches(sequences, lengths: list[int], cu_seqlens, *, packed: bool, device):
+def _forward_batches(sequences, lengths: list[int], cu_seqlens, groups, *, device):
     """Forward batches covering every token of `sequences` once: {input_ids, position_ids [B, W]
     (None: 0..W-1), valid [B, W] bool, rows [n] (each valid token's row in the packed output, in
     valid's row-major order)}; valid and rows are None for the packed row (it is the output).
 
-    packed: one [1, T] row with per-document positions: for the flash-attention kernels, which
-    read document boundaries from position_ids (varlen), and where few long documents share a
-    pack (see _padding_pays). Otherwise right-padded batches of similar-length sequences, causal
-    only: a real token never attends to the padding on its right, and attention costs
+    groups None: one [1, T] row with per-document positions, for the flash-attention kernels,
+    which read document boundaries from position_ids (varlen), and where few long documents
+    share a pack (see _forward_layout). Otherwise the right-padded batches `groups` of
+    similar-length sequences, causal only: a real token never attends to the padding on its right, and attention costs
     sum(B * W^2) rather than T^2 over the dense block-diagonal mask that sdpa and eager build
     from packed position_ids.
     """
     import torch
 
-    if packed:
+    if groups is None:
         ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)
         pos = torch.cat([torch.arange(n, device=device) for n in lengths])
         yield {"input_ids": ids[None], "position_ids": pos[None], "valid": None, "rows": None}
         return
-    for group in _pad_groups(lengths):
+    for group in groups:
         W = lengths[group[-1]]
         ids = torch.zeros(len(group), W, dtype=torch.long)
         valid = torch.zeros(len(group), W, dtype=torch.bool)

@@ -56,7 +56,7 @@ def test_packed_features_equal_per_sequence_forward(target_dirs, arch, layout, m
 def test_forward_batches_cover_every_token_once(packed):
     """Padded batches (sdpa/eager) or one varlen row (flash): every packed row exactly once, the
     token at each valid cell being the one at its row."""
-    from training.targets.hf import PAD_WASTE, _forward_batches
+    from training.targets.hf import PAD_WASTE, _forward_batches, _pad_groups
 
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(5, 50, (int(n),), generator=g).tolist()
@@ -66,7 +66,7 @@ def test_forward_batches_cover_every_token_once(packed):
     cu[1:] = torch.tensor(lengths).cumsum(0)
     flat = torch.tensor([t for s in seqs for t in s])
     seen = torch.zeros(flat.numel(), dtype=torch.long)
-    batches = list(_forward_batches(seqs, lengths, cu, packed=packed, device="cpu"))
+    batches = list(_forward_batches(seqs, lengths, cu, None if packed else _pad_groups(lengths), device="cpu"))
     for b in batches:
         if packed:  # the one row is the packed output itself
             assert b["rows"] is None and b["valid"] is None and torch.equal(b["input_ids"][0], flat)
@@ -81,11 +81,12 @@ def test_forward_batches_cover_every_token_once(packed):
 
 
 def test_padding_pays_for_many_short_documents_not_for_a_few_long_ones():
-    from training.targets.hf import _padding_pays
+    from training.targets.hf import _forward_layout
 
     short = [90 + (i % 40) for i in range(80)]  # the demo: ~90-token conversations, 8192-token packs
-    assert _padding_pays(short, hidden=128, intermediate=384)
-    assert not _padding_pays([300, 340, 380], hidden=768, intermediate=2048)  # chat-length, 110M
+    assert _forward_layout(short, hidden=128, intermediate=384) is not None
+    assert _forward_layout([300, 340, 380], hidden=768, intermediate=2048) is None  # chat-length, 110M
+    assert _forward_layout(short, hidden=128, intermediate=384, varlen=True) is None  # flash reads packs
 
 
 def test_default_aux_ids_and_hooks_removed(llama):
