@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from training.eagle3.model import DraftConfig, Eagle3Draft, text_config, rope_from_config
+from training.aux_layers import check_servable, sglang_ids, vllm_ids
+from training.eagle3.model import DraftConfig, Eagle3Draft
+from training.targets.config import TargetFacts
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -39,12 +41,19 @@ def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor, draft_vocab: int, tar
 
 
 def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
-    tc = text_config(target_config)
-    theta, scaling = rope_from_config(tc)
-    if (theta, scaling) != (cfg.rope_theta, cfg.rope_scaling):
-        raise ValueError(f"draft RoPE {(cfg.rope_theta, cfg.rope_scaling)} is not the target's {(theta, scaling)}")
-    if (tc["hidden_size"], tc["vocab_size"]) != (cfg.hidden_size, cfg.target_vocab_size):
-        raise ValueError("the draft was not built for this target (hidden size or vocab differ)")
+    """config.json of the serving export (DESIGN.md). The aux layer ids go under two keys, each in
+    its reader's convention (training/aux_layers.py), so both engines feed the layers trained on:
+    top-level `eagle_aux_hidden_state_layer_ids` = HF ids (vLLM), `eagle_config.
+    eagle_aux_hidden_state_layer_ids` = HF ids - 1 (SGLang). Raises ValueError when the draft was
+    not built for this target, AuxLayerError for ids no engine can feed."""
+    facts = TargetFacts.from_config(target_config)
+    if (facts.rope_theta, facts.rope_scaling) != (cfg.rope_theta, cfg.rope_scaling):
+        raise ValueError(f"draft RoPE {(cfg.rope_theta, cfg.rope_scaling)} is not the target's "
+                         f"{(facts.rope_theta, facts.rope_scaling)}")
+    if (facts.hidden_size, facts.vocab_size) != (cfg.hidden_size, cfg.target_vocab_size):
+        raise ValueError(f"the draft (H={cfg.hidden_size}, vocab={cfg.target_vocab_size}) was not built for this "
+                         f"target (H={facts.hidden_size}, vocab={facts.vocab_size})")
+    aux = check_servable(cfg.aux_layer_ids, facts.num_layers, where="export")
     config = {
         "architectures": ["LlamaForCausalLMEagle3"],
         "model_type": "llama",
@@ -66,17 +75,19 @@ def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = to
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": _DTYPE_NAMES[dtype],
+        "eagle_aux_hidden_state_layer_ids": vllm_ids(aux),  # vLLM: HF hidden_states ids
         "eagle_config": {
-            "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids),
+            "eagle_aux_hidden_state_layer_ids": sglang_ids(aux),  # SGLang: "output of layer i" = HF i+1
             "use_aux_hidden_state": True,
         },
     }
-    if "rope_parameters" in tc:  # transformers-5 readers take RoPE from here; keep it the target's
-        config["rope_parameters"] = copy.deepcopy(tc["rope_parameters"])
+    # transformers-5 readers (and vLLM on them) take RoPE from here: the draft's own flat form, i.e.
+    # the target's full-attention RoPE even where the target has one per layer type (Gemma 3).
+    config["rope_parameters"] = cfg.rope_parameters()
     return config
 
 
-def export_tensors(draft: Eagle3Draft, d2t, t2d, dtype=torch.bfloat16, include_embed: bool = True) -> dict:
+def export_tensors(draft: Eagle3Draft, d2t, t2d, dtype=torch.bfloat16, include_embed: bool = False) -> dict:
     cfg = draft.cfg
     check_vocab_maps(d2t, t2d, cfg.draft_vocab_size, cfg.target_vocab_size)
     tensors = {
@@ -96,11 +107,18 @@ def export_draft(
     target_config: dict,
     out_dir,
     dtype: torch.dtype = torch.bfloat16,
-    include_embed: bool = True,
+    include_embed: bool = False,
 ) -> Path:
     """Write the serving directory at out_dir (replacing an existing one atomically).
-    include_embed=False leaves the frozen target embedding out (vLLM then shares the target's;
-    load_draft then needs embed_weight)."""
+
+    include_embed (default False) adds `embed_tokens.weight` [V, H], the frozen copy of the
+    target's embedding. Left out, the file is V*H elements smaller (half of it or more for a large
+    vocab and a small draft), and both engines use the target's own embedding, which is what the
+    draft was trained with: vLLM shares the target's when the checkpoint has none (llama_eagle3.py
+    skips `embed_tokens` in load_weights; the EAGLE proposer logs "Detected EAGLE model without
+    its own embed_tokens ... Sharing target model embedding weights"), and SGLang replaces the
+    draft's with the target's in any case (eagle_worker: `draft_model.set_embed(embed)`).
+    load_draft then needs the target's embed_weight."""
     from safetensors.torch import save_file
 
     draft = getattr(draft, "module", draft)

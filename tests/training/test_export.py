@@ -85,8 +85,10 @@ def test_export_conformance(trained, tmp_path, include_embed):
     assert torch.equal(ids, tensors["t2d"].nonzero().squeeze(1)) and torch.equal(tensors["t2d"], t2d)
 
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["model_type"] == "llama"
-    eagle = {"eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids), "use_aux_hidden_state": True}
-    assert config["eagle_config"] == eagle
+    # aux ids in each engine's own convention (tests/training/test_aux_layers.py restates both loaders)
+    assert config["eagle_aux_hidden_state_layer_ids"] == list(cfg.aux_layer_ids)  # vLLM: HF ids
+    eagle = {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in cfg.aux_layer_ids], "use_aux_hidden_state": True}
+    assert config["eagle_config"] == eagle  # SGLang: id i = HF hidden_states[i + 1]
     assert config["rope_theta"] == tc["rope_parameters"]["rope_theta"] and config["rope_scaling"] is None
     assert config["rope_parameters"] == tc["rope_parameters"]
     expected = {
@@ -99,6 +101,21 @@ def test_export_conformance(trained, tmp_path, include_embed):
     assert [p.name for p in tmp_path.iterdir()] == ["draft"]  # no temporary left behind
 
 
+def test_embed_tokens_is_an_option_off_by_default(trained, tmp_path):
+    """Default: no embed_tokens.weight (vLLM and SGLang both take the target's); on request it is
+    there, and the file grows by exactly its V*H bf16 values."""
+    model, tc, draft, cfg, d2t, t2d = trained
+    bare = export_draft(draft, d2t, t2d, tc, tmp_path / "bare")
+    full = export_draft(draft, d2t, t2d, tc, tmp_path / "full", include_embed=True)
+    assert "embed_tokens.weight" not in read_export(bare)[1]
+    embed = read_export(full)[1]["embed_tokens.weight"]
+    assert torch.equal(embed, model.get_input_embeddings().weight.detach().bfloat16())
+    grown = (full / "model.safetensors").stat().st_size - (bare / "model.safetensors").stat().st_size
+    V, H = 256, 64
+    assert 2 * V * H <= grown < 2 * V * H + 128  # the tensor plus its header entry
+    assert read_export(bare)[0] == read_export(full)[0]  # same config.json either way
+
+
 def test_transformers_reads_the_config(trained, tmp_path):
     """vLLM and SGLang parse config.json through transformers' AutoConfig."""
     from transformers import AutoConfig
@@ -107,7 +124,8 @@ def test_transformers_reads_the_config(trained, tmp_path):
     hf = AutoConfig.from_pretrained(export_draft(draft, d2t, t2d, tc, tmp_path / "d"))
     assert hf.architectures == ["LlamaForCausalLMEagle3"] and hf.num_hidden_layers == 1
     assert hf.rope_parameters["rope_theta"] == model.config.rope_parameters["rope_theta"]
-    assert hf.draft_vocab_size == VD and hf.eagle_config["eagle_aux_hidden_state_layer_ids"] == list(cfg.aux_layer_ids)
+    assert hf.draft_vocab_size == VD and hf.eagle_aux_hidden_state_layer_ids == list(cfg.aux_layer_ids)
+    assert hf.eagle_config["eagle_aux_hidden_state_layer_ids"] == [i - 1 for i in cfg.aux_layer_ids]
 
 
 # ---- vLLM's Eagle3LlamaForCausalLM, restated in plain PyTorch (llama_eagle3.py) -----------------
@@ -132,10 +150,12 @@ def vllm_params(c: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
-def vllm_load(c: dict, tensors: dict) -> dict[str, torch.Tensor]:
+def vllm_load(c: dict, tensors: dict, target_embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Eagle3LlamaForCausalLM.load_weights + LlamaModel.load_weights: t2d skipped, d2t renamed,
     everything but lm_head under model., midlayer. -> layers.0., q/k/v and gate/up stacked.
-    Fails on any tensor without a destination, any shard written twice, any parameter unfilled."""
+    Fails on any tensor without a destination, any shard written twice, any parameter unfilled.
+    A checkpoint without embed_tokens gets the target's (the EAGLE proposer shares it: "Detected
+    EAGLE model without its own embed_tokens ... Sharing target model embedding weights")."""
     nh, nkv, d, inter = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["intermediate_size"]
     shards = {
         ".q_proj": (".qkv_proj", 0, nh * d),
@@ -171,6 +191,9 @@ def vllm_load(c: dict, tensors: dict) -> dict[str, torch.Tensor]:
     assert has_d2t, "without d2t vLLM would read draft ids as target ids"
     assert [n for n in params if n not in skipped and not written[n].all()] == []
     params["draft_id_to_target_id"] = params["draft_id_to_target_id"].long()
+    if not has_embed:
+        assert target_embed is not None, "vLLM shares the target's embedding: pass it"
+        params["model.embed_tokens.weight"] = target_embed
     return params
 
 
@@ -214,8 +237,10 @@ def vllm_forward(c: dict, p: dict, aux, input_ids, positions):
 
 def test_vllm_loader_consumes_every_tensor_and_matches_forward(trained, tmp_path):
     model, tc, draft, cfg, d2t, t2d = trained
+    # the default export has no embedding: vLLM shares the target's, which the draft was trained with
     config, tensors = read_export(export_draft(draft, d2t, t2d, tc, tmp_path / "d", dtype=torch.float32))
-    params = vllm_load(config, tensors)
+    assert "embed_tokens.weight" not in tensors
+    params = vllm_load(config, tensors, target_embed=model.get_input_embeddings().weight.detach())
     batch = pack_features(model, random_docs([12]), cfg.aux_layer_ids)
     aux, ids = batch["aux"][:11], batch["input_ids"][1:].long()
     logits, prenorm = vllm_forward(config, params, aux, ids, torch.arange(11))
@@ -224,9 +249,11 @@ def test_vllm_loader_consumes_every_tensor_and_matches_forward(trained, tmp_path
     target_ids = torch.arange(VD) + d2t
     torch.testing.assert_close(logits[:, target_ids], draft_logits, atol=1e-5, rtol=1e-5)
     assert torch.isinf(logits[:, ~t2d]).all()
-    # without the optional embedding vLLM shares the target's: still nothing missing or extra
-    tensors.pop("embed_tokens.weight")
-    vllm_load(config, tensors)
+    # with the optional embedding: every tensor consumed, none missing, the same layer
+    config, with_embed = read_export(export_draft(draft, d2t, t2d, tc, tmp_path / "e", dtype=torch.float32,
+                                                  include_embed=True))
+    own = vllm_load(config, with_embed)
+    assert torch.equal(own["model.embed_tokens.weight"], params["model.embed_tokens.weight"])
     with pytest.raises(AssertionError):
         vllm_load(config, {**tensors, "midlayer.self_attn.rotary.weight": torch.zeros(1)})
 
@@ -237,7 +264,7 @@ def test_roundtrip_identical_outputs(trained, tmp_path):
     args = (batch["aux"], batch["input_ids"], batch["cu_seqlens"], 3)
     with torch.no_grad():
         ref = draft.ttt_hidden(*args)
-    out = export_draft(draft, d2t, t2d, tc, tmp_path / "fp32", dtype=torch.float32)
+    out = export_draft(draft, d2t, t2d, tc, tmp_path / "fp32", dtype=torch.float32, include_embed=True)
     loaded, d2t2, t2d2, config = load_draft(out)
     assert torch.equal(d2t2, d2t) and torch.equal(t2d2, t2d) and loaded.cfg == cfg
     assert config["draft_vocab_size"] == VD
@@ -245,11 +272,11 @@ def test_roundtrip_identical_outputs(trained, tmp_path):
         for a, b in zip(ref, loaded.ttt_hidden(*args)):
             assert torch.equal(a, b)
     # bf16 serving export: same tensors up to rounding
-    loaded16, *_ = load_draft(export_draft(draft, d2t, t2d, tc, tmp_path / "bf16"))
+    loaded16, *_ = load_draft(export_draft(draft, d2t, t2d, tc, tmp_path / "bf16", include_embed=True))
     for (n, a), b in zip(draft.state_dict().items(), loaded16.state_dict().values()):
         torch.testing.assert_close(a.bfloat16().float(), b, rtol=0, atol=0, msg=n)
-    # without the embedding, the target's is supplied at load time
-    bare = export_draft(draft, d2t, t2d, tc, tmp_path / "bare", dtype=torch.float32, include_embed=False)
+    # without the embedding (the default), the target's is supplied at load time
+    bare = export_draft(draft, d2t, t2d, tc, tmp_path / "bare", dtype=torch.float32)
     with pytest.raises(ValueError, match="embed"):
         load_draft(bare)
     loaded_bare, *_ = load_draft(bare, embed_weight=model.get_input_embeddings().weight)

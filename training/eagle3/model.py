@@ -22,30 +22,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from training.eagle3.attention import PackedDocs, block_causal_mask, doc_layout, ttt_attention
-from training.targets.base import default_aux_layer_ids  # one definition of the convention
+from training.aux_layers import check_servable, default_aux_layer_ids, hf_ids_from_export
+from training.targets.config import TargetFacts, rope_from_config, text_config  # noqa: F401  (one parser)
 
 _ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-def text_config(target_config: dict) -> dict:
-    # Multimodal checkpoints nest the language model's facts under text_config.
-    return target_config.get("text_config") or target_config
-
-
-def rope_from_config(config: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either the transformers-5 `rope_parameters` form or the
-    legacy `rope_theta` + `rope_scaling` keys. rope_scaling is None for plain RoPE."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and "rope_theta" not in params and "full_attention" in params:
-        params = params["full_attention"]  # per-layer-type form: the draft is a full-attention layer
-    if isinstance(params, dict) and "rope_theta" in params:
-        rest = {k: v for k, v in params.items() if k != "rope_theta"}
-        kind = rest.get("rope_type", rest.get("type", "default"))
-        return float(params["rope_theta"]), (None if kind == "default" else rest)
-    scaling = config.get("rope_scaling")
-    if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return float(config.get("rope_theta", 10000.0)), scaling
 
 
 @dataclass
@@ -77,23 +57,25 @@ class DraftConfig:
     def from_target_config(
         cls, target_config: dict, draft_vocab_size: int, aux_layer_ids: tuple[int, ...] | None = None
     ) -> "DraftConfig":
-        c = text_config(target_config)
-        heads = c["num_attention_heads"]
-        theta, scaling = rope_from_config(c)
+        """The draft for a target, from its HF config dict (read through TargetFacts, the one parser,
+        so multimodal `text_config` targets work). Raises AuxLayerError for aux ids vLLM and SGLang
+        cannot feed back (training/aux_layers.py). hidden_act stays silu: the draft is a Llama layer,
+        and vLLM's and SGLang's LlamaMLP accept only silu, whatever the target's activation."""
+        f = TargetFacts.from_config(target_config)
+        ids = tuple(aux_layer_ids) if aux_layer_ids else default_aux_layer_ids(f.num_layers)
         return cls(
-            hidden_size=c["hidden_size"],
-            num_attention_heads=heads,
-            num_key_value_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-            intermediate_size=c["intermediate_size"],
-            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=c.get("max_position_embeddings", 8192),
-            target_vocab_size=c["vocab_size"],
-            draft_vocab_size=min(int(draft_vocab_size), c["vocab_size"]),
-            aux_layer_ids=tuple(aux_layer_ids) if aux_layer_ids else default_aux_layer_ids(c["num_hidden_layers"]),
-            hidden_act=c.get("hidden_act", "silu"),
+            hidden_size=f.hidden_size,
+            num_attention_heads=f.num_attention_heads,
+            num_key_value_heads=f.num_key_value_heads,
+            head_dim=f.head_dim,
+            intermediate_size=f.intermediate_size,
+            rms_norm_eps=f.rms_norm_eps,
+            rope_theta=f.rope_theta,
+            rope_scaling=f.rope_scaling,
+            max_position_embeddings=f.max_position_embeddings,
+            target_vocab_size=f.vocab_size,
+            draft_vocab_size=min(int(draft_vocab_size), f.vocab_size),
+            aux_layer_ids=check_servable(ids, f.num_layers, where="draft config"),
         )
 
     @classmethod
@@ -112,7 +94,7 @@ class DraftConfig:
             max_position_embeddings=config["max_position_embeddings"],
             target_vocab_size=config["vocab_size"],
             draft_vocab_size=config["draft_vocab_size"],
-            aux_layer_ids=tuple(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]),
+            aux_layer_ids=hf_ids_from_export(config),
             hidden_act=config.get("hidden_act", "silu"),
         )
 

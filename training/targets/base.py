@@ -11,8 +11,11 @@ No torch import at module level: the Dagster code location imports this package 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+from training.aux_layers import default_aux_layer_ids  # noqa: F401  (re-exported: one definition)
+from training.targets.config import TargetFacts, read_facts  # noqa: F401  (TargetFacts re-exported)
 
 
 class TargetError(RuntimeError):
@@ -36,61 +39,6 @@ class Generation:
     text: str
     finish_reason: str
     n_tokens: int
-
-
-@dataclass(frozen=True)
-class TargetFacts:
-    """Architecture facts the draft model and its serving export copy from the target."""
-
-    num_layers: int
-    hidden_size: int
-    vocab_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
-    hidden_act: str
-    config: dict[str, Any] = field(repr=False, compare=False)  # the raw HF config
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> TargetFacts:
-        """Read facts from an HF config dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
-        text = config.get("text_config") or config  # multimodal wrappers keep the LM under text_config
-        heads = int(text["num_attention_heads"])
-        hidden = int(text["hidden_size"])
-        rope = text.get("rope_parameters") or {}
-        if rope and all(isinstance(v, dict) for v in rope.values()):
-            # per-layer-type rope (Gemma 3): the draft is one full-attention layer
-            rope = rope.get("full_attention") or next(iter(rope.values()))
-        theta = text.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        scaling = text.get("rope_scaling")
-        if scaling is None and rope.get("rope_type", "default") != "default":
-            scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-        intermediate = text.get("intermediate_size") or text.get("moe_intermediate_size") or 4 * hidden
-        return cls(
-            num_layers=int(text["num_hidden_layers"]),
-            hidden_size=hidden,
-            vocab_size=int(text["vocab_size"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(text.get("num_key_value_heads") or heads),
-            head_dim=int(text.get("head_dim") or hidden // heads),
-            intermediate_size=int(intermediate),
-            rms_norm_eps=float(text.get("rms_norm_eps") or text.get("layer_norm_eps") or 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=dict(scaling) if scaling else None,
-            max_position_embeddings=int(text.get("max_position_embeddings") or 4096),
-            hidden_act=str(text.get("hidden_act") or text.get("hidden_activation") or "silu"),
-            config=dict(config),
-        )
-
-
-def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
-    """vLLM's EAGLE-3 default: (2, L//2, L-3), indices into HF `hidden_states` (0 = embeddings)."""
-    return (2, num_layers // 2, num_layers - 3)
 
 
 def check_aux_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -149,12 +97,7 @@ class TargetModel(ABC):
     @property
     def facts(self) -> TargetFacts:
         if self._facts is None:
-            from transformers import AutoConfig
-
-            config = AutoConfig.from_pretrained(
-                self.spec, revision=self.revision, trust_remote_code=self.trust_remote_code
-            )
-            self._facts = TargetFacts.from_config(config.to_dict())
+            self._facts = read_facts(self.spec, revision=self.revision, trust_remote_code=self.trust_remote_code)
         return self._facts
 
     def default_aux_layer_ids(self) -> tuple[int, int, int]:

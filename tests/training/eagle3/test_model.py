@@ -19,7 +19,7 @@ def test_config_from_target(target):
     _, tc = target
     cfg = DraftConfig.from_target_config(tc, draft_vocab_size=100)
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (64, 4, 2, 16)
-    assert cfg.aux_layer_ids == (2, 3, 3) == default_aux_layer_ids(6)
+    assert cfg.aux_layer_ids == (1, 3, 5) == default_aux_layer_ids(6)  # (2, L//2, L-3) would repeat layer 3
     assert (cfg.rope_theta, cfg.rope_scaling) == (50000.0, None)
     assert (cfg.target_vocab_size, cfg.draft_vocab_size) == (256, 100)
     assert DraftConfig.from_target_config(tc, 10_000).draft_vocab_size == 256  # N >= V: identity
