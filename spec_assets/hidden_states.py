@@ -13,16 +13,18 @@ class HiddenStatesConfig(dg.Config):
     max_tokens_per_batch: int = 8192
     part_bytes: int = 1 << 30
     dtype: str = "bf16"  # bf16 | fp8 (e4m3 with per-row scales)
-    aux_layer_ids: list[int] = []  # empty: (2, L//2, L-3), vLLM's convention
+    aux_layer_ids: list[int] = []  # HF hidden_states ids; empty: (2, L//2, L-3) (training/aux_layers.py)
 
 
 def _iter_rows(store, key: str, batch_rows: int = 256):
-    """(input_ids, loss_mask) per row, streamed from the tokenized Parquet a record batch at a time."""
+    """(input_ids, loss_mask, id) per row, streamed from the tokenized Parquet a record batch at a time
+    (the id names the row in the writer's errors)."""
     import pyarrow.parquet as pq
 
     with store.open(key) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["input_ids", "loss_mask"]):
-            yield from zip(batch.column("input_ids").to_pylist(), batch.column("loss_mask").to_pylist())
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["id", "input_ids", "loss_mask"]):
+            yield from zip(batch.column("input_ids").to_pylist(), batch.column("loss_mask").to_pylist(),
+                           batch.column("id").to_pylist())
 
 
 @dg.asset(
@@ -54,6 +56,7 @@ def hidden_states(
             model, _iter_rows(store, tokenized.key("data.parquet")), writer,
             aux_layer_ids=aux_ids, max_tokens_per_batch=config.max_tokens_per_batch,
             part_bytes=config.part_bytes, dtype=config.dtype, log=context.log.info,
+            shard=context.partition_key,
         )
         writer.summary = {**summary, "aux_layer_ids": list(aux_ids), "hidden_size": model.facts.hidden_size}
 

@@ -11,6 +11,12 @@ dtype "fp8" stores them in float8_e4m3fn with one float32 scale per token and pe
   aux_scale [T, k], last_scale [T]; value = fp8 * scale, scale = row amax / 448 (1 for a zero row).
   4H+21 bytes per token for k=3. Per-layer scales matter: layers differ by orders of magnitude.
 
+Every value stored is finite: a batch whose features hold inf or NaN is refused (NonFiniteFeatures
+names the shard, the row and the layer) before anything of it is written, so an fp8 scale never
+becomes inf and a bad target never reaches training disguised as a learning-rate problem. The aux
+layer ids must be ones vLLM and SGLang can feed back (training/aux_layers.py); others are refused
+before the first forward.
+
 The writer streams: peak memory is the model, one batch and the part being built. A part is
 serialized straight from its buffered batch slices (no concatenated copy, no bytes copy), and a
 part never exceeds `part_bytes` unless one sequence alone does. Parts only split between
@@ -32,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from training.aux_layers import check_servable
 from training.packing import pack_by_tokens, pack_stream
 
 FORMAT_VERSION = "1"
@@ -51,12 +58,21 @@ def bytes_per_token(hidden_size: int, n_aux: int = 3, dtype: str = "bf16") -> in
     return 2 * width + 5 if dtype == "bf16" else width + 4 * (n_aux + 1) + 5
 
 
+class NonFiniteFeatures(ValueError):
+    """The target produced inf/NaN features; the message names shard, row and layer."""
+
+
 # -- writer ----------------------------------------------------------------------------------
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, G, H] -> (float8_e4m3fn [T, G, H], float32 scales [T, G]), one scale per row and group."""
+    """[T, G, H] -> (float8_e4m3fn [T, G, H], float32 scales [T, G]), one scale per row and group.
+    Scales are finite and positive: non-finite input is refused (ValueError; the writer names where
+    it came from first), and a row too small for amax / 448 to be a float32 gets scale 1."""
     x = x.float()
     amax = x.abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if not torch.isfinite(amax).all():
+        raise ValueError("quantize_fp8: non-finite input (inf/NaN) would make its row scale inf/NaN")
+    scale = amax / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero row, or amax/448 underflowing
     # Clamp: x/scale can round a hair past 448, and e4m3fn turns out-of-range values into NaN.
     q = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale.squeeze(-1)
@@ -125,16 +141,38 @@ class _Part:
         return 8 + len(header) + sum(s[2] for s in specs.values())
 
 
-def _clean_rows(rows: Iterable, stats: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for input_ids, loss_mask in rows:
+def _clean_rows(rows: Iterable, stats: dict) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    """(input_ids, loss_mask, label) per non-empty row; label = "row {index}" plus its id when given."""
+    for index, row in enumerate(rows):
+        input_ids, loss_mask = row[0], row[1]
+        label = f"row {index}" + (f" (id {row[2]!r})" if len(row) > 2 and row[2] is not None else "")
         ids = np.asarray(input_ids, dtype=np.int64).reshape(-1)
         mask = np.asarray(loss_mask, dtype=np.uint8).reshape(-1)
         if len(ids) != len(mask):
-            raise ValueError(f"row with {len(ids)} input_ids but {len(mask)} loss_mask entries")
+            raise ValueError(f"{label} has {len(ids)} input_ids but {len(mask)} loss_mask entries")
         if len(ids) == 0:
             stats["skipped_empty"] += 1
             continue
-        yield ids, mask
+        yield ids, mask, label
+
+
+def check_finite(aux: torch.Tensor, last: torch.Tensor, lengths: list[int], labels: list[str],
+                 aux_layer_ids: Sequence[int], shard: str) -> None:
+    """Raise NonFiniteFeatures naming shard, the first bad row (index, id), token and layer (aux id or
+    'last') if aux [T, k*H] or last [T, H] holds inf/NaN; one reduction when all is finite."""
+    if bool(torch.isfinite(aux).all()) and bool(torch.isfinite(last).all()):
+        return
+    T, H = last.shape
+    bad = torch.cat([~torch.isfinite(aux.reshape(T, -1, H)).all(-1), ~torch.isfinite(last).all(-1, keepdim=True)], 1)
+    t, slot = (int(v) for v in bad.nonzero()[0])
+    starts = np.cumsum([0] + list(lengths))
+    seq = int(np.searchsorted(starts, t, side="right")) - 1
+    layer = f"aux layer {aux_layer_ids[slot]}" if slot < len(aux_layer_ids) else "layer 'last'"
+    rows_hit = len({int(np.searchsorted(starts, int(x), side="right")) - 1 for x in bad.any(1).nonzero()[:, 0]})
+    raise NonFiniteFeatures(
+        f"hidden_states {shard}: the target's features hold inf/NaN at {labels[seq]}, token {t - int(starts[seq])} "
+        f"of {lengths[seq]}, {layer} (first of {int(bad.sum())} bad token-layers in {rows_hit} row(s) of this "
+        f"batch); nothing of it is stored. The target overflows on this input: check its dtype (fp16?) and weights.")
 
 
 def write_hidden_states(
@@ -147,15 +185,20 @@ def write_hidden_states(
     part_bytes: int = 1 << 30,
     dtype: str = "bf16",
     log: Callable[[str], None] | None = None,
+    shard: str | None = None,
 ) -> dict[str, Any]:
-    """Run `target` over (input_ids, loss_mask) rows and write parts through `writer` (an ArtifactWriter).
+    """Run `target` over (input_ids, loss_mask[, row id]) rows and write parts through `writer` (an ArtifactWriter).
 
     Returns the summary (also merged into writer.summary): tokens, sequences, bytes,
-    bytes_per_token, tokens_per_s, parts, and the format facts.
+    bytes_per_token, tokens_per_s, parts, and the format facts. Raises, before the first forward,
+    AuxLayerError for aux ids vLLM and SGLang cannot feed back; NonFiniteFeatures when the target
+    yields inf/NaN (naming `shard`, default the writer's prefix, the row and the layer).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    shard = shard or str(getattr(writer, "prefix", "?"))
     ids = tuple(int(i) for i in (aux_layer_ids or target.default_aux_layer_ids()))
+    ids = check_servable(ids, target.facts.num_layers, where=f"hidden_states {shard}")
     H = target.facts.hidden_size
     metadata = {
         "format": FORMAT_VERSION,
@@ -193,6 +236,7 @@ def write_hidden_states(
     for batch in pack_stream(_clean_rows(rows, stats), max_tokens_per_batch, length=lambda r: len(r[0])):
         lengths = [len(r[0]) for r in batch]
         feats = target.features([r[0].tolist() for r in batch], ids)
+        check_finite(feats["aux"], feats["last"], lengths, [r[2] for r in batch], ids, shard)
         enc = encode_features(feats["aux"], feats["last"], len(ids), dtype)
         enc["input_ids"] = torch.from_numpy(np.concatenate([r[0] for r in batch]).astype(np.int32))
         enc["loss_mask"] = torch.from_numpy(np.concatenate([r[1] for r in batch]))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -15,10 +16,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from training.aux_layers import AuxLayerError
 from training.hidden_states import (
     HiddenStateDataset,
+    NonFiniteFeatures,
     bytes_per_token,
     load_part,
+    quantize_fp8,
     read_part_index,
     write_hidden_states,
 )
@@ -244,6 +248,79 @@ def test_writer_input_checks(local_store, target):
     assert local_store.manifest(artifact_prefix("hidden_states", "shard-0", "bad")) is None
 
 
+class FakeTarget:
+    """Features without a model: random finite values, except `poison` = (row index, token, slot, value)
+    written into the batch holding that row (slot k = aux layer ids[k], 3 = last)."""
+
+    identity = "fake"
+
+    def __init__(self, poison=None, num_layers=8, hidden=16):
+        self.facts = types.SimpleNamespace(hidden_size=hidden, num_layers=num_layers)
+        self.poison, self.calls, self.rows_seen = poison, 0, 0
+
+    def default_aux_layer_ids(self):
+        return (2, 4, 5)
+
+    def features(self, sequences, aux_layer_ids):
+        self.calls += 1
+        H, T = self.facts.hidden_size, sum(map(len, sequences))
+        g = torch.Generator().manual_seed(T)
+        aux, last = torch.randn(T, 3 * H, generator=g), torch.randn(T, H, generator=g)
+        if self.poison:
+            row, tok, slot, value = self.poison
+            if self.rows_seen <= row < self.rows_seen + len(sequences):
+                t = sum(map(len, sequences[: row - self.rows_seen])) + tok
+                (last[t] if slot == 3 else aux[t, slot * H:(slot + 1) * H])[5] = value
+        self.rows_seen += len(sequences)
+        return {"aux": aux, "last": last}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("poison,where", [
+    ((7, 3, 1, float("inf")), "row 7 (id 'doc-7'), token 3 of 12, aux layer 4"),
+    ((12, 0, 3, float("nan")), "row 12 (id 'doc-12'), token 0 of 12, layer 'last'"),
+    ((0, 11, 0, float("-inf")), "row 0 (id 'doc-0'), token 11 of 12, aux layer 2"),
+])
+def test_non_finite_features_are_refused_naming_shard_row_and_layer(local_store, dtype, poison, where):
+    rows = [([i + 1] * 12, [1] * 12, f"doc-{i}") for i in range(20)]
+    prefix = artifact_prefix("hidden_states", "shard-7", "fp")
+    with pytest.raises(NonFiniteFeatures) as err:
+        with local_store.artifact(prefix, "fp") as w:
+            write_hidden_states(FakeTarget(poison), rows, w, aux_layer_ids=(2, 4, 5), max_tokens_per_batch=48,
+                                dtype=dtype, shard="shard-7")
+    assert "hidden_states shard-7" in str(err.value) and where in str(err.value), str(err.value)
+    assert local_store.manifest(prefix) is None
+    # the same rows, all finite, write (the check does not refuse good data)
+    with local_store.artifact(prefix, "fp") as w:
+        summary = write_hidden_states(FakeTarget(), rows, w, aux_layer_ids=(2, 4, 5), max_tokens_per_batch=48,
+                                      dtype=dtype, shard="shard-7")
+    assert summary["sequences"] == 20
+    batch = next(HiddenStateDataset(local_store, [local_store.manifest(prefix)]).batches(1000, epoch=0, seed=0))
+    assert torch.isfinite(batch["aux"]).all() and torch.isfinite(batch["last"]).all()
+
+
+def test_fp8_scales_stay_finite_and_positive():
+    x = torch.tensor([[[0.0, 0.0]], [[1e-44, -2e-44]], [[3e38, -1.0]], [[1.0, 0.5]]])
+    q, scale = quantize_fp8(x)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    deq = q.float() * scale[..., None]
+    assert torch.isfinite(deq).all()
+    torch.testing.assert_close(deq[3], x[3], rtol=0.07, atol=0)  # an ordinary row round-trips
+    torch.testing.assert_close(deq[2, 0, 0], x[2, 0, 0], rtol=0.07, atol=0)  # a huge amax stays finite
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_fp8(torch.tensor([[[1.0, float("inf")]]]))
+
+
+@pytest.mark.parametrize("ids,why", [((0, 4, 5), "1..7"), ((2, 4, 8), "1..7"), ((2, 4, 4), "ascending"),
+                                     ((5, 2, 4), "ascending")])
+def test_unservable_aux_ids_refused_before_any_forward(local_store, ids, why):
+    fake = FakeTarget()
+    with pytest.raises(AuxLayerError, match=why) as err:
+        with local_store.artifact("hidden_states/shard-3/fp", "fp") as w:
+            write_hidden_states(fake, [([1, 2, 3], [1, 1, 1])], w, aux_layer_ids=ids, shard="shard-3")
+    assert "hidden_states shard-3" in str(err.value) and fake.calls == 0
+
+
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, types
     from pathlib import Path
@@ -255,7 +332,7 @@ KILLED_WRITER = textwrap.dedent("""
         # A feature source without transformers, so the subprocess starts fast; what is under
         # test is the writer's and the store's behaviour when killed, not the model.
         identity = "stand-in"
-        facts = types.SimpleNamespace(hidden_size=16)
+        facts = types.SimpleNamespace(hidden_size=16, num_layers=8)
 
         def features(self, sequences, aux_layer_ids):
             T = sum(map(len, sequences))
