@@ -82,15 +82,36 @@ def find_name(files: dict, candidates: Sequence[str]) -> str | None:
 
 
 def load_head_weights(spec: str, revision: str | None = None):
-    """(embed [V, H], lm_head [V, H]) in their stored dtype; tied embeddings give lm_head = embed."""
-    files = weight_map(model_dir(spec, revision))
+    """(embed [V, H], lm_head [V, H]) in their stored dtype; tied embeddings give lm_head = embed.
+
+    save_pretrained leaves lm_head out of a tied checkpoint, so an absent lm_head stands for the
+    embedding only when the config says the embeddings are tied (`tie_word_embeddings`, read by
+    the one config parser, transformers' class default where config.json omits it). An untied
+    target without an lm_head tensor raises TargetError naming the model: its head is not the
+    embedding, and scoring with it would train the draft on a wrong distribution."""
+    directory = model_dir(spec, revision)
+    files = weight_map(directory)
     embed = find_name(files, EMBED_NAMES)
     if embed is None:
         raise TargetError(f"{spec}: cannot find the input embedding among {EMBED_NAMES}")
     head = find_name(files, LM_HEAD_NAMES)
+    if head is None:
+        _require_tied(spec, directory)
     tensors = read_tensors(files, [embed] + ([head] if head else []))
-    # An absent lm_head means tied embeddings: that is how save_pretrained writes them.
     return tensors[embed], tensors[head] if head else tensors[embed]
+
+
+def _require_tied(spec: str, directory: Path) -> None:
+    from training.targets.config import TargetFacts
+
+    config = directory / "config.json"
+    if not config.exists():
+        raise TargetError(f"{spec}: no lm_head tensor among {LM_HEAD_NAMES} and no config.json in {directory} "
+                          "to say whether the embeddings are tied")
+    if not TargetFacts.from_config(json.loads(config.read_text())).tie_word_embeddings:
+        raise TargetError(f"{spec}: config.json has tie_word_embeddings false, but the safetensors in {directory} "
+                          f"hold no lm_head tensor (looked for {list(LM_HEAD_NAMES)}); the checkpoint is incomplete "
+                          "(the embedding is not the head of an untied model)")
 
 
 def load_final_norm(spec: str, revision: str | None = None):

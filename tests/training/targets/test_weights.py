@@ -58,3 +58,33 @@ def test_missing_embedding_raises(tmp_path):
     save_file({"something.else": torch.zeros(2)}, tmp_path / "model.safetensors")
     with pytest.raises(TargetError, match="embedding"):
         load_head_weights(str(tmp_path))
+
+
+def test_untied_target_without_lm_head_is_refused(dirs, tmp_path):
+    """tie_word_embeddings false and no lm_head tensor: a clear error naming the model, not the
+    embedding silently used as the head."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    broken = tmp_path / "untied-no-head"
+    shutil.copytree(dirs["untied"], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    assert json.loads((broken / "config.json").read_text())["tie_word_embeddings"] is False
+    save_file({k: v for k, v in tensors.items() if k != "lm_head.weight"}, str(broken / "model.safetensors"))
+    with pytest.raises(TargetError, match="tie_word_embeddings false") as err:
+        load_head_weights(str(broken))
+    assert str(broken) in str(err.value) and "lm_head" in str(err.value)
+    # the same checkpoint declared tied loads, with the embedding as its head
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    embed, head = load_head_weights(str(broken))
+    assert torch.equal(embed, head)
+    # a Llama config that leaves the flag out is untied (LlamaConfig's default), so refused too
+    (broken / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "tie_word_embeddings"}))
+    with pytest.raises(TargetError, match="tie_word_embeddings false"):
+        load_head_weights(str(broken))
+    # no config.json at all: nothing says the head is the embedding
+    (broken / "config.json").unlink()
+    with pytest.raises(TargetError, match="no config.json"):
+        load_head_weights(str(broken))
