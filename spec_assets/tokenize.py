@@ -106,11 +106,11 @@ def vocab_map(
     upstream = {f"tokenized_shards/{shard}": ref.fingerprint for shard, ref in tokenized_shards.items()}
 
     def build(writer):
-        from transformers import AutoConfig
-
+        from training.targets.config import read_facts
         from training.vocab import build_vocab_map, coverage, save_vocab_map
 
-        vocab_size = AutoConfig.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code).vocab_size
+        # the one config parser: a multimodal target keeps its LM's vocab under text_config
+        vocab_size = read_facts(target.model_path(), trust_remote_code=target.trust_remote_code).vocab_size
         counts = sum(_shard_counts(store, ref, vocab_size) for ref in tokenized_shards.values())
         maps = build_vocab_map(counts, config.draft_vocab_size)
         writer.write_bytes("vocab_map.safetensors", save_vocab_map(maps))
