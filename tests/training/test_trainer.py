@@ -256,7 +256,11 @@ def test_train_main_online_in_process(fx, tmp_path):
     assert [int(x.split()[1].split("/")[0]) for x in lines] == [2, 3, 4, 6]
     summary = fx["store"].read_json("runs/online/result.json")
     assert summary["steps"] == 6 and summary["final_loss"] == res.final_loss
-    draft, d2t, t2d, config = load_draft(tmp_path / "export")
+    from training.targets.weights import load_head_weights
+
+    # the export leaves the frozen embedding out by default (engines share the target's)
+    embed = load_head_weights(str(fx["target_dir"]))[0]
+    draft, d2t, t2d, config = load_draft(tmp_path / "export", embed_weight=embed)
     assert torch.equal(d2t, fx["d2t"]) and torch.equal(t2d, fx["t2d"])
     assert config["draft_vocab_size"] == DRAFT_VOCAB
     # bf16 export of the trained weights
