@@ -29,7 +29,9 @@ def _iter_rows(store, key: str, batch_rows: int = 256):
 
 @dg.asset(
     partitions_def=corpus_shards,
-    code_version="1",
+    # 2: aux ids vLLM and SGLang cannot feed are refused, small targets get distinct default ids,
+    # inf/NaN features are refused.
+    code_version="2",
     group_name="features",
     io_manager_key="artifact_refs",
     kinds={"safetensors"},

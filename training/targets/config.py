@@ -38,7 +38,7 @@ def complete_config(config: dict[str, Any]) -> dict[str, Any]:
 
         rest = {k: v for k, v in config.items() if k != "model_type"}
         return AutoConfig.for_model(model_type, **rest).to_dict()
-    except (ValueError, KeyError, TypeError):  # unknown model type, or kwargs its class refuses
+    except (ValueError, KeyError, TypeError, AttributeError):  # unknown model type, or kwargs its class refuses
         return dict(config)
 
 
