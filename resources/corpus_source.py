@@ -5,9 +5,11 @@ import dagster as dg
 
 class CorpusSourceResource(dg.ConfigurableResource):
     """Where the source corpus lives: a folder, glob or s3:// prefix; empty means SPECDRAFT_CORPUS
-    or the embedded demo corpus (written on first use)."""
+    or the embedded demo corpus (written on first use). `eval_prompts`: a held-out prompt file for
+    eval_report (same input formats); empty means the corpus's own held-out rows."""
 
     location: str = ""
+    eval_prompts: str = ""
 
     def resolved_location(self) -> str:
         location = self.location or os.environ.get("SPECDRAFT_CORPUS")

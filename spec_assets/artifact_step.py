@@ -11,36 +11,9 @@ from typing import Any, Callable, Mapping
 
 import dagster as dg
 
+from spec_assets.metadata import summary_metadata
 from training.fingerprint import fingerprint
 from training.storage import ArtifactRef, ArtifactWriter, ObjectStore, artifact_prefix
-
-
-def summary_metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """Manifest summary -> Dagster metadata: numbers and strings as they are, `*_md` keys as
-    markdown, lists of rows as a markdown table, other structures as JSON."""
-    out: dict[str, Any] = {}
-    for key, value in summary.items():
-        if key.endswith("_md"):
-            out[key[:-3]] = dg.MetadataValue.md(str(value))
-        elif isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-            out[key] = dg.MetadataValue.md(markdown_table(value))
-        elif isinstance(value, (dict, list)):
-            out[key] = dg.MetadataValue.json(value)
-        elif value is not None:
-            out[key] = value
-    return out
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-
-    def cell(v: Any) -> str:
-        text = f"{v:.4g}" if isinstance(v, float) else str(v)
-        return text.replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def materialize_artifact(

@@ -1,10 +1,11 @@
 """`specdraft run`: the main job from the command line, on a persistent Dagster instance.
 
 It materializes the selected assets for every corpus shard, per-shard stages first (one run per
-shard), then the fan-ins (one run), so the runs and their lineage show in `dagster dev`.
-Unchanged steps are cache hits, so running it again costs little; `--only-stale-or-missing`
-does not even launch the runs whose assets are current, and `--resume` finishes what the last
-`specdraft run` left failed or never started.
+shard), then the fan-ins (one run), so the runs and their lineage show in `dagster dev`, and ends
+by saying what it made (spec_assets/run_summary.py). Unchanged steps are cache hits, so running it
+again costs little; `--only-stale-or-missing` does not even launch the runs whose assets are
+current, and `--resume` finishes what the last `specdraft run` left failed or never started.
+Dagster's public API only: no `dagster._...` import.
 """
 
 from __future__ import annotations
@@ -15,22 +16,25 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from spec_assets.plan import (
+    SOURCE_TAG,
+    TARGET_TAG,
+    TARGETLESS,
+    AssetGraph,
+    CurrentnessJudge,
+    Unit,
+    plan_units,
+    trim_current,
+    with_gates,
+)
 from training.paths import default_dagster_home
 
-# Every run of one `specdraft run` carries its invocation id, so `--resume` finds them again.
+# Every run of one `specdraft run` carries its invocation id.
 INVOCATION_TAG = "specdraft/invocation"
-# The target model identity a run used: Dagster's staleness cannot see a changed SPECDRAFT_TARGET.
-TARGET_TAG = "specdraft/target"
-# The plan of the last invocation, in the instance's key-value store (SQLite or Postgres alike).
+# The plan of the last invocation and the steps it finished, in the instance's key-value store.
 LAST_INVOCATION_KEY = "specdraft/last_invocation"
-# The source file a shard's run read (URL and listing signature): the materialization metadata of a
-# cache hit names the file that first produced the artifact, not the one this run listed.
-SOURCE_TAG = "specdraft/source"
-# Assets that never touch the target model: no target identity needed to run or to judge them.
-TARGETLESS = {"source_corpus"}
 
 
 def ensure_dagster_home() -> Path:
@@ -45,35 +49,40 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-def corpus_sources(defs) -> dict[str, str]:
-    """shard -> source file URL, from the corpus resource (an EnvVar location resolved as in a run)."""
-    return {s.shard: s.url for s in defs.resources["corpus"].process_config_and_initialize().sources()}
+def open_instance():
+    """The Dagster instance every command records its runs in (DAGSTER_HOME's dagster.yaml)."""
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
 
 
-def source_signature(url: str) -> str:
-    """The file's URL and a cheap change signal from its listing: ETag on S3, mtime and size locally
-    (what corpus_sensor uses); the asset itself fingerprints the content."""
-    import fsspec
+def _resource(defs, name: str):
+    """A resource of the definitions, initialized as a run would (its EnvVars resolved now)."""
+    return defs.resources[name].process_config_and_initialize()
 
-    fs, path = fsspec.core.url_to_fs(url)
-    info = fs.info(path)
-    change = info.get("ETag") or f"{info.get('mtime')}:{info.get('size')}"
-    return f"{url} {change}"
+
+def source_signature(url: str, listing_signature: str) -> str:
+    """What SOURCE_TAG records: the file's URL and its listing signature."""
+    return f"{url} {listing_signature}"
 
 
 def sync_shards(defs, instance) -> list[str]:
     """Make the corpus_shards partitions match the source files, as corpus_sensor does on a tick:
-    one per file, none for a file that is gone."""
+    one per file, none for a file that is gone. Returns the shards in listing order."""
+    return _sync(defs, instance).shards
+
+
+def _sync(defs, instance):
+    """sync_shards, returning the whole spec_assets.corpus.ShardSync (URLs, signatures, new, removed)."""
+    from spec_assets.corpus import plan_shard_sync
     from spec_assets.partitions import corpus_shards
 
-    shards = list(corpus_sources(defs))
-    existing = set(instance.get_dynamic_partitions(corpus_shards.name))
-    new = [s for s in shards if s not in existing]
-    if new:
-        instance.add_dynamic_partitions(corpus_shards.name, new)
-    for gone in sorted(existing - set(shards)):
+    sync = plan_shard_sync(_resource(defs, "corpus"), instance.get_dynamic_partitions(corpus_shards.name))
+    if sync.new:
+        instance.add_dynamic_partitions(corpus_shards.name, sync.new)
+    for gone in sync.removed:
         instance.delete_dynamic_partition(corpus_shards.name, gone)
-    return shards
+    return sync
 
 
 def _config_for(run_config: dict, keys) -> dict:
@@ -83,183 +92,12 @@ def _config_for(run_config: dict, keys) -> dict:
     return {**{k: v for k, v in run_config.items() if k != "ops"}, **({"ops": ops} if ops else {})}
 
 
-@dataclass
-class Unit:
-    """One run of an invocation: some assets for one shard, or the fan-ins (partition None)."""
-
-    assets: list  # AssetKeys in dependency order
-    partition: str | None = None
-    skipped: list = field(default_factory=list)  # AssetKeys found current (--only-stale-or-missing)
-
-    def to_json(self) -> dict:
-        return {"partition": self.partition, "assets": [k.to_user_string() for k in self.assets]}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Unit":
-        import dagster as dg
-
-        return cls([dg.AssetKey.from_user_string(a) for a in data["assets"]], data["partition"])
-
-
-def plan_units(graph, select: str, shards: list[str]) -> list[Unit]:
-    """One unit per shard over the selected per-shard assets, then one unit over the selected fan-ins."""
-    import dagster as dg
-
-    selected = dg.AssetSelection.from_string(select).resolve(graph)
-    ordered = [k for k in graph.toposorted_asset_keys if k in selected]
-    per_shard = [k for k in ordered if graph.get(k).partitions_def is not None]
-    fan_in = [k for k in ordered if graph.get(k).partitions_def is None]
-    units = [Unit(list(per_shard), shard) for shard in shards] if per_shard else []
-    return units + ([Unit(fan_in)] if fan_in else [])
-
-
-def _blocking_checked_assets() -> set:
-    """Assets with a blocking check: whatever runs below one must run in the same run as it,
-    because a blocking check only stops downstream steps of its own run (DESIGN.md)."""
-    from spec_assets.definitions import all_assets
-
-    return {spec.asset_key for a in all_assets for spec in a.check_specs if spec.blocking}
-
-
-def _with_gates(graph, unit_assets: list, to_run: list) -> list:
-    """`to_run` plus every blocking-checked parent in the unit of an asset in it, in unit order."""
-    gated = _blocking_checked_assets()
-    keep = set(to_run)
-    changed = True
-    while changed:
-        changed = False
-        for key in list(keep):
-            for parent in graph.get(key).parent_keys:
-                if parent in gated and parent in unit_assets and parent not in keep:
-                    keep.add(parent)
-                    changed = True
-    return [k for k in unit_assets if k in keep]
-
-
-class CurrentnessJudge:
-    """Decides whether an asset partition's latest materialization is current, without running it.
-
-    Current means: materialized; Dagster calls it FRESH (code version unchanged, no input with a
-    new data version); its run used the same effective op config and target model; its artifact
-    is still in the object store; and, for source_corpus, the source file has the URL and listing
-    signature (ETag, or mtime and size) its run recorded.
-    Anything this cannot see (an edited SPECDRAFT_EVAL_PROMPTS file, another generation backend)
-    needs a plain `specdraft run`, whose fingerprints cover every input.
-    """
-
-    def __init__(self, instance, defs, run_config: dict, target_identity: str | None):
-        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView
-        from dagster._core.definitions.data_version import CachingStaleStatusResolver
-        from dagster._core.definitions.temporal_context import TemporalContext
-        from dagster._time import get_current_datetime
-
-        self.instance = instance
-        self.defs = defs
-        self.graph = defs.resolve_asset_graph()
-        self.run_config = run_config
-        self.target_identity = target_identity
-        # Dagster internals (1.13.27): the resolver behind the UI's and GraphQL's staleStatus.
-        view = AssetGraphView(
-            temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-            instance=instance,
-            asset_graph=self.graph,
-        )
-        self.resolver = CachingStaleStatusResolver(instance=instance, asset_graph=self.graph, loading_context=view)
-        self._runs: dict = {}
-        self._sources = None
-
-    def _effective_config(self, key, op_config: dict | None) -> dict:
-        from dagster._config import process_config
-
-        schema = self.graph.assets_def_for_key(key).op.config_schema
-        if schema is None or schema.config_type is None:
-            return {}
-        result = process_config(schema.config_type, op_config or {})
-        return dict(result.value) if result.success else {"invalid": op_config}
-
-    def _op_config(self, run_config: dict, key) -> dict:
-        return ((run_config or {}).get("ops", {}).get(key.to_user_string()) or {}).get("config") or {}
-
-    def _run(self, run_id: str):
-        if run_id not in self._runs:
-            self._runs[run_id] = self.instance.get_run_by_id(run_id)
-        return self._runs[run_id]
-
-    def _source_url(self, shard: str) -> str | None:
-        if self._sources is None:
-            self._sources = corpus_sources(self.defs)
-        return self._sources.get(shard)
-
-    def why_not_current(self, key, partition: str | None) -> str | None:
-        """None when current, else the first reason it is not (for the log)."""
-        import dagster as dg
-        import fsspec
-        from dagster._core.definitions.data_version import StaleStatus
-
-        records = self.instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1
-        ).records
-        if not records:
-            return "missing"
-        record = records[0]
-        status = self.resolver.get_status(key, partition)
-        if status != StaleStatus.FRESH:
-            causes = self.resolver.get_stale_causes(key, partition)
-            return f"{status.value.lower()}: " + ("; ".join(c.reason for c in causes) or "no reason given")
-        run = self._run(record.run_id)
-        if run is None:
-            return "its run was deleted"
-        wanted = self._effective_config(key, self._op_config(self.run_config, key))
-        if self._effective_config(key, self._op_config(run.run_config, key)) != wanted:
-            return "config changed"
-        if key.to_user_string() not in TARGETLESS and run.tags.get(TARGET_TAG) != self.target_identity:
-            return "target model changed (or not recorded)"
-        path = record.asset_materialization.metadata.get("path")
-        if path is None:
-            return "no artifact path recorded"
-        fs, root = fsspec.core.url_to_fs(path.value)
-        if not fs.exists(f"{root.rstrip('/')}/manifest.json"):
-            return "artifact missing from the store"
-        if key.to_user_string() == "source_corpus" and partition is not None:
-            url = self._source_url(partition)
-            if url is None:
-                return "source file gone"
-            if run.tags.get(SOURCE_TAG) != source_signature(url):
-                return "source file changed, moved (or not recorded)"
-        return None
-
-
 def _target_identity(defs) -> str:
-    return defs.resources["target"].process_config_and_initialize().identity()
+    return _resource(defs, "target").identity()
 
 
 def _uses_target(units: list[Unit]) -> bool:
     return any(k.to_user_string() not in TARGETLESS for u in units for k in u.assets)
-
-
-def _trim_current(units: list[Unit], judge: CurrentnessJudge, log) -> list[Unit]:
-    """Drop current asset partitions; keep whatever sits below something that will run."""
-    graph = judge.graph
-    scheduled: set = set()  # (AssetKey, partition) that will run in this invocation
-    trimmed = []
-    for unit in units:
-        to_run = []
-        for key in unit.assets:
-            parents = graph.get(key).parent_keys
-            upstream_runs = any(
-                parent == k and (unit.partition is None or p in (unit.partition, None))
-                for parent in parents for k, p in scheduled
-            )
-            reason = "an input runs in this invocation" if upstream_runs else judge.why_not_current(key, unit.partition)
-            if reason is not None:
-                to_run.append(key)
-                scheduled.add((key, unit.partition))
-                where = f" [{unit.partition}]" if unit.partition else ""
-                log(f"  {key.to_user_string()}{where}: {reason}")
-        to_run = _with_gates(graph, unit.assets, to_run)
-        scheduled.update((k, unit.partition) for k in to_run)
-        trimmed.append(Unit(to_run, unit.partition, [k for k in unit.assets if k not in to_run]))
-    return trimmed
 
 
 def _save_invocation(instance, record: dict) -> None:
@@ -267,13 +105,15 @@ def _save_invocation(instance, record: dict) -> None:
 
 
 def load_last_invocation(instance) -> dict | None:
-    """The plan of the last `specdraft run` on this instance: id, selection, run config, units."""
+    """The last `specdraft run` on this instance: id, selection, run config, units, and `done`,
+    the [asset, partition] pairs whose step succeeded in one of its runs."""
     raw = instance.run_storage.get_cursor_values({LAST_INVOCATION_KEY}).get(LAST_INVOCATION_KEY)
     return json.loads(raw) if raw else None
 
 
-def _execute(units: list[Unit], run_config: dict, instance, tags: dict, log) -> list:
-    """One in-process run per unit; the fan-in unit only when every shard unit succeeded."""
+def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list:
+    """One in-process run per unit; the fan-in unit only when every shard unit succeeded. After
+    each run the invocation record gains the steps it finished, so `--resume` skips them."""
     import dagster as dg
 
     from spec_assets.definitions import all_assets, defs
@@ -281,7 +121,9 @@ def _execute(units: list[Unit], run_config: dict, instance, tags: dict, log) -> 
     # Source files are listed once, when some unit reads one (their signatures go in the run tags).
     source_asset = dg.AssetKey("source_corpus")
     reads_sources = any(u.partition is not None and source_asset in u.assets for u in units)
-    sources = corpus_sources(defs) if reads_sources else {}
+    sources = _current_sources(defs) if reads_sources else {}
+    graph = AssetGraph(all_assets)
+    op_to_asset = {graph.op_name(k): k.to_user_string() for k in graph.keys()}
     results = []
     shards_ok = True
     for unit in units:
@@ -294,17 +136,28 @@ def _execute(units: list[Unit], run_config: dict, instance, tags: dict, log) -> 
         t0 = time.time()
         unit_tags = dict(tags)
         if unit.partition is not None and source_asset in unit.assets and unit.partition in sources:
-            unit_tags[SOURCE_TAG] = source_signature(sources[unit.partition])  # a gone file fails the step
+            unit_tags[SOURCE_TAG] = sources[unit.partition]  # a file gone since fails the step
         result = dg.materialize(all_assets, selection=unit.assets, partition_key=unit.partition, instance=instance,
-                                resources=defs.resources, run_config=_config_for(run_config, unit.assets),
+                                resources=defs.resources, run_config=_config_for(record["run_config"], unit.assets),
                                 tags=unit_tags, raise_on_error=False)
         results.append(result)
+        done = [[op_to_asset[e.step_key], unit.partition] for e in result.get_step_success_events()]
+        record["done"] = sorted({tuple(d) for d in record.get("done", []) + done}, key=str)
+        _save_invocation(instance, record)
         if unit.partition is not None:
             shards_ok = shards_ok and result.success
         where = f"shard {unit.partition}: " if unit.partition else ""
         status = "ok" if result.success else "FAILED: " + "; ".join(failure_messages(result))
         log(f"{where}{', '.join(k.to_user_string() for k in unit.assets)} in {time.time() - t0:.1f}s {status}")
     return results
+
+
+def _current_sources(defs) -> dict[str, str]:
+    """shard -> SOURCE_TAG value (URL and listing signature) of its source file now."""
+    from spec_assets.corpus import plan_shard_sync
+
+    sync = plan_shard_sync(_resource(defs, "corpus"), [])
+    return {s: source_signature(sync.urls[s], sync.signatures[s]) for s in sync.shards}
 
 
 def _console_config(run_config: dict | None) -> dict:
@@ -319,72 +172,54 @@ def run_pipeline(select: str = "*", run_config: dict | None = None, instance=Non
     Returns the runs' results in launch order. With `only_stale_or_missing`, asset partitions whose
     latest materialization is current are not run at all; `dry_run` plans and launches nothing.
     """
-    import dagster as dg
+    from spec_assets.definitions import all_assets, defs
 
-    from spec_assets.definitions import defs
-
-    instance = instance or dg.DagsterInstance.get()
+    instance = instance or open_instance()
     run_config = _console_config(run_config)
-    graph = defs.resolve_asset_graph()
-    units = plan_units(graph, select, sync_shards(defs, instance))
+    graph = AssetGraph(all_assets)
+    sync = _sync(defs, instance)
+    units = plan_units(graph, select, sync.shards)
     # The identity hashes the target's files (the default demo target is built on first use): only
     # when a run will use it or staleness is judged against it.
     needs_identity = _uses_target(units) and (only_stale_or_missing or not dry_run)
     target_identity = _target_identity(defs) if needs_identity else None
 
     if only_stale_or_missing:
-        judge = CurrentnessJudge(instance, defs, run_config, target_identity)
-        units = _trim_current(units, judge, log)
+        sources = {s: source_signature(sync.urls[s], sync.signatures[s]) for s in sync.shards}
+        judge = CurrentnessJudge(instance, defs, graph, run_config, target_identity, sources)
+        units = trim_current(units, judge, log)
         skipped = sum(len(u.skipped) for u in units)
-        launching = [u for u in units if u.assets]
-        log(f"only stale or missing: {skipped} asset partitions current, {len(launching)} runs to launch")
-        units = launching
+        units = [u for u in units if u.assets]
+        log(f"only stale or missing: {skipped} asset partitions current, {len(units)} runs to launch")
     if dry_run:
         for unit in units:
             log(f"would run {unit.partition or 'fan-in'}: {', '.join(k.to_user_string() for k in unit.assets)}")
         return []
 
-    invocation = str(uuid.uuid4())
-    _save_invocation(instance, {
-        "id": invocation, "select": select, "run_config": run_config, "started": time.time(),
-        "units": [u.to_json() for u in units],
-    })
-    tags = {INVOCATION_TAG: invocation, **({TARGET_TAG: target_identity} if target_identity else {})}
-    return _execute(units, run_config, instance, tags, log)
-
-
-def _succeeded_steps(instance, invocation: str) -> set[tuple[str, str | None]]:
-    """(step key, partition) of every step that succeeded in a run of the invocation."""
-    import dagster as dg
-
-    done = set()
-    for run in instance.get_runs(filters=dg.RunsFilter(tags={INVOCATION_TAG: invocation})):
-        partition = run.tags.get("dagster/partition")
-        records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS, limit=10_000)
-        done.update((r.event_log_entry.dagster_event.step_key, partition) for r in records.records)
-    return done
+    record = {"id": str(uuid.uuid4()), "select": select, "run_config": run_config, "started": time.time(),
+              "units": [u.to_json() for u in units], "done": []}
+    _save_invocation(instance, record)
+    tags = {INVOCATION_TAG: record["id"], **({TARGET_TAG: target_identity} if target_identity else {})}
+    return _execute(units, record, instance, tags, log)
 
 
 def resume_pipeline(instance=None, log=print):
     """Run again what the last `specdraft run` left failed or never started: same plan, same config,
     same invocation id, so a second resume continues where this one stops. Returns the results."""
-    import dagster as dg
+    from spec_assets.definitions import all_assets, defs
 
-    from spec_assets.definitions import defs
-
-    instance = instance or dg.DagsterInstance.get()
+    instance = instance or open_instance()
     record = load_last_invocation(instance)
     if record is None:
         log("nothing to resume: no specdraft run recorded on this instance")
         return []
-    graph = defs.resolve_asset_graph()
-    done = _succeeded_steps(instance, record["id"])
+    graph = AssetGraph(all_assets)
+    done = {(asset, partition) for asset, partition in record.get("done", [])}
     units = []
     for unit in map(Unit.from_json, record["units"]):
-        remaining = [k for k in unit.assets
-                     if (graph.assets_def_for_key(k).op.name, unit.partition) not in done]
+        remaining = [k for k in unit.assets if (k.to_user_string(), unit.partition) not in done]
         if remaining:
-            units.append(Unit(_with_gates(graph, unit.assets, remaining), unit.partition))
+            units.append(Unit(with_gates(graph, unit.assets, remaining), unit.partition))
     if not units:
         log(f"nothing to resume: every step of invocation {record['id']} succeeded")
         return []
@@ -392,33 +227,27 @@ def resume_pipeline(instance=None, log=print):
         f"{u.partition or 'fan-in'}: {', '.join(k.to_user_string() for k in u.assets)}" for u in units))
     target_identity = _target_identity(defs) if _uses_target(units) else None
     tags = {INVOCATION_TAG: record["id"], **({TARGET_TAG: target_identity} if target_identity else {})}
-    return _execute(units, record["run_config"], instance, tags, log)
+    return _execute(units, record, instance, tags, log)
 
 
 def failure_messages(result) -> list[str]:
     """One line per failed step: the step and its error message (a failed gate names its check)."""
     out = []
-    for event in result.all_events:
-        if event.is_step_failure:
-            error = event.step_failure_data.error
-            message = " ".join((error.message if error else "failed").split())
-            out.append(f"{event.step_key}: {message[:400]}")
+    for event in result.get_step_failure_events():
+        error = event.step_failure_data.error
+        message = " ".join((error.message if error else "failed").split())
+        out.append(f"{event.step_key}: {message[:400]}")
     return out
 
 
 def list_shards(instance=None, log=print) -> list[str]:
     """Register a corpus_shards partition per source file and print them (what corpus_sensor adds)."""
-    import dagster as dg
-
     from spec_assets.definitions import defs
-    from spec_assets.partitions import corpus_shards
 
-    instance = instance or dg.DagsterInstance.get()
-    before = set(instance.get_dynamic_partitions(corpus_shards.name))
-    shards = sync_shards(defs, instance)
-    for shard in shards:
-        log(f"{shard}{'' if shard in before else '  (new)'}")
-    return shards
+    sync = _sync(defs, instance or open_instance())
+    for shard in sync.shards:
+        log(f"{shard}{'  (new)' if shard in sync.new else ''}")
+    return sync.shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -451,14 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("dry run: nothing launched")
         return 0
+    from spec_assets.run_summary import print_summary
+
     failed = [line for r in results if not r.success for line in failure_messages(r)]
-    if failed:
-        print("specdraft run failed:\n  " + "\n  ".join(failed), file=sys.stderr)
-        print(f"see the runs in the UI: DAGSTER_HOME={home} dagster dev -w workspace.yaml", file=sys.stderr)
-        print("re-run what failed with: specdraft run --resume", file=sys.stderr)
-        return 1
-    print(f"specdraft run finished in {time.time() - t0:.1f}s: {len(results)} runs; recorded in DAGSTER_HOME={home}")
-    return 0
+    print_summary(results, home, time.time() - t0, failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

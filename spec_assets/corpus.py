@@ -1,7 +1,7 @@
 """Stage 1: the source corpus, one partition per source file, and the sensor that finds new files."""
 
-
 import json
+from dataclasses import dataclass
 
 import dagster as dg
 
@@ -105,6 +105,46 @@ def source_corpus(
     return materialize_artifact(context, store, build=build, upstream={"source": digest}, config=config.model_dump())
 
 
+def listing_signature(url: str) -> str:
+    """A cheap change signal from a source file's listing: its ETag on S3, mtime and size locally.
+    The asset itself fingerprints the content, so a touched but unchanged file is still a cache hit."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    return str(info.get("ETag") or f"{info.get('mtime')}:{info.get('size')}")
+
+
+@dataclass
+class ShardSync:
+    """How the corpus_shards partitions must change to match the source files: one partition per
+    file, none for a file that is gone. corpus_sensor turns it into requests, `specdraft` applies it."""
+
+    urls: dict[str, str]  # shard -> source file URL, in listing order
+    signatures: dict[str, str]  # shard -> listing_signature of its file
+    new: list[str]  # shards without a partition yet
+    removed: list[str]  # partitions whose file is gone
+
+    @property
+    def shards(self) -> list[str]:
+        return list(self.urls)
+
+
+def plan_shard_sync(corpus: CorpusSourceResource, existing) -> ShardSync:
+    """List the source files once and compare them with the `existing` partition keys."""
+    sources = corpus.sources()
+    urls = {s.shard: s.url for s in sources}
+    existing = set(existing)
+    return ShardSync(
+        urls=urls,
+        signatures={shard: listing_signature(url) for shard, url in urls.items()},
+        new=[shard for shard in urls if shard not in existing],
+        # A shard whose file is gone leaves the partition set: the fan-ins (vocab_map, draft_model,
+        # eval_report) read every partition and would otherwise fail on its missing source.
+        removed=sorted(existing - urls.keys()),
+    )
+
+
 @dg.sensor(
     name="corpus_sensor",
     minimum_interval_seconds=60,
@@ -114,30 +154,15 @@ def source_corpus(
                 "and drops the partition of a file that is gone.",
 )
 def corpus_sensor(context: dg.SensorEvaluationContext, corpus: CorpusSourceResource) -> dg.SensorResult:
-    import fsspec
-
     known: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    existing = set(context.instance.get_dynamic_partitions(corpus_shards.name))
-    seen: dict[str, str] = {}
-    new, changed = [], []
-    for source in corpus.sources():
-        fs, path = fsspec.core.url_to_fs(source.url)
-        info = fs.info(path)
-        # A cheap change signal from the listing (ETag on S3, mtime+size locally); the asset
-        # itself fingerprints the content, so a touched but unchanged file is still a cache hit.
-        seen[source.shard] = str(info.get("ETag") or f"{info.get('mtime')}:{info.get('size')}")
-        if source.shard not in existing:
-            new.append(source.shard)
-        elif source.shard in known and known[source.shard] != seen[source.shard]:
-            changed.append(source.shard)
-    requests = [dg.RunRequest(partition_key=shard, run_key=f"{shard}:{seen[shard]}") for shard in new + changed]
-    # A shard whose file is gone leaves the partition set: the fan-ins (vocab_map, draft_model,
-    # eval_report) read every partition and would otherwise fail on its missing source.
-    removed = sorted(existing - seen.keys())
-    partition_requests = ([corpus_shards.build_add_request(new)] if new else []) + (
-        [corpus_shards.build_delete_request(removed)] if removed else [])
+    sync = plan_shard_sync(corpus, context.instance.get_dynamic_partitions(corpus_shards.name))
+    changed = [s for s in sync.shards if s not in sync.new and s in known and known[s] != sync.signatures[s]]
+    requests = [dg.RunRequest(partition_key=shard, run_key=f"{shard}:{sync.signatures[shard]}")
+                for shard in sync.new + changed]
+    partition_requests = ([corpus_shards.build_add_request(sync.new)] if sync.new else []) + (
+        [corpus_shards.build_delete_request(sync.removed)] if sync.removed else [])
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=partition_requests,
-        cursor=json.dumps(seen, sort_keys=True),
+        cursor=json.dumps(sync.signatures, sort_keys=True),
     )

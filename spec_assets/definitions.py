@@ -53,7 +53,8 @@ defs = dg.Definitions(
     resources={
         "object_store": object_store,
         "artifact_refs": ArtifactRefIOManager(object_store=object_store),
-        "corpus": CorpusSourceResource(location=_from_env("SPECDRAFT_CORPUS")),
+        "corpus": CorpusSourceResource(location=_from_env("SPECDRAFT_CORPUS"),
+                                       eval_prompts=_from_env("SPECDRAFT_EVAL_PROMPTS")),
         "target": target,
         "generator": GenerationBackendResource(target=target),
     },

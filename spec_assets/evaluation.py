@@ -1,15 +1,14 @@
 """Stage 6: measured acceptance and speedup of the draft, a quality gate, and the release it guards."""
 
-import os
 import tempfile
 from pathlib import Path
 
 import dagster as dg
 
-from resources.object_store import ObjectStoreResource, read_ref
+from resources.corpus_source import CorpusSourceResource
+from resources.object_store import ObjectStoreResource
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
-from spec_assets.partitions import corpus_shards
 from training.storage import ArtifactRef
 
 GATE_CHECK = "beats_prompt_lookup"
@@ -20,20 +19,20 @@ class EvalReportConfig(dg.Config):
     temperatures: list[float] = [0.0, 1.0]
     max_new_tokens: int = 64
     max_prompts: int = 24
-    prompts_url: str = ""  # a held-out prompt file; empty: SPECDRAFT_EVAL_PROMPTS, else the corpus's held-out rows
+    prompts_url: str = ""  # a held-out prompt file; empty: the corpus resource's eval_prompts, else held-out rows
     gate_k: int = 4
     min_tau: float = 1.5
     seed: int = 0
 
 
-def _prompt_rows(context, store, config: EvalReportConfig) -> tuple[list[dict], dict[str, str]]:
-    """Held-out conversations and the fingerprints they come from."""
+def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]) -> tuple[list[dict], dict[str, str]]:
+    """Held-out conversations and the fingerprints they come from: the prompt file at `url`, or
+    else every shard's heldout.parquet."""
     import fsspec
 
     from training.corpus import read_source
     from training.fingerprint import file_digest
 
-    url = config.prompts_url or os.environ.get("SPECDRAFT_EVAL_PROMPTS", "")
     if url:
         fs, path = fsspec.core.url_to_fs(url)
         result = read_source(url)
@@ -41,8 +40,7 @@ def _prompt_rows(context, store, config: EvalReportConfig) -> tuple[list[dict], 
             context.log.warning(f"{url}: {result.n_rejected} prompt rows rejected: {result.reject_reasons}")
         return result.rows.to_pylist(), {"prompts": file_digest(fs, path)}
     rows, upstream = [], {}
-    for shard in sorted(context.instance.get_dynamic_partitions(corpus_shards.name)):
-        ref = read_ref(store, "source_corpus", shard)
+    for shard, ref in sorted(source_corpus.items()):
         rows += store.read_parquet(store.manifest(ref.prefix).key("heldout.parquet")).to_pylist()
         upstream[f"source_corpus/{shard}"] = ref.fingerprint
     return rows, upstream
@@ -59,7 +57,6 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
 
 
 @dg.asset(
-    deps=["source_corpus"],
     code_version="1",
     group_name="evaluate",
     io_manager_key="artifact_refs",
@@ -76,15 +73,20 @@ def eval_report(
     context: dg.AssetExecutionContext,
     config: EvalReportConfig,
     draft_model: ArtifactRef,
+    source_corpus: dict[str, ArtifactRef],
     object_store: ObjectStoreResource,
+    corpus: CorpusSourceResource,
     target: TargetModelResource,
 ):
-    """Speculative decoding simulated on the target: tau per k, acceptance by position, speedup, plots."""
+    """Speculative decoding simulated on the target: tau per k, acceptance by position, speedup, plots.
+
+    Prompts: config.prompts_url, else the corpus resource's eval_prompts (SPECDRAFT_EVAL_PROMPTS),
+    else the held-out rows of every source_corpus shard (read through their pointers)."""
     from training.evaluation import evaluate, gate, load_result, write_report
     from training.evaluation.prompts import stratified_prompts
 
     store = object_store.store()
-    rows, prompt_sources = _prompt_rows(context, store, config)
+    rows, prompt_sources = _prompt_rows(context, store, config.prompts_url or corpus.eval_prompts, source_corpus)
     prompts = stratified_prompts(rows, config.max_prompts)
     if not prompts:
         raise dg.Failure("eval_report has no held-out prompts: set SPECDRAFT_EVAL_PROMPTS or a heldout_fraction > 0")
@@ -100,7 +102,8 @@ def eval_report(
         config_key = store.manifest(draft_model.prefix).key("export/config.json")
         result.config["draft"] = store.url(config_key.rsplit("/", 1)[0])
         report = write_report(result, writer, k=config.gate_k)
-        writer.summary = {"prompts": len(prompts), **report["summary"], "report_md": report["markdown"]}
+        writer.summary = {"prompts": len(prompts), **report["summary"], "min_tau": config.min_tau,
+                          "report_md": report["markdown"]}
 
     output = materialize_artifact(
         context, store, build=build, upstream={"draft_model": draft_model.fingerprint, **prompt_sources},

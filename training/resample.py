@@ -30,9 +30,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-# The corpus's message type (training/corpus/schema.py), spelled out rather than imported so this
-# module does not load the whole ingestion package; a test checks the two stay equal.
-MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+from training.schemas import MESSAGE_TYPE, REJECTS_SCHEMA
 
 RESAMPLED_SCHEMA = pa.schema(
     [
@@ -44,8 +42,6 @@ RESAMPLED_SCHEMA = pa.schema(
         ("generator", pa.string()),  # target identity, or "corpus" for pass-through
     ]
 )
-
-RESAMPLE_REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
 
 # What a progress chunk holds per row: the output row, or the reject, plus the tokens it cost.
 PROGRESS_SCHEMA = pa.schema(
@@ -92,7 +88,7 @@ class ResampleConfig:
 @dataclass
 class ResampleResult:
     table: pa.Table  # RESAMPLED_SCHEMA, rows in input order
-    rejects: pa.Table  # RESAMPLE_REJECTS_SCHEMA
+    rejects: pa.Table  # REJECTS_SCHEMA
     n_in: int
     n_ok: int
     n_rejected: int
@@ -335,7 +331,7 @@ def _assemble(rows: list[dict], done: dict[str, dict], n_resumed: int) -> Resamp
             kept.append({k: rec[k] for k in RESAMPLED_SCHEMA.names})
     return ResampleResult(
         table=pa.Table.from_pylist(kept, schema=RESAMPLED_SCHEMA),
-        rejects=pa.Table.from_pylist(rejects, schema=RESAMPLE_REJECTS_SCHEMA),
+        rejects=pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
         n_in=len(rows), n_ok=len(kept), n_rejected=len(rejects), n_resumed=n_resumed,
         finish_reasons=dict(sorted(finish_reasons.items())), tokens_generated=tokens,
     )
@@ -423,6 +419,6 @@ def passthrough(rows: list[dict] | pa.Table) -> ResampleResult:
         schema=RESAMPLED_SCHEMA,
     )
     return ResampleResult(
-        table=table, rejects=RESAMPLE_REJECTS_SCHEMA.empty_table(), n_in=n, n_ok=n, n_rejected=0, n_resumed=0,
+        table=table, rejects=REJECTS_SCHEMA.empty_table(), n_in=n, n_ok=n, n_rejected=0, n_resumed=0,
         finish_reasons={"source": n} if n else {}, tokens_generated=0,
     )

@@ -107,3 +107,22 @@ def load_vocab_map(data: bytes | BinaryIO) -> dict[str, torch.Tensor]:
     vmap = load(data)
     check_vocab_map(vmap)
     return vmap
+
+
+def read_vocab_map(store, key: str) -> dict[str, torch.Tensor]:
+    """The checked map from the object store: `key` is a .safetensors key, or the prefix of a vocab_map
+    artifact whose manifest names exactly one .safetensors file. FileNotFoundError / ValueError name
+    the key."""
+    if not key.endswith(".safetensors"):
+        manifest = store.manifest(key)
+        if manifest is None:
+            raise FileNotFoundError(f"no vocab map at {store.url(key)}: neither a .safetensors key nor a "
+                                    "complete artifact prefix")
+        tensors_files = [n for n in manifest.names() if n.endswith(".safetensors")]
+        if len(tensors_files) != 1:
+            raise ValueError(f"vocab-map artifact {key} holds {tensors_files}; expected one safetensors file")
+        key = manifest.key(tensors_files[0])
+    try:
+        return load_vocab_map(store.read_bytes(key))
+    except ValueError as err:
+        raise ValueError(f"{store.url(key)}: {err}") from err

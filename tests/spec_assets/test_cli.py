@@ -161,6 +161,9 @@ def test_only_stale_or_missing_skips_current_partitions_without_launching_runs(e
         (None, frozenset({"vocab_map"})),
     ]
     assert _plan(select, changed) == []
+    # Spelling out a default is the same effective config (Dagster fills the defaults): nothing to run.
+    explicit = {"ops": {**changed["ops"], "source_corpus": {"config": {"heldout_fraction": 0.2, "heldout_seed": 0}}}}
+    assert _plan(select, explicit) == []
 
     # Back to the first config: Dagster's staleness cannot tell, the recorded run config can.
     assert _plan(select, SMALL) == [*[f"{s}: tokenized_shards" for s in (*SHARDS, "demo-00077")], "fan-in: vocab_map"]
@@ -231,7 +234,17 @@ def test_resume_reruns_only_what_failed_and_never_bypasses_the_gate(env, shared,
     # Resuming again retries the gate with its asset (a cache hit), never released_draft alone.
     capsys.readouterr()
     assert main(["run", "--resume"]) == 1
-    assert "beats_prompt_lookup" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "beats_prompt_lookup" in err
+    # It ends by saying what the draft is: tau against prompt lookup at the gate's k, the gate's
+    # verdict, where the export is and the commands that serve it, and where to look closer.
+    assert "draft vs prompt lookup at k=2" in err and "T=0: EAGLE-3 tau " in err and ", prompt lookup " in err
+    assert "quality gate beats_prompt_lookup: FAILED" in err
+    export = err.split("not released; the evaluated draft's export: ", 1)[1].split()[0]
+    assert Path(export, "config.json").is_file() and Path(export, "model.safetensors").is_file()
+    assert f"vllm serve {shared['target']} --speculative-config" in err and f'"model": "{export}"' in err
+    assert f"--speculative-draft-model-path {export} --speculative-num-steps 2" in err
+    assert "make ui" in err
     with dg.DagsterInstance.get() as instance:
         last = runs_of(instance, invocation)
         assert len(last) == len(runs) + 1
@@ -255,3 +268,14 @@ def test_shards_follow_the_source_files(tmp_path, monkeypatch):
         (folder / "demo-00000.jsonl").unlink()
         assert sync_shards(defs, instance) == ["demo-00001"]
         assert instance.get_dynamic_partitions(corpus_shards.name) == ["demo-00001"]
+
+
+def test_cli_plans_with_public_dagster_apis_only():
+    """No `dagster._...` import in the command line and its planning (the internals change between releases)."""
+    import ast
+
+    for name in ("cli.py", "plan.py", "run_summary.py", "corpus.py"):
+        tree = ast.parse((ROOT / "spec_assets" / name).read_text())
+        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert [m for m in modules if m.startswith("dagster._")] == [], name

@@ -39,7 +39,8 @@ def test_source_corpus_on_demo_shard_then_cache_hit(instance, corpus_dir, tmp_pa
     md = mat.metadata
     assert md["cache_hit"].value is False
     assert md["rows_read"].value == 40 and md["rows_accepted"].value == 40 and md["rows_rejected"].value == 0
-    assert "first user turn" in md["preview"].value
+    assert "first user turn" in [c.name for c in md["preview"].schema.columns]  # a table, one row per conversation
+    assert len(md["preview"].records) == 5
     ref = result.output_for_node("source_corpus")
     assert isinstance(ref, ArtifactRef) and ref.partition == "demo-00000"
 

@@ -42,3 +42,41 @@ def test_dagster_definitions_validate(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Validation successful" in out.stdout + out.stderr
+
+
+def test_fan_ins_read_their_upstream_as_inputs():
+    """eval_report and released_draft get their upstream pointers through the IO manager (real
+    inputs, so the UI's lineage is what the code reads), never by listing partitions themselves."""
+    from spec_assets.definitions import defs
+
+    for asset, inputs in {"eval_report": {"draft_model", "source_corpus"},
+                          "released_draft": {"draft_model", "eval_report"}}.items():
+        assets_def = defs.resolve_assets_def(asset)
+        assert {name for name, key in assets_def.keys_by_input_name.items()} == inputs, asset
+        for name in inputs:
+            assert not assets_def.op.ins[name].dagster_type.is_nothing, f"{asset}.{name} is a bare dep"
+            assert assets_def.get_io_manager_key_for_asset_key(assets_def.key) == "artifact_refs"
+    source = (ROOT / "spec_assets" / "evaluation.py").read_text()
+    assert "read_ref" not in source and "get_dynamic_partitions" not in source
+
+
+def test_environment_is_read_in_definitions_only():
+    """Asset modules never read os.environ: variables reach them as resource fields (EnvVar, wired
+    in definitions.py), so the UI shows where a value comes from and a run config can override it."""
+    import ast
+
+    for path in sorted((ROOT / "spec_assets").glob("*.py")):
+        if path.name in ("definitions.py", "cli.py"):  # cli.py: the shell's DAGSTER_HOME, not an asset
+            continue
+        tree = ast.parse(path.read_text())
+        reads = [node.lineno for node in ast.walk(tree)
+                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                 and node.value.id == "os" and node.attr in ("environ", "getenv")]
+        assert reads == [], f"{path.name} reads the environment at lines {reads}"
+
+    # SPECDRAFT_EVAL_PROMPTS is an EnvVar on the corpus resource (its name shows in the UI, not its value).
+    code = ("from spec_assets.definitions import defs; import dagster as dg; "
+            "v = defs.resources['corpus'].eval_prompts; print(type(v).__name__, v.env_var_name)")
+    env = {**os.environ, "SPECDRAFT_EVAL_PROMPTS": "/tmp/prompts.jsonl"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    assert out.stdout.split() == ["EnvVar", "SPECDRAFT_EVAL_PROMPTS"]

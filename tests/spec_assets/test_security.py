@@ -341,19 +341,19 @@ def test_checkpoint_that_is_a_pickle_is_refused(local_store, marker):
 def test_vocab_map_export_part_and_warm_start_pickles_are_refused(local_store, marker, tmp_path):
     from training.export import load_draft
     from training.hidden_states import HiddenStateDataset, load_part
-    from training.train_main import load_vocab_map, warm_start
-    from training.vocab import load_vocab_map as parse_vocab_map
+    from training.train_main import warm_start
+    from training.vocab import load_vocab_map, read_vocab_map
 
     for kind, payload in _malicious(marker).items():
         tag = kind.replace(".", "-")
         # vocab map: as bytes, as a store key, and as an artifact whose manifest names it
         with pytest.raises(Exception) as err:
-            parse_vocab_map(payload)
+            load_vocab_map(payload)
         _refused(err)
         with local_store.artifact(f"vocab_map/_/{tag}", tag) as w:
             w.write_bytes("vocab_map.safetensors", payload)
         with pytest.raises(Exception) as err:
-            load_vocab_map(local_store, f"vocab_map/_/{tag}")
+            read_vocab_map(local_store, f"vocab_map/_/{tag}")
         _refused(err)
         # serving export
         export = tmp_path / f"export-{tag}"

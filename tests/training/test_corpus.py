@@ -16,7 +16,7 @@ import pytest
 from training.corpus import (
     CONVERSATION_SCHEMA,
     FORMATS,
-    REJECTS_SCHEMA,
+    SOURCE_REJECTS_SCHEMA,
     CorpusError,
     SourceFile,
     corpus_stats,
@@ -106,7 +106,7 @@ def test_each_format_in_each_container(tmp_path, fmt, container):
     result = read_source(url)
 
     assert result.rows.schema.equals(CONVERSATION_SCHEMA)
-    assert result.rejects.schema.equals(REJECTS_SCHEMA)
+    assert result.rejects.schema.equals(SOURCE_REJECTS_SCHEMA)
     assert result.rejects.num_rows == 0, result.rejects.to_pylist()
     assert (result.n_read, result.n_accepted, result.n_rejected) == (2, 2, 0)
     assert result.formats == {f: (2 if f == fmt else 0) for f in FORMATS}
@@ -268,7 +268,7 @@ def test_reject_text_is_always_storable(tmp_path):
 
 def test_tables_round_trip_through_parquet(tmp_path):
     result = read_source(write_jsonl(tmp_path / "rt.jsonl", [*RECORDS["openai"], {"bad": 1}]))
-    for table, schema in [(result.rows, CONVERSATION_SCHEMA), (result.rejects, REJECTS_SCHEMA)]:
+    for table, schema in [(result.rows, CONVERSATION_SCHEMA), (result.rejects, SOURCE_REJECTS_SCHEMA)]:
         pq.write_table(table, tmp_path / "t.parquet")
         back = pq.read_table(tmp_path / "t.parquet")
         assert back.schema.equals(schema) and back.equals(table)

@@ -20,7 +20,7 @@ import pytest
 
 from training.corpus.schema import CONVERSATION_SCHEMA
 from training.resample import (
-    RESAMPLE_REJECTS_SCHEMA,
+    REJECTS_SCHEMA,
     RESAMPLED_SCHEMA,
     ResampleConfig,
     ResampleError,
@@ -170,7 +170,7 @@ def assistant_turns(messages):
 def check_counts(res):
     assert res.n_in == res.n_ok + res.n_rejected
     assert res.table.num_rows == res.n_ok and res.rejects.num_rows == res.n_rejected
-    assert res.table.schema == RESAMPLED_SCHEMA and res.rejects.schema == RESAMPLE_REJECTS_SCHEMA
+    assert res.table.schema == RESAMPLED_SCHEMA and res.rejects.schema == REJECTS_SCHEMA
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from training.vocab import (
     count_masked_tokens,
     coverage,
     load_vocab_map,
+    read_vocab_map,
     save_vocab_map,
 )
 
@@ -122,6 +123,28 @@ def test_safetensors_round_trip(tmp_path):
         assert save_vocab_map(vmap, f) == data
     with open(path, "rb") as f:
         assert torch.equal(load_vocab_map(f)["d2t"], vmap["d2t"])
+
+
+def test_read_vocab_map_from_a_key_or_an_artifact_prefix(local_store):
+    vmap = build_vocab_map(np.array([0, 5, 1, 7, 0, 3]), 3)
+    with local_store.artifact("vocab_map/_/fp1", "fp1") as w:
+        w.write_bytes("vocab_map.safetensors", save_vocab_map(vmap))
+    manifest = local_store.manifest("vocab_map/_/fp1")
+    for key in ("vocab_map/_/fp1", manifest.key("vocab_map.safetensors")):
+        loaded = read_vocab_map(local_store, key)
+        assert all(torch.equal(loaded[k], vmap[k]) for k in vmap)
+    with pytest.raises(FileNotFoundError, match="vocab_map/_/nothing"):
+        read_vocab_map(local_store, "vocab_map/_/nothing")
+    with local_store.artifact("vocab_map/_/two", "two") as w:
+        w.write_bytes("a.safetensors", save_vocab_map(vmap))
+        w.write_bytes("b.safetensors", save_vocab_map(vmap))
+    with pytest.raises(ValueError, match="expected one safetensors file"):
+        read_vocab_map(local_store, "vocab_map/_/two")
+    bad = save_vocab_map(vmap).replace(b"d2t", b"x2t")  # same length: a map without d2t
+    with local_store.artifact("vocab_map/_/bad", "bad") as w:
+        w.write_bytes("vocab_map.safetensors", bad)
+    with pytest.raises(ValueError, match="vocab_map/_/bad.*lacks"):
+        read_vocab_map(local_store, "vocab_map/_/bad")
 
 
 def test_inconsistent_maps_are_refused():

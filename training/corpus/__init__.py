@@ -43,7 +43,7 @@ valid UTF-8 as a whole. Every read record is accepted or rejected: n_read = n_ac
 """
 
 from training.corpus.formats import FORMATS, detect_format, normalize_record
-from training.corpus.schema import CONVERSATION_SCHEMA, REJECTS_SCHEMA, CorpusError
+from training.corpus.schema import CONVERSATION_SCHEMA, SOURCE_REJECTS_SCHEMA, CorpusError
 from training.corpus.sources import IngestResult, SourceFile, list_sources, read_source, shard_key
 from training.corpus.split import is_heldout, split_heldout
 from training.corpus.stats import corpus_stats
@@ -53,7 +53,7 @@ __all__ = [
     "split_heldout",
     "CONVERSATION_SCHEMA",
     "FORMATS",
-    "REJECTS_SCHEMA",
+    "SOURCE_REJECTS_SCHEMA",
     "CorpusError",
     "IngestResult",
     "SourceFile",

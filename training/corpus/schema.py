@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+from training.schemas import MESSAGE_TYPE
 
 # Fields stay nullable (pyarrow's default) so tables other stages build with the same field
 # names and types compare equal without having to repeat nullability flags.
@@ -16,7 +16,8 @@ CONVERSATION_SCHEMA = pa.schema(
     ]
 )
 
-REJECTS_SCHEMA = pa.schema(
+# A source record that could not be normalized (the stages' rejects: training/schemas.py).
+SOURCE_REJECTS_SCHEMA = pa.schema(
     [
         ("source_url", pa.string()),
         ("row_index", pa.int64()),

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from training.corpus.formats import FORMATS, detect_format, normalize_record, record_id
 from training.corpus.readers import RawRecord, filesystem, iter_records, source_kind
-from training.corpus.schema import CONVERSATION_SCHEMA, RAW_CHARS, REJECTS_SCHEMA, CorpusError
+from training.corpus.schema import CONVERSATION_SCHEMA, RAW_CHARS, SOURCE_REJECTS_SCHEMA, CorpusError
 
 _GLOB_CHARS = "*?["
 _ROWS_PER_BATCH = 8192  # accepted rows held as Python dicts before becoming an Arrow batch
@@ -103,7 +103,7 @@ def _file_name(url: str) -> str:
 @dataclass
 class IngestResult:
     rows: pa.Table  # CONVERSATION_SCHEMA
-    rejects: pa.Table  # REJECTS_SCHEMA
+    rejects: pa.Table  # SOURCE_REJECTS_SCHEMA
     n_read: int
     n_accepted: int
     n_rejected: int
@@ -186,7 +186,7 @@ class _ShardBuilder:
 
     def result(self) -> IngestResult:
         self._flush()
-        rejects = pa.Table.from_pylist(self.rejects, schema=REJECTS_SCHEMA)
+        rejects = pa.Table.from_pylist(self.rejects, schema=SOURCE_REJECTS_SCHEMA)
         result = IngestResult(
             rows=pa.Table.from_batches(self.batches, schema=CONVERSATION_SCHEMA),
             rejects=rejects,

@@ -318,20 +318,3 @@ def ttt_attention(
     for j, vj in enumerate(diag_v, start=1):
         out = out + w[j].unsqueeze(-1) * vj.float()
     return out.to(q.dtype)
-
-
-def naive_ttt_attention(q, k0, v0, allowed, diag_k, diag_v, scale):
-    """Reference: every step's keys concatenated behind one explicit [n, n*(k+1)] mask.
-    O(n^2 k) memory; for tests only."""
-    n = q.shape[-2]
-    if isinstance(allowed, PackedDocs):
-        allowed = allowed.mask()
-    if allowed is None:
-        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    eye = torch.eye(n, dtype=torch.bool, device=q.device)
-    mask = torch.cat([allowed] + [eye] * len(diag_k), dim=1)
-    keys = torch.cat([k0, *diag_k], dim=-2).float()
-    vals = torch.cat([v0, *diag_v], dim=-2).float()
-    s = (q.float() @ keys.transpose(-1, -2)) * scale
-    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-    return (p @ vals).to(q.dtype)

@@ -155,20 +155,31 @@ class EvalResult:
         return self
 
     def summary(self, k: int | None = None, temperature: float | None = None) -> dict[str, Any]:
-        """The headline numbers (for asset metadata): at k (default: the largest) and temperature
-        (default: the lowest), over all prompts."""
+        """The figures for asset metadata, over all prompts. Headline numbers (tau, prompt-lookup
+        tau, c, speedups) at k (default: the largest) and temperature (default: the lowest);
+        `tau_by_k` one row per (temperature, k) evaluated; `acceptance_by_position` one row per
+        draft position at (k, temperature): P(accepted | reached) of EAGLE-3 and prompt lookup."""
         k = max(self.ks) if k is None else k
         t = min(self.temperatures) if temperature is None else temperature
         e, p = self.row("eagle3", k, t), self.row("prompt_lookup", k, t)
         out: dict[str, Any] = {"k": k, "temperature": t, "ceiling": k + 1}
         if e is not None:
-            out.update(tau=e.tau, acceptance=e.acceptance, c=e.c, est_speedup=e.est_speedup,
-                       wall_speedup=e.wall_speedup)
+            out.update(tau=e.tau, c=e.c, est_speedup=e.est_speedup, wall_speedup=e.wall_speedup)
             if e.exact_match is not None:
                 out["greedy_exact_match"] = f"{e.exact_match}/{e.n_prompts}"
         if p is not None:
             out.update(prompt_lookup_tau=p.tau, prompt_lookup_wall_speedup=p.wall_speedup)
-        out["tau_by_k"] = {str(kk): self.tau("eagle3", kk, t) for kk in self.ks}
+        out["tau_by_k"] = [
+            {"temperature": tt, "k": kk, "tau": self.tau("eagle3", kk, tt),
+             "prompt_lookup_tau": self.tau("prompt_lookup", kk, tt), "ceiling": kk + 1,
+             "est_speedup": r.est_speedup if (r := self.row("eagle3", kk, tt)) is not None else None}
+            for tt in self.temperatures for kk in self.ks
+        ]
+        if e is not None:
+            lookup = p.acceptance if p is not None else [None] * k
+            out["acceptance_by_position"] = [
+                {"position": i + 1, "eagle3": a, "prompt_lookup": b} for i, (a, b) in enumerate(zip(e.acceptance, lookup))
+            ]
         return _clean(out)
 
     def to_json(self) -> dict[str, Any]:

@@ -59,11 +59,6 @@ def weight_map(directory: Path) -> dict[str, Path]:
     return found
 
 
-def load_tensors(spec: str, names: Sequence[str], revision: str | None = None) -> dict:
-    """Exactly these tensors (as stored), each read from its own shard."""
-    return read_tensors(weight_map(model_dir(spec, revision)), names)
-
-
 def read_tensors(files: dict, names: Sequence[str]) -> dict:
     from safetensors import safe_open
 

@@ -34,7 +34,7 @@ TOKENIZED_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),
     ]
 )
-REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+from training.schemas import REJECTS_SCHEMA  # noqa: E402  (one rejects row for every stage)
 
 # Characters per encode_batch call. One big call keeps the Rust thread pool busy (every call ends
 # with a tail where one long text runs alone: 1024-row calls were 20% slower than one call), while

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from training.eagle3.attention import PackedDocs
 from training.eagle3.model import DraftConfig, Eagle3Draft
 
 
@@ -70,3 +71,20 @@ def make_draft(target_config: dict, model, draft_vocab: int, seed: int = 0, aux_
     cfg = DraftConfig.from_target_config(target_config, draft_vocab, aux_layer_ids)
     torch.manual_seed(seed)
     return Eagle3Draft(cfg, model.get_input_embeddings().weight), cfg
+
+
+def naive_ttt_attention(q, k0, v0, allowed, diag_k, diag_v, scale):
+    """Reference for ttt_attention: every step's keys concatenated behind one explicit [n, n*(k+1)]
+    mask. O(n^2 k) memory."""
+    n = q.shape[-2]
+    if isinstance(allowed, PackedDocs):
+        allowed = allowed.mask()
+    if allowed is None:
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=q.device)
+    mask = torch.cat([allowed] + [eye] * len(diag_k), dim=1)
+    keys = torch.cat([k0, *diag_k], dim=-2).float()
+    vals = torch.cat([v0, *diag_v], dim=-2).float()
+    s = (q.float() @ keys.transpose(-1, -2)) * scale
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return (p @ vals).to(q.dtype)

@@ -13,11 +13,10 @@ from training.eagle3.attention import (
     block_causal_lse,
     block_causal_mask,
     doc_layout,
-    naive_ttt_attention,
     step0_attention,
     ttt_attention,
 )
-from tests.training.eagle3.helpers import make_draft, pack_features, random_docs, tiny_target
+from tests.training.eagle3.helpers import make_draft, naive_ttt_attention, pack_features, random_docs, tiny_target
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,27 @@ def test_gate():
     assert not ok and "does not beat prompt lookup" in detail
 
 
+def test_summary_has_headline_floats_and_rows_per_k_and_position():
+    res = rows_for(TAUS, temperatures=(0.0, 0.7))
+    out = res.summary(k=3)
+    assert (out["k"], out["temperature"], out["ceiling"]) == (3, 0.0, 4)
+    assert isinstance(out["tau"], float) and out["tau"] == pytest.approx(2.6)
+    assert isinstance(out["prompt_lookup_tau"], float) and out["prompt_lookup_tau"] == pytest.approx(1.4)
+    # one row per (temperature, k), every temperature evaluated, for the CLI summary and the UI table
+    rows = {(r["temperature"], r["k"]): r for r in out["tau_by_k"]}
+    assert set(rows) == {(0.0, 1), (0.0, 3), (0.7, 1), (0.7, 3)}
+    for (t, k), r in rows.items():
+        assert r["tau"] == pytest.approx(TAUS[("eagle3", k, t)])
+        assert r["prompt_lookup_tau"] == pytest.approx(TAUS[("prompt_lookup", k, t)])
+        assert r["ceiling"] == k + 1 and r["est_speedup"] <= r["tau"]
+    # per draft position at (k, T): EAGLE-3's and prompt lookup's P(accepted | reached)
+    e, p = res.row("eagle3", 3, 0.0), res.row("prompt_lookup", 3, 0.0)
+    assert out["acceptance_by_position"] == [
+        {"position": i + 1, "eagle3": pytest.approx(a), "prompt_lookup": pytest.approx(b)}
+        for i, (a, b) in enumerate(zip(e.acceptance, p.acceptance))]
+    json.dumps(out, allow_nan=False)  # strict JSON: it goes into the manifest
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
