@@ -84,13 +84,15 @@ class ResampleError(RuntimeError):
 
 @dataclass
 class ResampleConfig:
+    """The one place resampling defaults live (spec_assets' ResampledCorpusConfig mirrors it, tested)."""
+
     temperatures: dict[float, float] = field(default_factory=lambda: dict(DEFAULT_TEMPERATURES))  # temperature -> share of rows
-    max_new_tokens: int = 256
+    max_new_tokens: int = 160
     top_p: float = 1.0
     # A row with a turn cut at max_new_tokens: "flag" keeps it (finish_reason "length"), "drop" rejects it.
     on_length: str = "flag"
-    keep_reasoning: bool = True  # False strips <think>...</think> from replies
-    batch_size: int = 16
+    keep_reasoning: bool = True  # False strips <think>...</think> from replies (and drops their token ids)
+    batch_size: int = 32
     seed: int = 0
 
     def __post_init__(self):

@@ -189,7 +189,8 @@ def check_trainable(result: TokenizeResult, where: str) -> None:
         first.setdefault(r["reason"], f"{r['id']}: {r['detail']}")
     listed = "; ".join(f"{k} x{v} (e.g. {first[k]})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
     raise TokenizeError(
-        f"{where}: no trainable token: all {result.n_in} conversations were rejected ({listed}). "
+        f"{where}: no trainable token: all {result.n_in} conversations were rejected; reasons over their "
+        f"{result.rejects.num_rows} rows: {listed}. "
         "Fix the cause (e.g. raise max_length, check the template) instead of training on nothing"
     )
 
