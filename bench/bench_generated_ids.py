@@ -40,7 +40,8 @@ def decoded_alone(table: pa.Table, tokenizer) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=table.schema)
 
 
-def run(target_dir: str, prompts: str, n: int, max_new_tokens: int) -> None:
+def run(target_dir: str, prompts: str, n: int, max_new_tokens: int) -> int:
+    """Prints the table; returns the mismatch count of the rows tokenized_shards builds (goal 0)."""
     t0 = time.perf_counter()
     target = load_target(target_dir, "hf", device="cpu")
     rows = read_source(prompts).rows.slice(0, n)
@@ -52,6 +53,7 @@ def run(target_dir: str, prompts: str, n: int, max_new_tokens: int) -> None:
     print(f"\n{Path(target_dir).name} ({kind} template): {res.n_ok} rows resampled, {res.tokens_generated} tokens "
           f"in {t1 - t0:.1f}s; temperatures {sorted(set(res.table['temperature'].to_pylist()))}")
     print(f"{'rows built from':<34}{'rows':>6}{'mismatched':>12}{'rejected':>10}")
+    found = []
     for label, table, cfg in (
         ("generated ids (tokenized_shards)", res.table, TokenizeConfig()),
         ("text decoded after its prompt", res.table, TokenizeConfig(use_generated_ids=False)),
@@ -59,6 +61,8 @@ def run(target_dir: str, prompts: str, n: int, max_new_tokens: int) -> None:
     ):
         out = tokenize_conversations(tok, table, cfg)
         print(f"{label:<34}{out.table.num_rows:>6}{out.id_mismatches:>12}{out.n_rejected:>10}   notes {out.notes}")
+        found.append(out.id_mismatches)
+    return found[0]
 
 
 def main() -> None:
@@ -69,11 +73,18 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
     targets = args.target or [str(SHARED / "models" / "stories260K"), str(ROOT / "data" / "demo" / "target")]
+    if not Path(args.prompts).exists():
+        print(f"{args.prompts}: not present, skipped")
+        return
+    bad = 0
     for t in targets:
         if Path(t).exists():
-            run(t, args.prompts, args.n, args.max_new_tokens)
+            bad += run(t, args.prompts, args.n, args.max_new_tokens)
         else:
             print(f"\n{t}: not present, skipped")
+    print(f"\nmismatched rows built from generated ids: {bad} (goal 0)")
+    if bad:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
