@@ -186,7 +186,11 @@ class OpenAITarget(TargetModel):
                     body = body.replace(key.encode(), b"<redacted>")
                 detail = _excerpt(body)
                 if exc.code not in RETRY_STATUS:
-                    raise OpenAIError(f"{method} {url}: HTTP {exc.code}: {detail}") from None
+                    hint = ""
+                    if "return_token_ids" in detail:
+                        hint = (" (this server does not take return_token_ids: set return_token_ids false on the "
+                                "generation resource; replies are then re-encoded from text)")
+                    raise OpenAIError(f"{method} {url}: HTTP {exc.code}: {detail}{hint}") from None
                 failure = f"HTTP {exc.code}: {detail}"
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 failure = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"

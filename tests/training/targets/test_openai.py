@@ -70,6 +70,8 @@ class Server:
             return 503, {"error": {"message": "overloaded"}}
         if self.mode == "bad_request":
             return 400, {"error": {"message": "max_tokens is too large"}}
+        if self.mode == "strict" and "return_token_ids" in body:  # as api.openai.com answers unknown fields
+            return 400, {"error": {"message": "Unrecognized request argument supplied: return_token_ids"}}
         if self.mode == "empty":
             return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}
         params = SamplingParams(body["temperature"], body["top_p"], body["max_tokens"], body.get("seed"))
@@ -132,6 +134,14 @@ def test_token_ids_and_chat_template_kwargs(server, hf_target):
     server.mode = "no_ids"
     [gen] = client.generate(CONVS[:1], PARAMS[:1])
     assert gen.text == ref.text and gen.token_ids is None and gen.prompt_token_ids is None
+
+
+def test_server_refusing_return_token_ids_says_what_to_set(server):
+    server.mode = "strict"
+    with pytest.raises(OpenAIError, match="HTTP 400.*set return_token_ids false"):
+        load_target(server.url, backend="openai", model="m").generate(CONVS[:1], PARAMS[:1])
+    [gen] = load_target(server.url, backend="openai", model="m", return_token_ids=False).generate(CONVS[:1], PARAMS[:1])
+    assert gen.text and gen.token_ids is None
 
 
 def test_retries_5xx_then_succeeds(server):
