@@ -113,6 +113,18 @@ def test_rows_carry_the_generated_ids(family):
     assert again.id_mismatches > 0 and again.conversations_retokenized == len(CONVERSATIONS)
 
 
+def test_generation_marker_template():
+    """A template declaring its assistant spans with {% generation %} (as the demo target's does):
+    rows from ids do not depend on the markers."""
+    from tests.training.test_tokenize import MARKED
+
+    tok = make_tokenizer(MARKED, eos="<|im_end|>")
+    target = ScriptedTarget(tok)
+    table = resample(target)
+    check_rows(tok, table, tokenize_conversations(tok, table), target)
+    assert tokenize_conversations(tok, table, TokenizeConfig(use_generated_ids=False)).id_mismatches > 0
+
+
 def test_plain_sentencepiece_word_start_reply():
     """stories260K's case: after "...in her room." the target emits "▁She"; the row must hold it,
     not the "S", "he" that gluing the reply's text onto the prompt encodes to."""
