@@ -1,3 +1,4 @@
+import json
 import os
 
 import dagster as dg
@@ -8,17 +9,23 @@ from resources.target_model import TargetModelResource
 class GenerationBackendResource(dg.ConfigurableResource):
     """Who regenerates assistant turns: `hf` or `vllm` on the target model, or `openai` for any
     OpenAI-compatible server (e.g. `vllm serve`). The API key comes from OPENAI_API_KEY and is
-    never part of config, logs or metadata."""
+    never part of config, logs or metadata. Every backend renders prompts with the target resource's
+    chat_template_kwargs (openai: sent as the request's `chat_template_kwargs`, which vLLM's server
+    applies); `return_token_ids` asks the openai server for the reply's ids (vLLM >= 0.10.2), without
+    which tokenization re-encodes the text and says so in its metadata."""
 
     backend: str = "hf"
     base_url: str = ""          # openai: e.g. http://127.0.0.1:8000/v1 (or OPENAI_BASE_URL)
     model: str = ""             # openai: served model name (default: the target spec)
     max_concurrency: int = 8
+    return_token_ids: bool = True
     target: dg.ResourceDependency[TargetModelResource]
 
     def identity(self) -> str:
         if self.backend == "openai":
-            return f"openai:{self._base_url()}#{self.model or 'served model'}"
+            kwargs = self.target.template_kwargs()
+            suffix = f"+chat_template_kwargs={json.dumps(kwargs, sort_keys=True)}" if kwargs else ""
+            return f"openai:{self._base_url()}#{self.model or 'served model'}{suffix}"
         return f"{self.backend}:{self.target.identity()}"
 
     def _base_url(self) -> str:
@@ -29,11 +36,13 @@ class GenerationBackendResource(dg.ConfigurableResource):
             return self.target.load()  # share the loaded model with the other stages
         from training.targets import load_target
 
+        kwargs = self.target.template_kwargs() or None
         if self.backend == "openai":
             if not self._base_url():
                 raise dg.Failure("generation backend 'openai' needs base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
             return load_target(
                 self._base_url(), backend="openai", model=self.model or None,
                 tokenizer=self.target.model_path(), max_concurrency=self.max_concurrency,
+                chat_template_kwargs=kwargs, return_token_ids=self.return_token_ids,
             )
-        return load_target(self.target.model_path(), backend=self.backend)
+        return load_target(self.target.model_path(), backend=self.backend, chat_template_kwargs=kwargs)

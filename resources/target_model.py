@@ -1,23 +1,46 @@
+import json
 import os
 from functools import lru_cache
 
 import dagster as dg
 
+CHAT_TEMPLATE_KWARGS_ENV = "SPECDRAFT_CHAT_TEMPLATE_KWARGS"
+
 
 @lru_cache(maxsize=2)
-def _load(path: str, backend: str, device: str, trust_remote_code: bool):
+def _load(path: str, backend: str, device: str, trust_remote_code: bool, chat_template_kwargs: str):
     from training.targets import load_target
 
-    return load_target(path, backend=backend, device=device, trust_remote_code=trust_remote_code)
+    kwargs = {"chat_template_kwargs": json.loads(chat_template_kwargs)} if chat_template_kwargs != "{}" else {}
+    return load_target(path, backend=backend, device=device, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def parse_chat_template_kwargs(text: str, where: str) -> dict:
+    """A JSON object (e.g. '{"enable_thinking": false}'); an empty string is {}. dg.Failure naming `where` otherwise."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise dg.Failure(f"{where}: chat_template_kwargs is not JSON ({exc}): {text!r:.200}") from None
+    if not isinstance(value, dict):
+        raise dg.Failure(f"{where}: chat_template_kwargs must be a JSON object, got {type(value).__name__}: {text!r:.200}")
+    return value
 
 
 class TargetModelResource(dg.ConfigurableResource):
-    """The target LLM: a local HF directory or hub id; empty means SPECDRAFT_TARGET or the demo target."""
+    """The target LLM: a local HF directory or hub id; empty means SPECDRAFT_TARGET or the demo target.
+
+    `chat_template_kwargs` (a JSON object, e.g. {"enable_thinking": false} for Qwen3; empty means
+    SPECDRAFT_CHAT_TEMPLATE_KWARGS) is the one chat-template setting: resampling generation (every
+    backend), tokenization and evaluation prompts all render with it, and it is part of identity().
+    """
 
     target: str = ""
     backend: str = "hf"
     device: str = "auto"
     trust_remote_code: bool = False
+    chat_template_kwargs: str = ""
 
     def model_path(self) -> str:
         spec = self.target or os.environ.get("SPECDRAFT_TARGET")
@@ -27,11 +50,21 @@ class TargetModelResource(dg.ConfigurableResource):
 
         return str(ensure_demo_target())
 
+    def template_kwargs(self) -> dict:
+        """The chat template settings as a dict ({} when unset)."""
+        if self.chat_template_kwargs:
+            return parse_chat_template_kwargs(self.chat_template_kwargs, "target resource")
+        return parse_chat_template_kwargs(os.environ.get(CHAT_TEMPLATE_KWARGS_ENV, ""), CHAT_TEMPLATE_KWARGS_ENV)
+
     def identity(self) -> str:
+        """The weights' identity, plus the chat settings when set: they change every prompt and row."""
         from training.fingerprint import model_identity
 
-        return model_identity(self.model_path())
+        kwargs = self.template_kwargs()
+        base = model_identity(self.model_path())
+        return f"{base}+chat_template_kwargs={json.dumps(kwargs, sort_keys=True)}" if kwargs else base
 
     def load(self):
         """The loaded TargetModel, shared by the steps of one process."""
-        return _load(self.model_path(), self.backend, self.device, self.trust_remote_code)
+        return _load(self.model_path(), self.backend, self.device, self.trust_remote_code,
+                     json.dumps(self.template_kwargs(), sort_keys=True))

@@ -30,15 +30,16 @@ def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]
     else every shard's heldout.parquet."""
     import fsspec
 
-    from training.corpus import read_source
+    from training.evaluation.prompts import PromptFileError, read_prompt_file
     from training.fingerprint import file_digest
 
     if url:
         fs, path = fsspec.core.url_to_fs(url)
-        result = read_source(url)
-        if result.n_rejected:
-            context.log.warning(f"{url}: {result.n_rejected} prompt rows rejected: {result.reject_reasons}")
-        return result.rows.to_pylist(), {"prompts": file_digest(fs, path)}
+        try:
+            rows = read_prompt_file(url, log=context.log.warning)
+        except PromptFileError as exc:
+            raise dg.Failure(str(exc)) from None
+        return rows, {"prompts": file_digest(fs, path)}
     rows, upstream = [], {}
     for shard, ref in sorted(source_corpus.items()):
         rows += store.read_parquet(store.manifest(ref.prefix).key("heldout.parquet")).to_pylist()
@@ -89,7 +90,8 @@ def eval_report(
     rows, prompt_sources = _prompt_rows(context, store, config.prompts_url or corpus.eval_prompts, source_corpus)
     prompts = stratified_prompts(rows, config.max_prompts)
     if not prompts:
-        raise dg.Failure("eval_report has no held-out prompts: set SPECDRAFT_EVAL_PROMPTS or a heldout_fraction > 0")
+        raise dg.Failure("eval_report has no held-out prompts: the shards' heldout.parquet files are empty; "
+                         "set SPECDRAFT_EVAL_PROMPTS to a prompt file or source_corpus heldout_fraction > 0")
 
     def build(writer):
         with tempfile.TemporaryDirectory() as tmp:

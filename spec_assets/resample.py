@@ -10,6 +10,10 @@ from training.storage import ArtifactRef
 
 
 class ResampledCorpusConfig(dg.Config):
+    """training.resample.ResampleConfig as Dagster config: the library dataclass owns the defaults and
+    tests/spec_assets/test_config_defaults.py fails when these drift from it (importing it here would
+    load pyarrow with the code location)."""
+
     resample: bool = True
     # Share of rows per sampling temperature (keys are temperatures; Dagster config keys are strings).
     temperatures: dict[str, float] = {"0.0": 0.4, "0.7": 0.3, "1.0": 0.3}
@@ -37,6 +41,8 @@ def resampled_corpus(
     generator: GenerationBackendResource,
 ) -> dg.Output:
     """Every assistant turn regenerated (multi-turn replay, seeded per-row temperatures), resumable by row id."""
+    from collections import Counter
+
     import pyarrow.parquet as pq
 
     from training import resample
@@ -44,6 +50,7 @@ def resampled_corpus(
     store = object_store.store()
     source = store.manifest(source_corpus.prefix)
     # Pass-through does not depend on the generator, so switching it off keeps the corpus's fingerprint stable.
+    # The identity includes the target's chat_template_kwargs: they change every prompt.
     generator_id = generator.identity() if config.resample else None
 
     def build(writer):
@@ -74,7 +81,11 @@ def resampled_corpus(
             "rows_resumed": result.n_resumed,
             "finish_reasons": result.finish_reasons,
             "tokens_generated": result.tokens_generated,
+            # rows whose replies keep the target's token ids (tokenization trains on exactly those)
+            "rows_with_token_ids": result.table.num_rows - result.table["completion_ids"].null_count,
         }
+        if result.rejects.num_rows:
+            writer.summary["reject_reasons"] = dict(Counter(result.rejects["reason"].to_pylist()).most_common(20))
         if progress is not None:
             progress.clear()  # the outputs hold every row now; the manifest follows
 

@@ -1,6 +1,5 @@
 """Stage 3: token ids and assistant loss masks per shard, and the pruned draft vocabulary over all shards."""
 
-from typing import Any
 
 import dagster as dg
 
@@ -12,9 +11,13 @@ from training.storage import ArtifactRef, artifact_prefix
 
 
 class TokenizedShardsConfig(dg.Config):
+    """training.tokenization.TokenizeConfig as Dagster config (defaults tested equal to the library's).
+    The chat template settings live on the target resource (chat_template_kwargs), shared with
+    resampling and evaluation."""
+
     max_length: int = 2048
     template: str = "auto"  # auto: the tokenizer's chat template, else `plain`; chat; plain
-    chat_template_kwargs: dict[str, Any] = {}  # e.g. {"enable_thinking": false} for Qwen3
+    use_generated_ids: bool = True  # resampled rows: train on the target's own reply ids (False: re-encode text)
 
 
 class VocabMapConfig(dg.Config):
@@ -37,6 +40,8 @@ def tokenized_shards(
     target: TargetModelResource,
 ) -> dg.Output:
     """input_ids and loss_mask from the target tokenizer's own chat template (DESIGN.md, tokenized Parquet)."""
+    from collections import Counter
+
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
@@ -49,9 +54,15 @@ def tokenized_shards(
         rows = store.read_parquet(upstream.key("data.parquet"))
         tokenizer = AutoTokenizer.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code)
         cfg = tokenization.TokenizeConfig(
-            max_length=config.max_length, template=config.template, chat_template_kwargs=config.chat_template_kwargs
+            max_length=config.max_length, template=config.template, chat_template_kwargs=target.template_kwargs(),
+            use_generated_ids=config.use_generated_ids, vocab_size=_model_vocab_size(target),
         )
-        result = tokenization.tokenize_conversations(tokenizer, rows, cfg)
+        where = f"tokenized_shards[{context.partition_key}] ({store.url(upstream.key('data.parquet'))})"
+        try:
+            result = tokenization.tokenize_conversations(tokenizer, rows, cfg)
+            tokenization.check_trainable(result, where)
+        except tokenization.TokenizeError as exc:
+            raise dg.Failure(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
         assert result.n_in == result.n_ok + result.n_rejected, "tokenization counts do not reconcile"
         with writer.open("data.parquet") as f:
             pq.write_table(result.table, f)
@@ -61,12 +72,33 @@ def tokenized_shards(
         # Conversations in = out + rejected; a template that rewrites earlier turns (Qwen3 reasoning)
         # splits a conversation into several rows, so `rows` in the stats may exceed conversations_out.
         writer.summary = {"conversations_in": result.n_in, "conversations_out": result.n_ok,
-                          "conversations_rejected": result.n_rejected, **stats}
+                          "conversations_rejected": result.n_rejected, **stats,
+                          # resampled turns: rows built from the target's own ids, and rows whose masked
+                          # ids differ from the generated ids (+ end-of-turn); 0 unless use_generated_ids is off
+                          "rows_from_generated_ids": result.rows_from_generated_ids,
+                          "generated_id_mismatches": result.id_mismatches,
+                          # no ids to train on (pass-through, an openai server without return_token_ids)
+                          "conversations_retokenized": result.conversations_retokenized}
+        if result.notes:  # e.g. reply_rendered_differently: the template re-renders a generated reply
+            writer.summary["template_notes"] = {k: f"{v} (e.g. {result.note_examples[k][:300]})"
+                                                for k, v in result.notes.items()}
+        if result.rejects.num_rows:
+            writer.summary["reject_reasons"] = dict(Counter(result.rejects["reason"].to_pylist()).most_common(20))
 
     return materialize_artifact(
         context, store, build=build, upstream={"resampled_corpus": resampled_corpus.fingerprint},
         config=config.model_dump(), target=target.identity(),
     )
+
+
+def _model_vocab_size(target: TargetModelResource) -> int:
+    """The target model's vocab_size (embedding rows), read through the one HF-config parser."""
+    from transformers import AutoConfig
+
+    from training.targets.base import TargetFacts
+
+    config = AutoConfig.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code)
+    return TargetFacts.from_config(config.to_dict()).vocab_size
 
 
 def _shard_counts(store, ref: ArtifactRef, vocab_size: int):

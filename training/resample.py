@@ -40,6 +40,12 @@ RESAMPLED_SCHEMA = pa.schema(
         ("finish_reason", pa.string()),  # "stop" | "length" (any turn cut) | "source" (pass-through)
         ("temperature", pa.float64()),  # null for pass-through
         ("generator", pa.string()),  # target identity, or "corpus" for pass-through
+        # Per assistant message, in order: the reply's token ids as the target sampled them (no stop
+        # token), and prompt_digest() of the ids it was generated after. Null when any turn's ids are
+        # unknown (pass-through, a backend that returns none, reasoning stripped from the text):
+        # tokenization then re-encodes the text and says so.
+        ("completion_ids", pa.list_(pa.list_(pa.int32()))),
+        ("prompt_digests", pa.list_(pa.string())),
     ]
 )
 
@@ -59,19 +65,30 @@ _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE
 _CHUNK_NAME = re.compile(r"chunk-(\d+)\.parquet$")
 
 
+def prompt_digest(ids) -> str:
+    """`{n}:{sha256 of the int32 little-endian ids, 16 hex}`: lets tokenization check that the prompt
+    it puts before a generated reply is, token for token, the one the target saw."""
+    import numpy as np
+
+    arr = np.asarray(list(ids), dtype="<i4")
+    return f"{arr.size}:{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
+
+
 class ResampleError(RuntimeError):
     """Resampling cannot go on (the backend failed, bad config); finished batches stay saved."""
 
 
 @dataclass
 class ResampleConfig:
+    """The one place resampling defaults live (spec_assets' ResampledCorpusConfig mirrors it, tested)."""
+
     temperatures: dict[float, float] = field(default_factory=lambda: dict(DEFAULT_TEMPERATURES))  # temperature -> share of rows
-    max_new_tokens: int = 256
+    max_new_tokens: int = 160
     top_p: float = 1.0
     # A row with a turn cut at max_new_tokens: "flag" keeps it (finish_reason "length"), "drop" rejects it.
     on_length: str = "flag"
-    keep_reasoning: bool = True  # False strips <think>...</think> from replies
-    batch_size: int = 16
+    keep_reasoning: bool = True  # False strips <think>...</think> from replies (and drops their token ids)
+    batch_size: int = 32
     seed: int = 0
 
     def __post_init__(self):
@@ -258,6 +275,7 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
             "row": row, "turns": turns, "messages": [dict(m) for m in row["messages"]],
             "temperature": draw_temperature(row["id"], cfg.temperatures, cfg.seed),
             "finish": None, "cut": [], "n_tokens": 0, "reject": None,
+            "ids": [None] * len(turns), "digests": [None] * len(turns),
         })
 
     for j in range(max(len(s["turns"]) for s in states)):
@@ -287,6 +305,10 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
             text = gen.text or ""
             if not cfg.keep_reasoning:
                 text = strip_reasoning(text)
+            # The ids stand for the reply only while the stored text is the generated text.
+            if gen.token_ids is not None and gen.prompt_token_ids is not None and text == (gen.text or ""):
+                s["ids"][j] = [int(t) for t in gen.token_ids]
+                s["digests"][j] = prompt_digest(gen.prompt_token_ids)
             s["messages"][s["turns"][j]]["content"] = text  # the next turn sees exactly what we store
             s["finish"] = str(gen.finish_reason)
             s["n_tokens"] += int(gen.n_tokens or 0)
@@ -307,7 +329,10 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
         if s["reject"] is not None:
             out.append(_reject(row, *s["reject"], **common))
         else:
+            known = all(d is not None for d in s["digests"])
             out.append({"id": row["id"], "messages": s["messages"], "source": row["source"], **common,
+                        "completion_ids": s["ids"] if known else None,
+                        "prompt_digests": s["digests"] if known else None,
                         "reject_reason": None, "reject_detail": None})
     return out
 
@@ -328,7 +353,7 @@ def _assemble(rows: list[dict], done: dict[str, dict], n_resumed: int) -> Resamp
         if rec["reject_reason"] is not None:
             rejects.append({"id": rec["id"], "reason": rec["reject_reason"], "detail": rec["reject_detail"]})
         else:
-            kept.append({k: rec[k] for k in RESAMPLED_SCHEMA.names})
+            kept.append({k: rec.get(k) for k in RESAMPLED_SCHEMA.names})  # .get: chunks saved before a column existed
     return ResampleResult(
         table=pa.Table.from_pylist(kept, schema=RESAMPLED_SCHEMA),
         rejects=pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
@@ -408,17 +433,35 @@ def resample_conversations(
 
 
 def passthrough(rows: list[dict] | pa.Table) -> ResampleResult:
-    """`resample: false`: the corpus rows unchanged, marked finish_reason "source", generator "corpus"."""
+    """`resample: false`: the corpus rows unchanged, marked finish_reason "source", generator "corpus".
+
+    A row with an empty assistant turn (a question file: MT-Bench/Spec-Bench `turns` have no answers)
+    has nothing to train on without generation: rejected as `needs_generation`.
+    """
+    import pyarrow.compute as pc
+
     if not isinstance(rows, pa.Table) or rows.schema.field("messages").type != RESAMPLED_SCHEMA.field("messages").type:
         rows = pa.Table.from_pylist(_as_rows(rows), schema=pa.schema(list(RESAMPLED_SCHEMA)[:3]))
+    msgs = pc.list_flatten(rows["messages"])
+    parent = pc.list_parent_indices(rows["messages"])
+    empty = pc.and_(pc.equal(pc.struct_field(msgs, "role"), "assistant"),
+                    pc.equal(pc.utf8_length(pc.fill_null(pc.struct_field(msgs, "content"), "")), 0))
+    bad = sorted(set(pc.filter(parent, empty).to_pylist())) if msgs.length() else []
+    rejects = [{"id": str(rows["id"][i].as_py()), "reason": "needs_generation",
+                "detail": "an assistant turn is empty (a question file has no answers): set resample: true "
+                          "to have the target write them"} for i in bad]
+    if bad:
+        drop = set(bad)
+        rows = rows.filter(pa.array([i not in drop for i in range(rows.num_rows)]))
     n = rows.num_rows
     source = rows["source"].cast(pa.string()) if "source" in rows.column_names else pa.nulls(n, pa.string())
     table = pa.table(
         [rows["id"].cast(pa.string()), rows["messages"], source, pa.array(["source"] * n, pa.string()),
-         pa.nulls(n, pa.float64()), pa.array(["corpus"] * n, pa.string())],
+         pa.nulls(n, pa.float64()), pa.array(["corpus"] * n, pa.string()),
+         pa.nulls(n, RESAMPLED_SCHEMA.field("completion_ids").type), pa.nulls(n, pa.list_(pa.string()))],
         schema=RESAMPLED_SCHEMA,
     )
     return ResampleResult(
-        table=table, rejects=REJECTS_SCHEMA.empty_table(), n_in=n, n_ok=n, n_rejected=0, n_resumed=0,
-        finish_reasons={"source": n} if n else {}, tokens_generated=0,
+        table=table, rejects=pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), n_in=n + len(bad),
+        n_ok=n, n_rejected=len(bad), n_resumed=0, finish_reasons={"source": n} if n else {}, tokens_generated=0,
     )

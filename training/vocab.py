@@ -48,6 +48,12 @@ def build_vocab_map(counts, draft_vocab_size: int) -> dict[str, torch.Tensor]:
         raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
     if draft_vocab_size < 1:
         raise ValueError(f"draft_vocab_size must be positive, got {draft_vocab_size}")
+    if not counts.any():
+        # A draft vocabulary chosen from nothing would be ids 0..N-1, and training would find no rows.
+        raise ValueError(
+            f"no loss-masked tokens in the counts (target vocab {counts.size}): every tokenized row was "
+            "rejected or masks nothing; see tokenized_shards' reject_reasons"
+        )
     vocab = counts.size
     if draft_vocab_size >= vocab:
         draft = np.arange(vocab, dtype=np.int64)
@@ -64,11 +70,14 @@ def build_vocab_map(counts, draft_vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 def coverage(counts, t2d) -> float:
-    """Share of masked target tokens whose id is in the draft vocab (1.0 when there are none)."""
+    """Share of masked target tokens whose id is in the draft vocab; ValueError when there are none
+    (covering nothing is no evidence of coverage, so it is not reported as 1.0)."""
     counts = np.asarray(counts, dtype=np.int64)
     t2d = np.asarray(t2d, dtype=bool)
     total = int(counts.sum())
-    return float(counts[t2d].sum()) / total if total else 1.0
+    if not total:
+        raise ValueError("coverage of 0 masked tokens is undefined: there is nothing to cover")
+    return float(counts[t2d].sum()) / total
 
 
 def check_vocab_map(vmap: dict[str, torch.Tensor]) -> None:

@@ -1,4 +1,4 @@
-"""A seeded fuzz corpus for ingestion: valid rows of all four formats mixed with every malformed kind.
+"""A seeded fuzz corpus for ingestion: valid rows of all five formats mixed with every malformed kind.
 
     corpus = generate_fuzz_corpus(n_rows=10_000, seed=0)
     Path("fuzz.jsonl").write_bytes(corpus.data)    # JSONL *bytes*: invalid UTF-8 is there on purpose
@@ -13,7 +13,7 @@ The expectations follow the rules of training/corpus/__init__.py exactly, so a t
 No Dagster, no third-party imports.
 
 What is in it (each record's `category`; the reject reason it must get in brackets):
-  valid            openai, sharegpt (every speaker alias), prompt_completion, alpaca; with or without
+  valid            openai, sharegpt (every speaker alias), prompt_completion, alpaca, question; with or without
                    system turns, ids (string, integer, question_id, "" = fallback), a `source` label,
                    multi-turn, consecutive same-role turns, an assistant-first turn, an empty system
                    prompt, escaped control characters (NUL, ESC, DEL ...), U+2028 and other non-ASCII,
@@ -111,7 +111,7 @@ class FuzzCorpus:
 
     @property
     def formats(self) -> dict[str, int]:
-        counts = dict.fromkeys(("openai", "sharegpt", "prompt_completion", "alpaca"), 0)
+        counts = dict.fromkeys(("openai", "sharegpt", "prompt_completion", "alpaca", "question"), 0)
         for r in self.accepted:
             counts[r.format] += 1
         return counts
@@ -304,6 +304,17 @@ def valid_alpaca(g: _Gen, category: str = "valid_alpaca") -> None:
     msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
     _maybe_source(g, value)
     g.accept(value, category, "alpaca", msgs, rid)
+
+
+def valid_question(g: _Gen, category: str = "valid_question") -> None:
+    """MT-Bench / Spec-Bench shape: questions only, each followed by an empty assistant turn."""
+    turns = [g.text() for _ in range(g.rng.randint(1, 3))]
+    rid = f"q{g.rng.randrange(10**9)}"
+    value = {"question_id": rid, "turns": turns}
+    if g.rng.random() < 0.5:
+        value["category"] = g.rng.choice(("writing", "math", "coding"))
+    msgs = [m for t in turns for m in ({"role": "user", "content": t}, {"role": "assistant", "content": ""})]
+    g.accept(value, category, "question", msgs, rid)
 
 
 def valid_edge(g: _Gen) -> None:
@@ -549,7 +560,7 @@ def huge_rows(g: _Gen, kind: int) -> None:
 
 # (kind, weight): valid rows about 55%, each malformed kind a few percent.
 KINDS: list[tuple[Callable[[_Gen], None], float]] = [
-    (valid_openai, 14), (valid_sharegpt, 12), (valid_prompt_completion, 12), (valid_alpaca, 10),
+    (valid_openai, 14), (valid_sharegpt, 12), (valid_prompt_completion, 12), (valid_alpaca, 10), (valid_question, 3),
     (valid_edge, 5), (valid_control_chars, 3),
     (broken_json, 4), (raw_control_char, 2), (invalid_utf8, 4), (lone_surrogate, 2),
     (not_an_object, 2), (unrecognised, 3), (wrong_types, 8), (unknown_role, 5), (empty_turns, 8),

@@ -62,6 +62,10 @@ RECORDS = {
     ],
 }
 EXPECTED_MESSAGES = [CHAT, msgs(("user", "hi"), ("assistant", "hello"))]
+# question files (MT-Bench shape, here without category): questions only, the replies left for the target
+RECORDS["question"] = [{"question_id": "a1", "turns": ["What is 2+2?", "And 3+3?"]}, {"question_id": "a2", "turns": ["hi"]}]
+EXPECTED = {"question": [msgs(("user", "What is 2+2?"), ("assistant", ""), ("user", "And 3+3?"), ("assistant", "")),
+                         msgs(("user", "hi"), ("assistant", ""))]}
 
 
 def write_jsonl(path: Path, records) -> str:
@@ -111,7 +115,7 @@ def test_each_format_in_each_container(tmp_path, fmt, container):
     assert (result.n_read, result.n_accepted, result.n_rejected) == (2, 2, 0)
     assert result.formats == {f: (2 if f == fmt else 0) for f in FORMATS}
     rows = result.rows.to_pylist()
-    assert [r["messages"] for r in rows] == EXPECTED_MESSAGES
+    assert [r["messages"] for r in rows] == EXPECTED.get(fmt, EXPECTED_MESSAGES)
     assert [r["id"] for r in rows] == ["a1", "a2"]
     assert {r["source"] for r in rows} == {f"part-{fmt}.{container}:{fmt}"}
 

@@ -308,7 +308,9 @@ def test_keep_or_strip_reasoning(target, rows):
     assert kept.n_ok == stripped.n_ok == len(rows)
     for k, s in zip(kept.table.to_pylist(), stripped.table.to_pylist()):
         for i in assistant_turns(k["messages"]):
-            assert k["messages"][i]["content"].startswith("<think>") and "</think>" in k["messages"][i]["content"]
+            # replies are decoded after their prompt (as vLLM does); this decoder-less word-level
+            # tokenizer joins words with a space, so the reply starts with one
+            assert k["messages"][i]["content"].lstrip().startswith("<think>") and "</think>" in k["messages"][i]["content"]
             assert s["messages"][i]["content"] == strip_reasoning(k["messages"][i]["content"]) == "answer"
     # Later turns were generated from the stripped replies, as stored.
     later = [conv for convs, params, _ in spy.calls for conv, (_, j) in zip(convs, spy.keys(params)) if j > 0]
@@ -474,3 +476,23 @@ def test_resume_after_mid_batch_kill_and_duplicate_chunk(target, rows, local_sto
     with pytest.raises(ResampleError, match="fingerprint"):
         resample_conversations(target, rows, ResampleConfig(max_new_tokens=10, batch_size=8, seed=1),
                                progress=progress, log=lambda _: None)
+
+
+def test_question_rows_need_generation(target):
+    """A question file (MT-Bench `turns`, read as user turns each followed by an empty assistant turn)
+    is a training corpus only with resampling: the target writes every reply; pass-through rejects it."""
+    from training.corpus.formats import normalize_record
+
+    row, problem = normalize_record({"question_id": 7, "category": "math", "turns": ["what is it", "and now"]},
+                                    source="q.jsonl", row_index=1, shard="q")
+    assert problem is None and row["source"] == "math"
+    rows = [row, {"id": "full", "source": "s", "messages": [{"role": "user", "content": "what"},
+                                                              {"role": "assistant", "content": "answer"}]}]
+    res = passthrough(rows)
+    check_counts(res)
+    assert res.table["id"].to_pylist() == ["full"]
+    assert res.rejects.to_pylist()[0]["id"] == "7" and res.rejects["reason"].to_pylist() == ["needs_generation"]
+    gen = resample_conversations(target, [row], ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=8), log=lambda _: None)
+    assert gen.n_ok == 1
+    [out] = gen.table.to_pylist()
+    assert all(m["content"].strip() for m in out["messages"]) and len(out["completion_ids"]) == 2

@@ -245,3 +245,31 @@ def test_split_conversation_counts_once():
     assert res.table.column("id").to_pylist() == ["q#1"]
     assert [(r["id"], r["reason"]) for r in res.rejects.to_pylist()] == [("q", "assistant_truncated")]
     assert (res.n_in, res.n_ok, res.n_rejected) == (1, 1, 0)
+
+
+def test_ids_past_the_model_vocab_are_an_error_naming_id_row_and_sizes(chatml):
+    """A tokenizer whose added tokens have no embedding rows (ids >= the model's vocab_size) fails here,
+    not later as a bare IndexError in hidden_states."""
+    convs = conversations(4)
+    ok = tokenize_conversations(chatml, convs, TokenizeConfig(vocab_size=len(chatml)))
+    assert ok.table.num_rows == len(convs)
+    row0 = ok.table["input_ids"][0].as_py()
+    vocab = max(row0)  # the model has one embedding row too few for the first row's largest id
+    with pytest.raises(tokenize_mod.TokenizeError) as err:
+        tokenize_conversations(chatml, convs, TokenizeConfig(vocab_size=vocab))
+    text = str(err.value)
+    assert f"token {row0.index(vocab)}: id {vocab} " in text and f"vocab_size {vocab}" in text
+    assert f"has {len(chatml)} tokens" in text and f"row '{ok.table['id'][0].as_py()}'" in text
+
+
+def test_no_trainable_token_fails_quoting_the_reject_reasons(chatml):
+    """max_length 8: every row is rejected as assistant_truncated; the shard must fail saying so."""
+    convs = conversations(5)
+    res = tokenize_conversations(chatml, convs, TokenizeConfig(max_length=4))
+    assert res.table.num_rows == 0 and res.n_rejected == len(convs)
+    with pytest.raises(tokenize_mod.TokenizeError, match=r"shard 7: no trainable token: all 5 conversations were "
+                                                         r"rejected; reasons over their 5 rows: assistant_truncated x5 "
+                                                         r"\(e\.g\. .*max_length=4"):
+        tokenize_mod.check_trainable(res, "shard 7")
+    tokenize_mod.check_trainable(tokenize_conversations(chatml, convs), "shard 7")  # rows: fine
+    tokenize_mod.check_trainable(tokenize_conversations(chatml, []), "shard 7")  # nothing in: nothing to say

@@ -108,7 +108,10 @@ def test_coverage():
     vmap = build_vocab_map(counts, 2)  # ids 1 and 3: 12 of 16 masked tokens
     assert coverage(counts, vmap["t2d"]) == pytest.approx(12 / 16)
     assert coverage(vmap["counts"], vmap["t2d"]) == pytest.approx(12 / 16)  # tensors work too
-    assert coverage(np.zeros(4, dtype=np.int64), np.zeros(4, dtype=bool)) == 1.0
+    with pytest.raises(ValueError, match="0 masked tokens"):  # nothing covered is not full coverage
+        coverage(np.zeros(4, dtype=np.int64), np.ones(4, dtype=bool))
+    with pytest.raises(ValueError, match="no loss-masked tokens.*reject_reasons"):
+        build_vocab_map(np.zeros(4, dtype=np.int64), 2)
 
 
 def test_safetensors_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""Corpus ingestion: source files in four chat formats to normalized conversation rows + rejects.
+"""Corpus ingestion: source files in five chat formats to normalized conversation rows + rejects.
 
 Sources (`list_sources`): .jsonl, .json (a JSON list, or JSONL under a .json name) and .parquet
 files, local or s3://, read through fsspec with the ObjectStore's S3 settings (AWS_ENDPOINT_URL,
@@ -14,6 +14,10 @@ UltraChat row with both `prompt` and `messages` is read as `messages`):
   prompt_completion  `prompt` + `completion` (+ optional `system`)
   alpaca             `instruction` + `output` (+ optional `input`, `system`); the user turn is
                      the instruction, then a blank line and the input when there is one
+  question           `turns`: [str] (MT-Bench / Spec-Bench question files, with `question_id`
+                     and `category`): user turns, each followed by an empty assistant turn that
+                     the target writes (resampling; evaluation asks later turns after the
+                     target's own replies). Without resampling they are rejected [needs_generation]
 In the flat formats a null or "" `system`/`input` means absent.
 
 Row rules (a violation rejects the row with the reason code in brackets):
@@ -31,8 +35,9 @@ Row rules (a violation rejects the row with the reason code in brackets):
   - id: the record's `id`, else `question_id` (string or integer; other types [invalid_id]),
     else `{shard}:{row_index}`. Ids are unique within a shard: the first accepted row with an id
     wins, later rows with it are rejected [duplicate_id].
-The row's `source` is `{file name}:{format}` (not the full URL, so the same file read from a
-folder or from S3 gives identical rows).
+The row's `source` is the record's own `source`, `domain` or `category` string when it has one
+(the evaluation domain), else `{file name}:{format}` (not the full URL, so the same file read from
+a folder or from S3 gives identical rows).
 
 File rules: JSONL is streamed line by line; blank lines are not records; a line that is not
 UTF-8 [invalid_utf8] or not JSON [malformed_json] is rejected on its own. `row_index` is the

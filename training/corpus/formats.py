@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-FORMATS = ("openai", "sharegpt", "prompt_completion", "alpaca")
+FORMATS = ("openai", "sharegpt", "prompt_completion", "alpaca", "question")
 
 ID_FIELDS = ("id", "question_id")
 
@@ -56,7 +56,7 @@ def normalize_record(
             keys = ", ".join(sorted(map(str, record))[:12]) or "none"
             raise _Rejected(
                 "unrecognised_format",
-                "no messages, conversations, prompt+completion or instruction+output field "
+                "no messages, conversations, prompt+completion, instruction+output or turns field "
                 f"(keys: {keys})",
             )
         row_id = _explicit_id(record) or f"{shard}:{row_index}"
@@ -89,6 +89,8 @@ def detect_format(record: dict) -> str | None:
         return "prompt_completion"
     if record.get("instruction") is not None and record.get("output") is not None:
         return "alpaca"
+    if record.get("turns") is not None:
+        return "question"
     return None
 
 
@@ -188,6 +190,23 @@ def _alpaca_turns(record: dict) -> list[dict]:
     )
 
 
+def _question_turns(record: dict) -> list[dict]:
+    """MT-Bench / Spec-Bench question files: `turns` are the user's questions, asked one after the
+    other; each is followed by an EMPTY assistant turn for the target to write (resampling writes it
+    in the corpus, evaluation asks the next question after the target's own reply). Without
+    resampling such a row has nothing to train on (resample.passthrough rejects it: needs_generation)."""
+    turns = record["turns"]
+    if not isinstance(turns, list):
+        raise _Rejected("invalid_turns", f"turns is {_json_type(turns)}, expected a list of strings")
+    if not turns:
+        raise _Rejected("empty_conversation", "turns is empty")
+    messages = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": _turn_text(turn, "user", f"turns[{i}]")})
+        messages.append({"role": "assistant", "content": ""})
+    return messages
+
+
 def _required_text(record: dict, field: str, role: str) -> str:
     return _turn_text(record.get(field), role, field)
 
@@ -251,4 +270,5 @@ _TURN_BUILDERS: dict[str, Callable[[dict], list[dict]]] = {
     "sharegpt": _sharegpt_turns,
     "prompt_completion": _prompt_completion_turns,
     "alpaca": _alpaca_turns,
+    "question": _question_turns,
 }

@@ -41,6 +41,7 @@ class EvalConfig:
     max_prompt_tokens: int = 1024  # longer prompts keep their last tokens (bounds CPU prefill)
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    history_max_new_tokens: int = 256  # question files: length of the target's own replies before later turns
     argmax_draft: bool = False  # sampled runs: propose the draft argmax (vLLM's way) instead of sampling q
     ignore_eos: bool = False  # generate max_new_tokens whatever the target says (fixed-length timing)
     warmup: bool = True  # one short untimed run first, so lazy init does not land in the first prompt
@@ -120,11 +121,14 @@ def evaluate(
 
     target: an HF-backed TargetModel (`load_target(path, "hf")`; anything with `.model`, an HF
     causal LM, and `.tokenizer`). draft: a serving export directory, or (draft, d2t, t2d).
-    prompts: dicts with `id`, `domain` and `messages` (or `input_ids`). options: EvalConfig fields.
+    prompts: dicts with `id`, `domain` and `messages` (or `input_ids`); empty assistant turns (question
+    files) are written by the target first, each later turn asked after its own reply (prompts.expand_turns).
+    options: EvalConfig fields.
     """
     import torch
 
     from training.evaluation.prompt_lookup import PromptLookupProposer
+    from training.evaluation.prompts import expand_turns
     from training.evaluation.speculative import DecodeConfig, Eagle3Proposer, TargetRunner, generate
 
     cfg = EvalConfig(ks=list(ks), temperatures=list(temperature_list), max_new_tokens=max_new_tokens,
@@ -137,6 +141,7 @@ def evaluate(
         raise TypeError(f"evaluate simulates decoding with an HF model: load the target with backend 'hf', "
                         f"not {getattr(target, 'backend', type(target).__name__)!r}")
     device = next(model.parameters()).device
+    prompts = expand_turns(target, list(prompts), cfg.history_max_new_tokens)
     d, d2t, draft_name = _load_draft(draft, model, device)
     _check_pair(d, model)
     runner = TargetRunner(model, d.cfg.aux_layer_ids)

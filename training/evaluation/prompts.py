@@ -1,10 +1,14 @@
-"""Which held-out conversations the evaluation runs on."""
+"""Which held-out conversations the evaluation runs on, and how question files become prompts."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import zip_longest
-from typing import Iterable
+from typing import Callable, Iterable
+
+
+class PromptFileError(ValueError):
+    """A prompt file gave no usable prompt; the message names the file and the reject reasons."""
 
 
 def stratified_prompts(rows: Iterable[dict], n: int) -> list[dict]:
@@ -18,3 +22,47 @@ def stratified_prompts(rows: Iterable[dict], n: int) -> list[dict]:
     columns = [sorted(v, key=lambda r: r["id"]) for _, v in sorted(by_domain.items())]
     interleaved = [p for group in zip_longest(*columns) for p in group if p is not None]
     return interleaved[:n]
+
+
+def read_prompt_file(url: str, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Conversation rows of a held-out prompt file (any corpus format, MT-Bench/Spec-Bench question
+    files included: training/corpus). Rejected rows are logged; PromptFileError when none is usable,
+    naming the file and the reasons (an unrecognised format says which fields the rows have)."""
+    from training.corpus import read_source
+
+    result = read_source(url)
+    if result.n_accepted == 0:
+        reasons = Counter(result.rejects["reason"].to_pylist())
+        first = {}
+        for r in result.rejects.to_pylist():
+            first.setdefault(r["reason"], r["detail"])
+        listed = "; ".join(f"{k} x{v} (e.g. {first[k][:200]})" for k, v in reasons.most_common(10)) or "the file is empty"
+        raise PromptFileError(f"{url}: none of its {result.n_read} rows is a usable eval prompt: {listed}")
+    if result.n_rejected and log is not None:
+        log(f"{url}: {result.n_rejected} of {result.n_read} prompt rows rejected: {dict(Counter(result.rejects['reason'].to_pylist()))}")
+    return result.rows.to_pylist()
+
+
+def expand_turns(target, prompts: list[dict], max_new_tokens: int) -> list[dict]:
+    """Multi-turn questions as one prompt per turn, later turns asked after the target's OWN replies.
+
+    A prompt whose messages hold empty assistant turns (a question file: training/corpus `question`
+    format) becomes one prompt per empty turn, `{id}#{k}` for turn k >= 2 (the first keeps the id):
+    the conversation up to that turn, where each earlier empty reply is what `target` writes there
+    greedily (up to `max_new_tokens`), as in MT-Bench's second turn. Other prompts are unchanged.
+    """
+    from training.targets.base import SamplingParams
+
+    out = []
+    for p in prompts:
+        messages = [dict(m) for m in p.get("messages") or []]
+        empty = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and not (m.get("content") or "").strip()]
+        if not empty:
+            out.append(p)
+            continue
+        for k, i in enumerate(empty):
+            out.append({**p, "id": p["id"] if k == 0 else f"{p['id']}#{k + 1}", "messages": messages[:i]})
+            if k + 1 < len(empty):  # a later turn follows: the target answers this one first
+                [gen] = target.generate([messages[:i]], [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)])
+                messages[i]["content"] = gen.text
+    return out

@@ -34,11 +34,19 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Generation:
-    """One assistant reply. finish_reason is "stop" (end-of-turn token) or "length" (max_new_tokens)."""
+    """One assistant reply. finish_reason is "stop" (end-of-turn token) or "length" (max_new_tokens).
+
+    `token_ids`: the reply's ids as sampled, without the stop token (None: the backend cannot say,
+    e.g. an OpenAI server that does not return ids); `prompt_token_ids`: the ids it was generated
+    after. Tokenization trains on exactly these (DESIGN.md, "Tokenized Parquet"), since re-encoding
+    `text` can give other ids (a sampled non-canonical split, a sentencepiece word-start).
+    """
 
     text: str
     finish_reason: str
     n_tokens: int
+    token_ids: tuple[int, ...] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 def check_aux_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -135,13 +143,16 @@ def apply_final_logit_transforms(logits, config: dict):
 def render_prompt(tokenizer, conversation: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt.
 
-    The tokenizer's own chat template renders it; one without a template gets the `plain` rendering
-    (DESIGN.md): contents joined by blank lines, special tokens as the tokenizer adds them.
+    The tokenizer's own chat template renders it (with `chat_template_kwargs`); one without a template
+    gets the `plain` rendering of training/tokenization/templates.py, the same text tokenization
+    puts before the reply, so a generated reply and its training row share one prompt.
     """
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
         )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    text = "\n\n".join(str(m.get("content") or "") for m in conversation)
-    return list(tokenizer(text)["input_ids"])
+    else:
+        from training.tokenization.templates import PlainRenderer
+
+        text = PlainRenderer(tokenizer).render(conversation, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -82,6 +82,18 @@ def sample_token(logits, params: SamplingParams, generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def reply_text(tokenizer, prompt: list[int], reply: list[int]) -> str:
+    """The reply's text decoded after its prompt, as vLLM's incremental detokenizer does: a
+    sentencepiece word-start token keeps its space ("▁She" after "room." is " She"), which decoding
+    the reply alone would drop (decoders strip the first token's space)."""
+    alone = tokenizer.decode(reply, skip_special_tokens=True)
+    # The prompt's tail is enough context; decoding all of it per turn would cost O(prompt).
+    tail = list(prompt[-8:])
+    head = tokenizer.decode(tail, skip_special_tokens=True)
+    both = tokenizer.decode(tail + list(reply), skip_special_tokens=True)
+    return both[len(head):] if both.startswith(head) else alone
+
+
 class HFTarget(TargetModel):
     """`load_target(path_or_hub_id, "hf", dtype=..., device=...)`."""
 
@@ -252,8 +264,10 @@ class HFTarget(TargetModel):
         results = []
         for b in range(B):
             toks = tokens[b][:-1] if finish[b] == "stop" else tokens[b]
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
-            results.append(Generation(text=text, finish_reason=finish[b] or "length", n_tokens=len(tokens[b])))
+            results.append(Generation(
+                text=reply_text(self.tokenizer, prompts[b], toks), finish_reason=finish[b] or "length",
+                n_tokens=len(tokens[b]), token_ids=tuple(toks), prompt_token_ids=tuple(prompts[b]),
+            ))
         return results
 
 

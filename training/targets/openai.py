@@ -51,6 +51,8 @@ class OpenAITarget(TargetModel):
         api_key_env: str = "OPENAI_API_KEY",
         allow_empty: bool = False,
         extra_body: dict | None = None,
+        chat_template_kwargs: dict | None = None,
+        return_token_ids: bool = True,
     ):
         super().__init__(spec, revision=revision, trust_remote_code=trust_remote_code)
         base = self.spec.rstrip("/")
@@ -64,6 +66,11 @@ class OpenAITarget(TargetModel):
         self.api_key_env = api_key_env
         self.allow_empty = allow_empty
         self.extra_body = dict(extra_body or {})
+        # vLLM's server renders the template with these (request field `chat_template_kwargs`)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        # vLLM >= 0.10.2 returns the prompt's and the reply's ids on request; a server that does not
+        # (or ignores the field) gives replies without ids, which tokenization re-encodes and counts.
+        self.return_token_ids = return_token_ids
 
     @property
     def identity(self) -> str:
@@ -131,6 +138,10 @@ class OpenAITarget(TargetModel):
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        if self.chat_template_kwargs:
+            body["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.return_token_ids:
+            body["return_token_ids"] = True
         data = self._request("POST", "/chat/completions", body)
         choices = data.get("choices") or []
         message = (choices[0].get("message") or {}) if choices else {}
@@ -141,10 +152,20 @@ class OpenAITarget(TargetModel):
                 f"(choices={len(choices)}, finish_reason={choices[0].get('finish_reason') if choices else None})"
             )
         usage = data.get("usage") or {}
+        finish = str(choices[0].get("finish_reason") or "stop")
+        ids, prompt_ids = choices[0].get("token_ids"), data.get("prompt_token_ids")
+        if ids is not None and prompt_ids is not None:
+            ids = [int(t) for t in ids]
+            # vLLM's ids end with the stop token when an EOS (stop_reason null) or a stop token id
+            # (an int) ended the reply; a stop string's tokens are not the reply's either way.
+            if finish == "stop" and ids and (choices[0].get("stop_reason") is None or isinstance(choices[0].get("stop_reason"), int)):
+                ids = ids[:-1]
+            token_ids, prompt_token_ids = tuple(ids), tuple(int(t) for t in prompt_ids)
+        else:
+            token_ids = prompt_token_ids = None
         return Generation(
-            text=text,
-            finish_reason=str(choices[0].get("finish_reason") or "stop"),
-            n_tokens=int(usage.get("completion_tokens") or 0),
+            text=text, finish_reason=finish, n_tokens=int(usage.get("completion_tokens") or 0),
+            token_ids=token_ids, prompt_token_ids=prompt_token_ids,
         )
 
     def _request(self, method: str, path: str, body: dict | None) -> dict:
@@ -165,7 +186,11 @@ class OpenAITarget(TargetModel):
                     body = body.replace(key.encode(), b"<redacted>")
                 detail = _excerpt(body)
                 if exc.code not in RETRY_STATUS:
-                    raise OpenAIError(f"{method} {url}: HTTP {exc.code}: {detail}") from None
+                    hint = ""
+                    if "return_token_ids" in detail:
+                        hint = (" (this server does not take return_token_ids: set return_token_ids false on the "
+                                "generation resource; replies are then re-encoded from text)")
+                    raise OpenAIError(f"{method} {url}: HTTP {exc.code}: {detail}{hint}") from None
                 failure = f"HTTP {exc.code}: {detail}"
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 failure = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"

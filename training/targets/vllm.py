@@ -142,10 +142,15 @@ class VLLMTarget(TargetModel):
         results = []
         for out in outputs:
             completion = out.outputs[0]
+            ids = [int(t) for t in completion.token_ids]
+            finish = str(completion.finish_reason or "length")
+            # token_ids end with the stop token when an EOS (stop_reason None) or a stop token id
+            # (an int) ended the reply; text never holds it, and neither do the reply's ids here.
+            if finish == "stop" and ids and (completion.stop_reason is None or isinstance(completion.stop_reason, int)):
+                ids = ids[:-1]
             results.append(Generation(
-                text=completion.text,
-                finish_reason=str(completion.finish_reason or "length"),
-                n_tokens=len(completion.token_ids),
+                text=completion.text, finish_reason=finish, n_tokens=len(completion.token_ids),
+                token_ids=tuple(ids), prompt_token_ids=tuple(int(t) for t in out.prompt_token_ids or ()) or None,
             ))
         return results
 

@@ -8,6 +8,17 @@ The loss mask marks what the target generates in each assistant turn, found by r
 target tokenizer's own chat template (templates.py); masking.py maps those character spans to
 tokens with one batch encode and numpy.
 
+Resampled rows carry the target's own reply ids (`completion_ids`, `prompt_digests`: resample.py).
+Those rows are not re-encoded from text: each turn is encode(prompt the target generated after) +
+its generated ids + the template's end-of-turn, masked exactly on the generated ids and end-of-turn.
+A later turn extends the row while its prompt's ids start with the row so far (the history re-encodes
+to the same ids); otherwise the row ends there and the turn starts a row of its own, as the target saw
+it. A prompt whose ids do not match the digest saved at generation (chat settings changed between
+resampling and tokenization) rejects the conversation (`prompt_mismatch`); a template that renders a
+reply differently from how it was generated (an empty think block inserted) is counted in `notes`.
+`id_mismatches` counts rows whose masked ids differ from the generated ids + end-of-turn (0 unless
+`use_generated_ids` is off, which re-encodes text as rows without ids are).
+
 Counting: `n_in` conversations read = `n_ok` conversations with at least one row + `n_rejected`.
 A template that rewrites earlier turns (Qwen3 drops earlier reasoning) splits a conversation into
 one row per view; the final view keeps the conversation's id and an earlier one is `{id}#{k}`, k the
@@ -22,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from training.tokenization.masking import encode_views, encoder, special_lookup
+from training.tokenization.masking import Encoded, encode_views, encoder, special_lookup
 from training.tokenization.templates import ChatTemplateError, RowReject, View, make_renderer
 
 TOKENIZED_SCHEMA = pa.schema(
@@ -43,6 +54,8 @@ BATCH_CHARS = 8_000_000
 
 __all__ = [
     "ChatTemplateError",
+    "TokenizeError",
+    "check_trainable",
     "REJECTS_SCHEMA",
     "TOKENIZED_SCHEMA",
     "TokenizeConfig",
@@ -52,11 +65,17 @@ __all__ = [
 ]
 
 
+class TokenizeError(ValueError):
+    """The shard cannot be tokenized for this target (ids past its vocab, nothing to train on)."""
+
+
 @dataclass
 class TokenizeConfig:
     max_length: int = 2048
     template: str = "auto"  # auto (the chat template if the tokenizer has one, else plain) | chat | plain
     chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False}
+    use_generated_ids: bool = True  # rows with completion_ids: train on them (False: re-encode the text)
+    vocab_size: int | None = None  # the target model's vocab: an id >= it is an error naming the row
 
 
 @dataclass
@@ -66,17 +85,27 @@ class TokenizeResult:
     n_in: int  # conversations read
     n_ok: int  # conversations with at least one row in `table`
     n_rejected: int  # conversations with no row; n_in == n_ok + n_rejected
+    rows_from_generated_ids: int = 0  # rows built from the target's own reply ids
+    conversations_retokenized: int = 0  # conversations encoded from text (no ids: pass-through, openai)
+    id_mismatches: int = 0  # rows with generated ids whose masked ids differ from them (+ end-of-turn)
+    notes: dict = field(default_factory=dict)  # reason -> turns/rows, e.g. reply_rendered_differently
+    note_examples: dict = field(default_factory=dict)  # reason -> the first one's detail
 
 
-def _rows(conversations) -> list[tuple[str, object]]:
-    """(id, messages) pairs from a list of dicts or a pyarrow Table with id and messages columns."""
+def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
+    """(id, messages, completion_ids, prompt_digests) from a list of dicts or a pyarrow Table."""
     if isinstance(conversations, pa.Table):
-        if "messages" not in conversations.column_names:
-            raise ValueError(f"conversation table has no 'messages' column (has {conversations.column_names})")
+        cols = conversations.column_names
+        if "messages" not in cols:
+            raise ValueError(f"conversation table has no 'messages' column (has {cols})")
         messages = conversations.column("messages").to_pylist()
-        ids = conversations.column("id").to_pylist() if "id" in conversations.column_names else range(len(messages))
-        return [(str(i), m) for i, m in zip(ids, messages)]
-    return [(str(c.get("id", n)), c.get("messages")) for n, c in enumerate(conversations)]
+        n = len(messages)
+        ids = conversations.column("id").to_pylist() if "id" in cols else range(n)
+        gen = conversations.column("completion_ids").to_pylist() if "completion_ids" in cols else [None] * n
+        dig = conversations.column("prompt_digests").to_pylist() if "prompt_digests" in cols else [None] * n
+        return [(str(i), m, g, d) for i, m, g, d in zip(ids, messages, gen, dig)]
+    return [(str(c.get("id", n)), c.get("messages"), c.get("completion_ids"), c.get("prompt_digests"))
+            for n, c in enumerate(conversations)]
 
 
 def _clean(messages) -> list[dict]:
@@ -94,42 +123,216 @@ def _clean(messages) -> list[dict]:
 
 
 def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None = None) -> TokenizeResult:
-    """Token ids and assistant loss masks for a shard of conversations (id, messages)."""
+    """Token ids and assistant loss masks for a shard of conversations (id, messages[, completion_ids,
+    prompt_digests]). Raises TokenizeError if an id is >= cfg.vocab_size."""
     cfg = cfg or TokenizeConfig()
     if cfg.max_length < 1:
         raise ValueError(f"max_length must be positive, got {cfg.max_length}")
     renderer = make_renderer(tokenizer, cfg.template, cfg.chat_template_kwargs)
     backend = encoder(tokenizer)
     special = special_lookup(tokenizer)
+    ctx = _Context(renderer, backend, special, cfg, len(tokenizer))
 
     rows = _rows(conversations)
-    rejects: list[dict] = []
-    kept: set[int] = set()  # indices of conversations with at least one row
-    tables = []
     views, owners, chars = [], [], 0
-    for n, (conv_id, messages) in enumerate(rows):
+    gen_convs, gen_chars = [], 0
+    for n, (conv_id, messages, completion_ids, digests) in enumerate(rows):
         try:
-            conv_views = renderer.views(_clean(messages))
+            messages = _clean(messages)
+            if cfg.use_generated_ids and completion_ids is not None:
+                gen_convs.append(_generated_frames(renderer, n, conv_id, messages, completion_ids, digests))
+                gen_chars += sum(len(f.prompt) for f in gen_convs[-1].frames)
+                if gen_chars >= BATCH_CHARS:
+                    ctx.tables.append(_generated_table(ctx, gen_convs))
+                    gen_convs, gen_chars = [], 0
+                continue
+            conv_views = renderer.views(messages)
+            expect = _text_expectations(ctx, messages, conv_views, completion_ids)
         except RowReject as exc:
-            rejects.append({"id": conv_id, "reason": exc.reason, "detail": exc.detail})
+            ctx.rejects.append({"id": conv_id, "reason": exc.reason, "detail": exc.detail})
             continue
-        for v in conv_views:
+        ctx.retokenized += 1
+        for v, e in zip(conv_views, expect):
             views.append(v)
-            owners.append((n, conv_id, v))
+            owners.append((n, conv_id, v, e))
             chars += len(v.text)
         if chars >= BATCH_CHARS:
-            tables.append(_batch_table(backend, views, owners, special, renderer.extend_eot, cfg, rejects, kept))
+            ctx.tables.append(_text_table(ctx, views, owners))
             views, owners, chars = [], [], 0
     if views:
-        tables.append(_batch_table(backend, views, owners, special, renderer.extend_eot, cfg, rejects, kept))
-    table = pa.concat_tables(tables) if tables else TOKENIZED_SCHEMA.empty_table()
+        ctx.tables.append(_text_table(ctx, views, owners))
+    if gen_convs:
+        ctx.tables.append(_generated_table(ctx, gen_convs))
+    table = pa.concat_tables(ctx.tables) if ctx.tables else TOKENIZED_SCHEMA.empty_table()
     return TokenizeResult(
         table=table,
-        rejects=pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA),
+        rejects=pa.Table.from_pylist(ctx.rejects, schema=REJECTS_SCHEMA),
         n_in=len(rows),
-        n_ok=len(kept),
-        n_rejected=len(rows) - len(kept),
+        n_ok=len(ctx.kept),
+        n_rejected=len(rows) - len(ctx.kept),
+        rows_from_generated_ids=ctx.rows_from_ids,
+        conversations_retokenized=ctx.retokenized,
+        id_mismatches=ctx.id_mismatches,
+        notes=dict(sorted(ctx.notes.items())),
+        note_examples=ctx.note_examples,
     )
+
+
+def check_trainable(result: TokenizeResult, where: str) -> None:
+    """TokenizeError if conversations came in but no row has a masked token, quoting the rejects."""
+    if result.n_in == 0 or result.table.num_rows > 0:
+        return
+    reasons: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for r in result.rejects.to_pylist():
+        reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        first.setdefault(r["reason"], f"{r['id']}: {r['detail']}")
+    listed = "; ".join(f"{k} x{v} (e.g. {first[k]})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    raise TokenizeError(
+        f"{where}: no trainable token: all {result.n_in} conversations were rejected; reasons over their "
+        f"{result.rejects.num_rows} rows: {listed}. "
+        "Fix the cause (e.g. raise max_length, check the template) instead of training on nothing"
+    )
+
+
+@dataclass
+class _Context:
+    """What one tokenize call accumulates across batches."""
+
+    renderer: object
+    backend: object
+    special: np.ndarray
+    cfg: TokenizeConfig
+    tokenizer_size: int
+    tables: list = field(default_factory=list)
+    rejects: list = field(default_factory=list)
+    kept: set = field(default_factory=set)  # indices of conversations with at least one row
+    rows_from_ids: int = 0
+    retokenized: int = 0
+    id_mismatches: int = 0
+    notes: dict = field(default_factory=dict)
+    note_examples: dict = field(default_factory=dict)
+    _eot: dict = field(default_factory=dict)
+
+    def note(self, reason: str, detail: str, n: int = 1) -> None:
+        self.notes[reason] = self.notes.get(reason, 0) + n
+        self.note_examples.setdefault(reason, detail)
+
+    def closing(self, after: str) -> tuple[list[int], int]:
+        """(ids of the template's turn-closing text, how many of them are masked): up to and including
+        its last special token (the end-of-turn), else its text without trailing whitespace."""
+        if after not in self._eot:
+            ids = self.backend.encode(after, add_special_tokens=False).ids if after else []
+            special = [k for k, t in enumerate(ids) if t < len(self.special) and self.special[t]]
+            if special:
+                n_eot = special[-1] + 1
+            else:
+                stripped = after.rstrip()
+                n_eot = len(self.backend.encode(stripped, add_special_tokens=False).ids) if stripped else 0
+            self._eot[after] = (ids, n_eot)
+        return self._eot[after]
+
+
+@dataclass
+class _Frames:
+    n: int
+    conv_id: str
+    messages: list[dict]
+    turns: list[int]  # message index of each assistant turn
+    frames: list  # ReplyFrame per turn
+    completion_ids: list[list[int]]
+    digests: list
+
+
+def _generated_frames(renderer, n, conv_id, messages, completion_ids, digests) -> _Frames:
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise RowReject("no_assistant", "conversation has no assistant message")
+    if len(completion_ids) != len(turns) or any(c is None for c in completion_ids):
+        raise RowReject("invalid_generated_ids", f"{len(completion_ids)} completion_ids lists for {len(turns)} "
+                                                 "assistant turns (one non-null list per assistant message)")
+    if digests is not None and len(digests) != len(turns):
+        raise RowReject("invalid_generated_ids", f"{len(digests)} prompt_digests for {len(turns)} assistant turns")
+    return _Frames(n, conv_id, messages, turns, [renderer.frame(messages, i) for i in turns],
+                   [list(c) for c in completion_ids], list(digests) if digests is not None else [None] * len(turns))
+
+
+def _generated_table(ctx: _Context, convs: list[_Frames]) -> pa.Table:
+    """Rows of conversations with generated ids: encode(prompt) + generated ids + end-of-turn per turn."""
+    from training.resample import prompt_digest
+
+    prompts = ctx.backend.encode_batch([f.prompt for c in convs for f in c.frames], add_special_tokens=False)
+    k = 0
+    ids_parts, mask_parts, lens, owners, expect = [], [], [], [], []
+    for c in convs:
+        p_encs, k = prompts[k:k + len(c.frames)], k + len(c.frames)
+        rows = []  # [ids, mask, expected masked ids, message index of the last turn]
+        try:
+            for t, (i, frame, gen, digest, enc) in enumerate(zip(c.turns, c.frames, c.completion_ids, c.digests, p_encs)):
+                p_ids = enc.ids
+                if digest is not None and prompt_digest(p_ids) != digest:
+                    raise RowReject(
+                        "prompt_mismatch",
+                        f"assistant message {i}: the target generated it after a prompt of digest {digest}, "
+                        f"this template renders {prompt_digest(p_ids)}: the chat template or its settings "
+                        "(chat_template_kwargs, template) differ between resampling and tokenization",
+                    )
+                if not frame.verbatim:
+                    ctx.note("reply_rendered_differently",
+                             f"{c.conv_id} message {i}: the template renders the reply as {frame.rendered!r:.80} "
+                             f"where the target generated {c.messages[i]['content']!r:.80}; trained on the "
+                             "generated ids, later turns see the template's rendering")
+                after_ids, n_eot = ctx.closing(frame.after)
+                reply = gen + after_ids
+                reply_mask = [1] * (len(gen) + n_eot) + [0] * (len(after_ids) - n_eot)
+                if rows and p_ids[:len(rows[-1][0])] == rows[-1][0]:
+                    row = rows[-1]  # the history re-encodes to the row so far: one row, one more turn
+                    new = p_ids[len(row[0]):]
+                    row[0] = row[0] + new + reply
+                    row[1] = row[1] + [0] * len(new) + reply_mask
+                else:
+                    if rows:
+                        ctx.note("history_split",
+                                 f"{c.conv_id} message {i}: its prompt does not re-encode the earlier turns as "
+                                 "they were generated (template rewrites history, or a non-canonical split)")
+                    row = [p_ids + reply, [0] * len(p_ids) + reply_mask, [], None]
+                    rows.append(row)
+                row[2] = row[2] + gen + after_ids[:n_eot]
+                row[3] = i
+        except RowReject as exc:
+            ctx.rejects.append({"id": c.conv_id, "reason": exc.reason, "detail": exc.detail})
+            continue
+        for r, (ids, mask, exp, last_turn) in enumerate(rows):
+            ids_parts.append(ids)
+            mask_parts.append(mask)
+            lens.append(len(ids))
+            owners.append((c.n, c.conv_id, View("", turn=None if r == len(rows) - 1 else last_turn), exp))
+    if not owners:
+        return TOKENIZED_SCHEMA.empty_table()
+    enc = Encoded(np.fromiter((t for p in ids_parts for t in p), dtype=np.int64, count=sum(lens)),
+                  np.fromiter((m for p in mask_parts for m in p), dtype=bool, count=sum(lens)),
+                  np.asarray(lens, dtype=np.int64))
+    ctx.rows_from_ids += len(owners)
+    return _rows_table(ctx, enc, owners)
+
+
+def _text_expectations(ctx: _Context, messages, views: list[View], completion_ids) -> list:
+    """Per view, the masked ids it should hold if the conversation has generated ids (else None):
+    what id_mismatches compares re-encoded rows with."""
+    if completion_ids is None:
+        return [None] * len(views)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(completion_ids) != len(turns) or any(c is None for c in completion_ids):
+        return [None] * len(views)
+    gen = dict(zip(turns, completion_ids))
+    out = []
+    for v in views:
+        exp = []
+        for i in v.turns:
+            after_ids, n_eot = ctx.closing(ctx.renderer.frame(messages, i).after)
+            exp += list(gen[i]) + after_ids[:n_eot]
+        out.append(exp if v.turns else None)
+    return out
 
 
 def _row_id(conv_id: str, view: View) -> str:
@@ -137,12 +340,32 @@ def _row_id(conv_id: str, view: View) -> str:
     return conv_id if view.turn is None else f"{conv_id}#{view.turn}"
 
 
-def _batch_table(backend, views: list[View], owners, special, extend_eot, cfg, rejects, kept) -> pa.Table:
-    enc = encode_views(backend, views, special, extend_eot)
-    n_views = len(views)
+def _text_table(ctx: _Context, views: list[View], owners) -> pa.Table:
+    return _rows_table(ctx, encode_views(ctx.backend, views, ctx.special, ctx.renderer.extend_eot), owners)
+
+
+def _rows_table(ctx: _Context, enc: Encoded, owners) -> pa.Table:
+    """Rows of one batch (flat ids/mask, lens per row; owners (conversation index, id, view, expected
+    masked ids or None)), cut to max_length; rows left with no masked token go to the rejects."""
+    cfg = ctx.cfg
+    n_views = len(owners)
     view_of = np.repeat(np.arange(n_views), enc.lens)
     starts = np.zeros(n_views, dtype=np.int64)
     np.cumsum(enc.lens[:-1], out=starts[1:])
+    if cfg.vocab_size is not None and len(enc.ids) and int(enc.ids.max()) >= cfg.vocab_size:
+        pos = int(np.argmax(enc.ids >= cfg.vocab_size))
+        v = int(view_of[pos])
+        raise TokenizeError(
+            f"row {_row_id(owners[v][1], owners[v][2])!r} (conversation {owners[v][1]!r}), token {pos - starts[v]}: "
+            f"id {int(enc.ids[pos])} is outside the target model's vocab_size {cfg.vocab_size} (the tokenizer has "
+            f"{ctx.tokenizer_size} tokens): the tokenizer does not belong to this model, or its added tokens "
+            "have no embedding rows"
+        )
+    for v, (_, _, _, exp) in enumerate(owners):
+        if exp is not None:
+            a, b = int(starts[v]), int(starts[v] + enc.lens[v])
+            if enc.ids[a:b][enc.mask[a:b]].tolist() != exp:
+                ctx.id_mismatches += 1
     in_window = (np.arange(len(enc.ids)) - starts[view_of]) < cfg.max_length  # truncation keeps the head
     masked_all = np.bincount(view_of, weights=enc.mask, minlength=n_views)
     masked_kept = np.bincount(view_of[in_window], weights=enc.mask[in_window], minlength=n_views)
@@ -151,15 +374,15 @@ def _batch_table(backend, views: list[View], owners, special, extend_eot, cfg, r
 
     row_ids = []
     for v in np.flatnonzero(~ok):
-        _, conv_id, view = owners[v]
+        _, conv_id, view, _ = owners[v]
         if masked_all[v] > 0:
             reason, detail = "assistant_truncated", f"all assistant tokens lie beyond max_length={cfg.max_length}"
         else:
             reason, detail = "empty", f"no assistant tokens ({int(enc.lens[v])} tokens in all)"
-        rejects.append({"id": _row_id(conv_id, view), "reason": reason, "detail": detail})
+        ctx.rejects.append({"id": _row_id(conv_id, view), "reason": reason, "detail": detail})
     for v in np.flatnonzero(ok):
-        n, conv_id, view = owners[v]
-        kept.add(n)
+        n, conv_id, view, _ = owners[v]
+        ctx.kept.add(n)
         row_ids.append(_row_id(conv_id, view))
 
     take = in_window & ok[view_of]

@@ -25,6 +25,13 @@ spans of its assistant turns. Nothing here knows any role header; every span com
 - `plain` (tokenizers without a chat template): BOS if the tokenizer adds one; consecutive
   non-assistant contents joined by "\n" form the prompt; each assistant content follows its prompt
   directly (the data owns its separators, as in prompt/completion pairs) and is followed by EOS.
+  Generation renders its prompts with the same class (targets/base.py render_prompt).
+
+Rows whose replies carry the target's own token ids (resampled) are not re-encoded from text:
+`ReplyFrame` gives, per assistant turn, the prompt text the target generated after and the text the
+template closes the turn with; tokenization joins encode(prompt) + generated ids + encode(closing)
+(tokenization/__init__.py), so a sampled non-canonical split or a sentencepiece word-start reply
+("▁She" after "room.") is trained as generated.
 
 Messages after the last assistant turn are dropped: they carry no loss and would only cost features.
 """
@@ -73,6 +80,26 @@ class View:
     text: str
     spans: list[tuple[int, int, int]] = field(default_factory=list)
     turn: int | None = None
+    turns: list[int] = field(default_factory=list)  # message index of each span, in span order
+
+
+# A reply no template rewrites (no whitespace to trim, no think tags): where it lands in a render
+# shows what the template puts around a reply.
+REPLY_SENTINEL = "\ue000specdraft-reply\ue000"
+
+
+@dataclass
+class ReplyFrame:
+    """How the template frames assistant message i: `prompt` = render(messages[:i]) with the
+    generation prompt (what the target generated after), `after` = the template's text closing the
+    turn, `rendered` = what the template puts between the two for this reply; `verbatim` when that
+    is the reply itself up to whitespace trimmed at its ends (not so: Qwen3 inserting an empty think
+    block before a reply generated without one)."""
+
+    prompt: str
+    after: str
+    rendered: str | None
+    verbatim: bool
 
 
 def _trimmed_end(text: str, start: int, end: int) -> int:
@@ -144,7 +171,8 @@ class ChatRenderer:
         spans = [(s, e, e) for s, e in spans if e > s]
         if not spans:
             raise RowReject("template_mismatch", "the template's {% generation %} markers enclose no text")
-        return [View(text, spans)]
+        turns = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
+        return [View(text, spans, turns=turns if len(turns) == len(spans) else [])]
 
     def _prefix_views(self, messages: list[dict]) -> list[View]:
         turns = []  # (message index, span start, text of the view that ends with this turn)
@@ -169,10 +197,31 @@ class ChatRenderer:
             if not views[-1].text.startswith(full):
                 views.append(View(full, turn=i))
             views[-1].spans.append((start, len(full), _trimmed_end(full, start, len(full))))
+            views[-1].turns.append(i)
         for v in views:
             v.spans.reverse()
+            v.turns.reverse()
         views.reverse()
         return views
+
+    def frame(self, messages: list[dict], i: int) -> ReplyFrame:
+        """The template's framing of assistant message i (RowReject template_mismatch if the
+        generation prompt does not start the turn)."""
+        prompt = self.render(messages[:i], add_generation_prompt=True)
+        probe = self.render([*messages[:i], {**messages[i], "content": REPLY_SENTINEL}])
+        at = probe.rfind(REPLY_SENTINEL)
+        if not probe.startswith(prompt) or at < len(prompt):
+            k = _first_difference(prompt, probe)
+            raise RowReject(
+                "template_mismatch",
+                f"the generation prompt does not start assistant message {i}: they differ at char {k}: "
+                f"{prompt[k:k + 40]!r} vs {probe[k:k + 40]!r}",
+            )
+        after = probe[at + len(REPLY_SENTINEL):]
+        full = self.render(messages[: i + 1])
+        rendered = full[len(prompt):len(full) - len(after)] if full.startswith(prompt) and full.endswith(after) else None
+        verbatim = rendered is not None and rendered.strip() == messages[i]["content"].strip()
+        return ReplyFrame(prompt, after, rendered, verbatim)
 
 
 class PlainRenderer:
@@ -190,21 +239,33 @@ class PlainRenderer:
         self.bos = tokenizer.bos_token if adds_bos else ""
         self.eos = tokenizer.eos_token or ""
 
-    def views(self, messages: list[dict]) -> list[View]:
-        messages = messages[: _last_assistant(messages) + 1]
-        parts, spans, pos = [self.bos], [], len(self.bos)
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The plain text of `messages`; the generation prompt adds nothing (the reply follows the prompt)."""
+        return self._layout(messages)[0]
+
+    def _layout(self, messages: list[dict]) -> tuple[str, list[tuple[int, int, int]], list[int]]:
+        parts, spans, turns, pos = [self.bos], [], [], len(self.bos)
         prev_prompt = False
-        for m in messages:
+        for i, m in enumerate(messages):
             if m["role"] == ASSISTANT:
                 piece = m["content"] + self.eos
                 spans.append((pos, pos + len(piece), pos + len(piece)))
+                turns.append(i)
                 prev_prompt = False
             else:
                 piece = ("\n" if prev_prompt else "") + m["content"]
                 prev_prompt = True
             parts.append(piece)
             pos += len(piece)
-        return [View("".join(parts), spans)]
+        return "".join(parts), spans, turns
+
+    def views(self, messages: list[dict]) -> list[View]:
+        text, spans, turns = self._layout(messages[: _last_assistant(messages) + 1])
+        return [View(text, spans, turns=turns)]
+
+    def frame(self, messages: list[dict], i: int) -> ReplyFrame:
+        content = messages[i]["content"]
+        return ReplyFrame(self.render(messages[:i], add_generation_prompt=True), self.eos, content, True)
 
 
 def check_chat_template(renderer: ChatRenderer) -> None:

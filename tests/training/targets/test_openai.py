@@ -25,6 +25,7 @@ class Server:
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth_seen: set[str] = set()
+        self.bodies: list[dict] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,6 +46,7 @@ class Server:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.auth_seen.add(self.headers.get("Authorization", ""))
+                server.bodies.append(body)
                 with server.lock:
                     server.requests += 1
                     server.in_flight += 1
@@ -68,17 +70,22 @@ class Server:
             return 503, {"error": {"message": "overloaded"}}
         if self.mode == "bad_request":
             return 400, {"error": {"message": "max_tokens is too large"}}
+        if self.mode == "strict" and "return_token_ids" in body:  # as api.openai.com answers unknown fields
+            return 400, {"error": {"message": "Unrecognized request argument supplied: return_token_ids"}}
         if self.mode == "empty":
             return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}
         params = SamplingParams(body["temperature"], body["top_p"], body["max_tokens"], body.get("seed"))
         with self.lock:  # one forward at a time on the shared model
             [gen] = self.target.generate([body["messages"]], [params])
-        return 200, {
-            "id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text},
-                         "finish_reason": gen.finish_reason}],
-            "usage": {"completion_tokens": gen.n_tokens},
-        }
+        choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason}
+        out = {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"], "choices": [choice],
+               "usage": {"completion_tokens": gen.n_tokens}}
+        if body.get("return_token_ids") and self.mode != "no_ids":
+            # as vLLM answers return_token_ids: the reply's ids end with the EOS that stopped it
+            stop = [self.target.tokenizer.eos_token_id] if gen.finish_reason == "stop" else []
+            choice.update(token_ids=[*gen.token_ids, *stop], stop_reason=None)
+            out["prompt_token_ids"] = list(gen.prompt_token_ids)
+        return 200, out
 
     def __enter__(self):
         self.thread.start()
@@ -113,6 +120,28 @@ def test_generation_matches_the_served_target(server, hf_target):
     assert 1 < server.max_in_flight <= 2  # concurrent, and bounded
     assert server.auth_seen == {f"Bearer {KEY}"}
     assert client.identity == f"openai:{server.url}#tiny-llama"
+
+
+def test_token_ids_and_chat_template_kwargs(server, hf_target):
+    """Replies carry the served ids (vLLM's return_token_ids, stop token dropped); the chat settings go
+    in the request body; a server without ids gives replies without them (tokenization re-encodes)."""
+    client = load_target(server.url, backend="openai", model="m", chat_template_kwargs={"enable_thinking": False})
+    [gen] = client.generate(CONVS[:1], PARAMS[:1])
+    [ref] = hf_target.generate(CONVS[:1], PARAMS[:1])
+    assert gen.token_ids == ref.token_ids and gen.prompt_token_ids == ref.prompt_token_ids and gen.token_ids
+    assert server.bodies[-1]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert server.bodies[-1]["return_token_ids"] is True
+    server.mode = "no_ids"
+    [gen] = client.generate(CONVS[:1], PARAMS[:1])
+    assert gen.text == ref.text and gen.token_ids is None and gen.prompt_token_ids is None
+
+
+def test_server_refusing_return_token_ids_says_what_to_set(server):
+    server.mode = "strict"
+    with pytest.raises(OpenAIError, match="HTTP 400.*set return_token_ids false"):
+        load_target(server.url, backend="openai", model="m").generate(CONVS[:1], PARAMS[:1])
+    [gen] = load_target(server.url, backend="openai", model="m", return_token_ids=False).generate(CONVS[:1], PARAMS[:1])
+    assert gen.text and gen.token_ids is None
 
 
 def test_retries_5xx_then_succeeds(server):
