@@ -14,6 +14,8 @@ PREVIEW_ROWS = 5
 
 
 class SourceCorpusConfig(dg.Config):
+    """training.corpus.SplitConfig as Dagster config (defaults tested equal to the library's)."""
+
     # Share of conversations (chosen by a hash of their id) kept out of training for eval_report.
     heldout_fraction: float = 0.05
     heldout_seed: int = 0

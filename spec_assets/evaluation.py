@@ -15,14 +15,24 @@ GATE_CHECK = "beats_prompt_lookup"
 
 
 class EvalReportConfig(dg.Config):
+    """training.evaluation.EvalConfig as Dagster config (defaults tested equal to the library's;
+    importing it here would load matplotlib with the code location)."""
+
+    prompts_url: str = ""  # a held-out prompt file; empty: the corpus resource's eval_prompts, else held-out rows
     ks: list[int] = [1, 2, 3, 4, 5, 6, 7]
     temperatures: list[float] = [0.0, 1.0]
     max_new_tokens: int = 64
-    max_prompts: int = 24
-    prompts_url: str = ""  # a held-out prompt file; empty: the corpus resource's eval_prompts, else held-out rows
-    gate_k: int = 4
-    min_tau: float = 1.5
     seed: int = 0
+    max_prompts: int = 24  # held-out prompts drawn, stratified by domain
+    gate_k: int = 4  # the quality gate: tau at gate_k (lowest temperature) beats prompt lookup's ...
+    min_tau: float = 1.5  # ... and reaches min_tau
+    max_prompt_tokens: int = 1024  # longer prompts keep their last tokens (bounds CPU prefill)
+    prompt_lookup_max: int = 3  # n-gram sizes of the prompt-lookup baseline
+    prompt_lookup_min: int = 1
+    history_max_new_tokens: int = 256  # question files: the target's own replies before later turns
+    argmax_draft: bool = False  # sampled runs: propose the draft's argmax (vLLM's way) instead of sampling
+    ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing)
+    warmup: bool = True  # one short untimed run first
 
 
 def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]) -> tuple[list[dict], dict[str, str]]:
@@ -95,11 +105,8 @@ def eval_report(
 
     def build(writer):
         with tempfile.TemporaryDirectory() as tmp:
-            result = evaluate(
-                target.load(), str(_local_export(store, draft_model, Path(tmp))), prompts, ks=config.ks,
-                temperature_list=config.temperatures, max_new_tokens=config.max_new_tokens, seed=config.seed,
-                log=context.log.info,
-            )
+            result = evaluate(target.load(), str(_local_export(store, draft_model, Path(tmp))), prompts,
+                              log=context.log.info, **config.model_dump(exclude={"prompts_url"}))
         # Name the draft by where it lives in the store, not by the temporary download folder.
         config_key = store.manifest(draft_model.prefix).key("export/config.json")
         result.config["draft"] = store.url(config_key.rsplit("/", 1)[0])

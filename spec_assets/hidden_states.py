@@ -10,6 +10,8 @@ from training.storage import ArtifactRef
 
 
 class HiddenStatesConfig(dg.Config):
+    """training.hidden_states.FeatureConfig as Dagster config (defaults tested equal to the library's)."""
+
     max_tokens_per_batch: int = 8192
     part_bytes: int = 1 << 30
     dtype: str = "bf16"  # bf16 | fp8 (e4m3 with per-row scales)
@@ -46,21 +48,14 @@ def hidden_states(
 ) -> dg.Output:
     """Offline features for draft training: aux [T, 3H] and last [T, H] per token, in parts of at most part_bytes."""
     from training.hidden_states import write_hidden_states
-    from training.targets import default_aux_layer_ids
 
     store = object_store.store()
     tokenized = store.manifest(tokenized_shards.prefix)
 
     def build(writer):
-        model = target.load()
-        aux_ids = tuple(config.aux_layer_ids) or default_aux_layer_ids(model.facts.num_layers)
-        summary = write_hidden_states(
-            model, _iter_rows(store, tokenized.key("data.parquet")), writer,
-            aux_layer_ids=aux_ids, max_tokens_per_batch=config.max_tokens_per_batch,
-            part_bytes=config.part_bytes, dtype=config.dtype, log=context.log.info,
-            shard=context.partition_key,
-        )
-        writer.summary = {**summary, "aux_layer_ids": list(aux_ids), "hidden_size": model.facts.hidden_size}
+        # The summary (also the writer's) names the aux ids used and the hidden size.
+        write_hidden_states(target.load(), _iter_rows(store, tokenized.key("data.parquet")), writer,
+                            log=context.log.info, shard=context.partition_key, **config.model_dump())
 
     return materialize_artifact(
         context, store, build=build, upstream={"tokenized_shards": tokenized_shards.fingerprint},

@@ -21,6 +21,8 @@ class TokenizedShardsConfig(dg.Config):
 
 
 class VocabMapConfig(dg.Config):
+    """training.vocab.VocabConfig as Dagster config (defaults tested equal to the library's)."""
+
     draft_vocab_size: int = 32000
 
 

@@ -52,6 +52,21 @@ _ST_DTYPES = {
 }
 
 
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How hidden_states writes features (spec_assets.hidden_states.HiddenStatesConfig mirrors these defaults)."""
+
+    aux_layer_ids: tuple[int, ...] = ()  # HF hidden_states ids; empty: the target's (2, L//2, L-3)
+    max_tokens_per_batch: int = 8192  # token budget of one packed target forward
+    part_bytes: int = 1 << 30  # a part's size bound (one sequence larger than it gets a part alone)
+    dtype: str = "bf16"  # bf16 | fp8 (e4m3 with per-row scales)
+
+    def __post_init__(self):
+        object.__setattr__(self, "aux_layer_ids", tuple(int(i) for i in self.aux_layer_ids))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
 def bytes_per_token(hidden_size: int, n_aux: int = 3, dtype: str = "bf16") -> int:
     """Bytes a token costs in a part, excluding the 8 bytes per sequence of cu_seqlens and the header."""
     width = (n_aux + 1) * hidden_size
@@ -180,24 +195,22 @@ def write_hidden_states(
     rows: Iterable[tuple[Sequence[int], Sequence[int]]],
     writer,
     *,
-    aux_layer_ids: Sequence[int] | None = None,
-    max_tokens_per_batch: int = 8192,
-    part_bytes: int = 1 << 30,
-    dtype: str = "bf16",
     log: Callable[[str], None] | None = None,
     shard: str | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Run `target` over (input_ids, loss_mask[, row id]) rows and write parts through `writer` (an ArtifactWriter).
 
+    options: FeatureConfig fields (aux_layer_ids, max_tokens_per_batch, part_bytes, dtype).
     Returns the summary (also merged into writer.summary): tokens, sequences, bytes,
     bytes_per_token, tokens_per_s, parts, and the format facts. Raises, before the first forward,
     AuxLayerError for aux ids vLLM and SGLang cannot feed back; NonFiniteFeatures when the target
     yields inf/NaN (naming `shard`, default the writer's prefix, the row and the layer).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    cfg = FeatureConfig(**options)
+    dtype, part_bytes = cfg.dtype, cfg.part_bytes
     shard = shard or str(getattr(writer, "prefix", "?"))
-    ids = tuple(int(i) for i in (aux_layer_ids or target.default_aux_layer_ids()))
+    ids = cfg.aux_layer_ids or tuple(target.default_aux_layer_ids())
     ids = check_servable(ids, target.facts.num_layers, where=f"hidden_states {shard}")
     H = target.facts.hidden_size
     metadata = {
@@ -233,7 +246,7 @@ def write_hidden_states(
                 f"{stats['tokens']} tokens so far, {rate:.0f} tokens/s")
         part = _Part()
 
-    for batch in pack_stream(_clean_rows(rows, stats), max_tokens_per_batch, length=lambda r: len(r[0])):
+    for batch in pack_stream(_clean_rows(rows, stats), cfg.max_tokens_per_batch, length=lambda r: len(r[0])):
         lengths = [len(r[0]) for r in batch]
         feats = target.features([r[0].tolist() for r in batch], ids)
         check_finite(feats["aux"], feats["last"], lengths, [r[2] for r in batch], ids, shard)

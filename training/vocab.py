@@ -10,12 +10,21 @@ so a caller can cache each shard's counts under the shard's fingerprint; the fan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 import torch
 
 VOCAB_MAP_KEYS = ("d2t", "t2d", "counts")
+
+
+@dataclass(frozen=True)
+class VocabConfig:
+    """vocab_map's settings (spec_assets.tokenize.VocabMapConfig mirrors these defaults)."""
+
+    # Draft lm_head rows (EAGLE-3's published Llama-3.1 drafts use 32k of the target's 128k).
+    draft_vocab_size: int = 32000
 
 
 def count_masked_tokens(con, parquet_path, vocab_size: int) -> np.ndarray:

@@ -50,12 +50,13 @@ valid UTF-8 as a whole. Every read record is accepted or rejected: n_read = n_ac
 from training.corpus.formats import FORMATS, detect_format, normalize_record
 from training.corpus.schema import CONVERSATION_SCHEMA, SOURCE_REJECTS_SCHEMA, CorpusError
 from training.corpus.sources import IngestResult, SourceFile, list_sources, read_source, shard_key
-from training.corpus.split import is_heldout, split_heldout
+from training.corpus.split import SplitConfig, is_heldout, split_heldout
 from training.corpus.stats import corpus_stats
 
 __all__ = [
     "is_heldout",
     "split_heldout",
+    "SplitConfig",
     "CONVERSATION_SCHEMA",
     "FORMATS",
     "SOURCE_REJECTS_SCHEMA",

@@ -7,9 +7,22 @@ shard order, and when more data arrives (a row never moves between train and hel
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """source_corpus's split settings (spec_assets.corpus.SourceCorpusConfig mirrors these defaults)."""
+
+    heldout_fraction: float = 0.05  # share of conversations, chosen by a hash of their id
+    heldout_seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout fraction must be in [0, 1), got {self.heldout_fraction}")
 
 
 def is_heldout(row_id: str, fraction: float, seed: int = 0) -> bool:
@@ -19,7 +32,6 @@ def is_heldout(row_id: str, fraction: float, seed: int = 0) -> bool:
 
 def split_heldout(table: pa.Table, fraction: float, seed: int = 0) -> tuple[pa.Table, pa.Table]:
     """(train rows, held-out rows) of a conversation table; the two partition it exactly."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"heldout fraction must be in [0, 1), got {fraction}")
+    SplitConfig(fraction, seed)  # the one range check
     mask = pa.array([is_heldout(i, fraction, seed) for i in table.column("id").to_pylist()], type=pa.bool_())
     return table.filter(pc.invert(mask)), table.filter(mask)

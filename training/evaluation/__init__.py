@@ -1,7 +1,7 @@
 """Acceptance evaluation of a trained EAGLE-3 draft (DESIGN.md, "Evaluation").
 
     from training.evaluation import evaluate, write_report, gate
-    result = evaluate(target, export_dir, prompts, ks=[1, 3, 5], temperature_list=[0.0, 0.7])
+    result = evaluate(target, export_dir, prompts, ks=[1, 3, 5], temperatures=[0.0, 0.7])
     report = write_report(result, artifact_writer)      # report.json, report.md, 3 PNGs
     passed, detail = gate(result, k=3, min_tau=1.6)
 
@@ -34,10 +34,17 @@ from training.evaluation.report import (
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
-    temperatures: list[float] = field(default_factory=lambda: [0.0])
-    max_new_tokens: int = 128
+    """The evaluation stage's settings (spec_assets.evaluation.EvalReportConfig mirrors these defaults).
+    `evaluate` reads the decoding fields; max_prompts, gate_k and min_tau are for its caller
+    (prompts.stratified_prompts, report.write_report and report.gate) and recorded with the result."""
+
+    ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7])
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    max_new_tokens: int = 64
     seed: int = 0
+    max_prompts: int = 24  # held-out prompts drawn, stratified by domain
+    gate_k: int = 4  # the quality gate: tau at this k (lowest temperature) must beat prompt lookup's
+    min_tau: float = 1.5  # ... and reach this
     max_prompt_tokens: int = 1024  # longer prompts keep their last tokens (bounds CPU prefill)
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
@@ -110,10 +117,6 @@ def evaluate(
     target,
     draft,
     prompts: Sequence[dict],
-    ks: Sequence[int] = (1, 3, 5),
-    temperature_list: Sequence[float] = (0.0,),
-    max_new_tokens: int = 128,
-    seed: int = 0,
     log: Callable[[str], None] | None = None,
     **options: Any,
 ) -> EvalResult:
@@ -131,8 +134,7 @@ def evaluate(
     from training.evaluation.prompts import expand_turns
     from training.evaluation.speculative import DecodeConfig, Eagle3Proposer, TargetRunner, generate
 
-    cfg = EvalConfig(ks=list(ks), temperatures=list(temperature_list), max_new_tokens=max_new_tokens,
-                     seed=seed, **options)
+    cfg = EvalConfig(**options)
     if not prompts:
         raise ValueError("evaluate needs at least one prompt")
     say = log or (lambda s: None)
