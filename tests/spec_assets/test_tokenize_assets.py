@@ -57,6 +57,11 @@ def test_rows_hold_the_generated_ids(instance, tmp_path, corpus_dir, tiny_target
     m = meta(result, "tokenized_shards")
     assert m["generated_id_mismatches"] == 0 and m["rows_from_generated_ids"] == m["rows"] > 0
     assert m["conversations_retokenized"] == 0
+    # the length histogram reads as a table (spec_assets/metadata.py), one row per power-of-two bucket
+    hist = m["length_histogram"]
+    assert isinstance(hist, dg.TableMetadataValue)
+    assert [c.name for c in hist.schema.columns] == ["tokens_from", "tokens_to", "rows"]
+    assert sum(r.data["rows"] for r in hist.records) == m["rows"]
 
 
 def test_chat_template_kwargs_on_the_target_reach_generation_and_tokenization(instance, tmp_path, corpus_dir, tiny_target):

@@ -213,7 +213,8 @@ def test_stats_from_parquet_with_duckdb(chatml, tmp_path):
     assert stats["mask_ratio"] == pytest.approx(masked / n_tokens.sum())
     assert stats["truncation_rate"] == pytest.approx(np.mean(res.table.column("truncated").to_pylist()))
     buckets = 2 ** np.ceil(np.log2(n_tokens)).astype(int)
-    assert stats["length_histogram"] == [(int(b), int((buckets == b).sum())) for b in np.unique(buckets)]
+    assert stats["length_histogram"] == [
+        {"tokens_from": int(b) // 2 + 1, "tokens_to": int(b), "rows": int((buckets == b).sum())} for b in np.unique(buckets)]
 
 
 def test_empty_input_and_empty_stats(chatml, tmp_path):

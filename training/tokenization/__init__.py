@@ -405,8 +405,8 @@ def _rows_table(ctx: _Context, enc: Encoded, owners) -> pa.Table:
 def tokenized_stats(con, parquet_path) -> dict:
     """Summary of tokenized Parquet (a path, URL or list of them) straight from DuckDB.
 
-    The histogram buckets rows by length into powers of two: (upper bound, rows), e.g. (512, 10)
-    counts rows with 257..512 tokens.
+    The histogram buckets rows by length into powers of two, one row per bucket: e.g.
+    {"tokens_from": 257, "tokens_to": 512, "rows": 10} (a table in the asset's metadata).
     """
     src = "read_parquet(?)"
     rows, tokens, masked, truncated = con.execute(
@@ -425,5 +425,5 @@ def tokenized_stats(con, parquet_path) -> dict:
         "masked_tokens": int(masked),
         "mask_ratio": float(masked) / float(tokens) if tokens else 0.0,
         "truncation_rate": float(truncated),
-        "length_histogram": [(int(b), int(c)) for b, c in hist],
+        "length_histogram": [{"tokens_from": int(b) // 2 + 1, "tokens_to": int(b), "rows": int(c)} for b, c in hist],
     }
