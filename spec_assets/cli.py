@@ -66,14 +66,10 @@ def source_signature(url: str, listing_signature: str) -> str:
     return f"{url} {listing_signature}"
 
 
-def sync_shards(defs, instance) -> list[str]:
+def sync_shards(defs, instance):
     """Make the corpus_shards partitions match the source files, as corpus_sensor does on a tick:
-    one per file, none for a file that is gone. Returns the shards in listing order."""
-    return _sync(defs, instance).shards
-
-
-def _sync(defs, instance):
-    """sync_shards, returning the whole spec_assets.corpus.ShardSync (URLs, signatures, new, removed)."""
+    one per file, none for a file that is gone. Returns the spec_assets.corpus.ShardSync (shards in
+    listing order, URLs, signatures, new, removed)."""
     from spec_assets.corpus import plan_shard_sync
     from spec_assets.partitions import corpus_shards
 
@@ -177,7 +173,7 @@ def run_pipeline(select: str = "*", run_config: dict | None = None, instance=Non
     instance = instance or open_instance()
     run_config = _console_config(run_config)
     graph = AssetGraph(all_assets)
-    sync = _sync(defs, instance)
+    sync = sync_shards(defs, instance)
     units = plan_units(graph, select, sync.shards)
     # The identity hashes the target's files (the default demo target is built on first use): only
     # when a run will use it or staleness is judged against it.
@@ -244,7 +240,7 @@ def list_shards(instance=None, log=print) -> list[str]:
     """Register a corpus_shards partition per source file and print them (what corpus_sensor adds)."""
     from spec_assets.definitions import defs
 
-    sync = _sync(defs, instance or open_instance())
+    sync = sync_shards(defs, instance or open_instance())
     for shard in sync.shards:
         log(f"{shard}{'  (new)' if shard in sync.new else ''}")
     return sync.shards

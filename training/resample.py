@@ -212,9 +212,6 @@ class ResampleProgress:
                 rows.setdefault(row["id"], row)
         return rows
 
-    def done_ids(self) -> set[str]:
-        return set(self.load())
-
     def append(self, rows: list[dict]) -> str | None:
         """Save one batch's finished rows as the next chunk; returns its key."""
         import pyarrow.parquet as pq

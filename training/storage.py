@@ -318,17 +318,6 @@ class ObjectStore:
     def artifact(self, prefix: str, fingerprint: str) -> ArtifactWriter:
         return ArtifactWriter(self, _check_key(prefix), fingerprint)
 
-    def verify(self, manifest: Manifest) -> None:
-        """Re-hash every file of an artifact; raises if any differs from its manifest entry."""
-        for name, entry in manifest.files.items():
-            key = manifest.key(name)
-            digest = hashlib.sha256()
-            with self.open(key) as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(chunk)
-            if digest.hexdigest() != entry["sha256"]:
-                raise StoreError(f"{self.url(key)}: sha256 differs from its manifest")
-
     def duckdb(self):
         """A DuckDB connection that reads this store's URLs through fsspec (no httpfs download)."""
         import duckdb

@@ -26,6 +26,10 @@ class VocabConfig:
     # Draft lm_head rows (EAGLE-3's published Llama-3.1 drafts use 32k of the target's 128k).
     draft_vocab_size: int = 32000
 
+    def __post_init__(self):
+        if self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
+
 
 def count_masked_tokens(con, parquet_path, vocab_size: int) -> np.ndarray:
     """int64 [vocab_size]: how often each target id is a loss-masked token in the Parquet file(s).
@@ -55,8 +59,7 @@ def build_vocab_map(counts, draft_vocab_size: int) -> dict[str, torch.Tensor]:
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 1 or counts.size == 0:
         raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
-    if draft_vocab_size < 1:
-        raise ValueError(f"draft_vocab_size must be positive, got {draft_vocab_size}")
+    VocabConfig(draft_vocab_size)  # the one range check
     if not counts.any():
         # A draft vocabulary chosen from nothing would be ids 0..N-1, and training would find no rows.
         raise ValueError(

@@ -264,9 +264,9 @@ def test_shards_follow_the_source_files(tmp_path, monkeypatch):
     write_demo_corpus(folder, n_shards=2, rows_per_shard=4, seed=0)
     monkeypatch.setenv("SPECDRAFT_CORPUS", str(folder))
     with dg.DagsterInstance.ephemeral() as instance:
-        assert sync_shards(defs, instance) == ["demo-00000", "demo-00001"]
+        assert sync_shards(defs, instance).shards == ["demo-00000", "demo-00001"]
         (folder / "demo-00000.jsonl").unlink()
-        assert sync_shards(defs, instance) == ["demo-00001"]
+        assert sync_shards(defs, instance).shards == ["demo-00001"]
         assert instance.get_dynamic_partitions(corpus_shards.name) == ["demo-00001"]
 
 

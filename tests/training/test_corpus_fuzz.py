@@ -17,6 +17,7 @@ import pytest
 from training.corpus import read_source
 from tests.training.corpus_fuzz import generate_fuzz_corpus, write_fuzz_corpus
 from training.corpus.schema import RAW_CHARS
+from tests.training.manifest_check import verify_manifest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -194,7 +195,7 @@ def test_source_corpus_asset_reconciles(fuzz, tmp_path):
     store = ObjectStore(root)
     ref = result.output_for_node("source_corpus")
     manifest = store.manifest(ref.prefix)
-    store.verify(manifest)
+    verify_manifest(store, manifest)
     train = store.read_parquet(manifest.key("data.parquet"))
     heldout = store.read_parquet(manifest.key("heldout.parquet"))
     rejects = store.read_parquet(manifest.key("rejects.parquet"))

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.training.manifest_check import verify_manifest
+
 pytestmark = pytest.mark.timeout(150)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -327,7 +329,7 @@ def test_hidden_states_killed_mid_part_leave_nothing_readable_and_rerun_is_bitwi
     assert len(ref.names("part-")) > 4
     assert {n: e["sha256"] for n, e in rerun.files.items()} == {n: e["sha256"] for n, e in ref.files.items()}
     assert rerun.files["part-00003.safetensors"]["bytes"] > partial_size  # the killed part was truncated
-    store.verify(rerun)
+    verify_manifest(store, rerun)
     assert not store.exists(partial[0])  # the dead attempt is gone
     data = HiddenStateDataset(store, [rerun])
     assert data.num_sequences == len(rows) and data.num_tokens == sum(len(r[0]) for r in rows)
@@ -455,7 +457,7 @@ def test_specdraft_killed_while_training_resumes_from_its_checkpoint(specdraft_v
     manifest = store.manifest(fp_prefix)
     assert manifest is not None and manifest.summary["steps"] == DRAFT_STEPS
     assert set(manifest.names("export/")) == {"export/config.json", "export/model.safetensors"}
-    store.verify(manifest)
+    verify_manifest(store, manifest)
     attempts = [k.rsplit("/", 1)[-1] for k in store.list(fp_prefix) if "attempt-" in k]
     assert attempts == [manifest.files["export/config.json"]["path"].split("/")[0]]  # the killed attempt is gone
 

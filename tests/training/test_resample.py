@@ -355,7 +355,8 @@ def test_generation_error_fails_clearly(target, rows, local_store):
     spy = Spy(target, rows, fail=lambda call, turns: call == 4)
     with pytest.raises(ResampleError, match=r"generation failed in batch \d+, assistant turn \d+ .*backend went away"):
         resample_conversations(spy, rows, ResampleConfig(batch_size=6, max_new_tokens=8), progress=progress, log=lambda _: None)
-    assert progress.chunk_keys() and len(progress.done_ids()) % 6 == 0 and progress.done_ids() < {r["id"] for r in rows}
+    saved = set(progress.load())
+    assert progress.chunk_keys() and len(saved) % 6 == 0 and saved < {r["id"] for r in rows}
 
 
 def test_passthrough(rows):
@@ -377,7 +378,7 @@ def test_passthrough(rows):
 
 def test_progress_chunks_roundtrip_and_dedupe(store):
     progress = ResampleProgress(store, "resampled_corpus/shard/fp/_progress")
-    assert progress.done_ids() == set() and progress.chunk_keys() == []
+    assert set(progress.load()) == set() and progress.chunk_keys() == []
 
     def rec(i, reason=None):
         return {"id": f"r{i}", "messages": [{"role": "assistant", "content": f"reply {i}"}], "source": "s",
@@ -395,7 +396,7 @@ def test_progress_chunks_roundtrip_and_dedupe(store):
     assert loaded["r1"]["reject_reason"] == "empty_reply" and loaded["r2"]["n_tokens"] == 2
     assert progress.append([rec(3)]).endswith("/chunk-000004.parquet")
     progress.clear()
-    assert progress.done_ids() == set()
+    assert set(progress.load()) == set()
 
 
 def _kill_at_batch(n_batches_done):
@@ -431,7 +432,7 @@ def test_resume_after_kill_reproduces_uninterrupted_run(target, rows, local_stor
     first = Spy(target, rows, fail=_kill_at_batch(2))
     with pytest.raises(ResampleError):
         resample_conversations(first, table, cfg, progress=progress, log=lambda _: None)
-    assert len(progress.done_ids()) == 10 and len(progress.chunk_keys()) == 2
+    assert len(set(progress.load())) == 10 and len(progress.chunk_keys()) == 2
 
     second = Spy(target, rows)
     res = resample_conversations(second, table, cfg, progress=ResampleProgress(local_store, progress.prefix), log=lambda _: None)
@@ -454,7 +455,7 @@ def test_resume_after_mid_batch_kill_and_duplicate_chunk(target, rows, local_sto
     first = Spy(target, rows, fail=_kill_in_batch(2))
     with pytest.raises(ResampleError):
         resample_conversations(first, rows, cfg, progress=progress, log=lambda _: None)
-    saved = progress.done_ids()
+    saved = set(progress.load())
     assert saved == {r["id"] for r in rows[:8]}
     # The same chunk landing twice (a retry after a lost acknowledgement) changes nothing.
     key = progress.chunk_keys()[0]

@@ -28,6 +28,7 @@ import pytest
 import training.storage as storage
 from tests.conftest import S3_ENV, S3Server
 from training.storage import ObjectStore, RetryPolicy, StoreError, is_transient
+from tests.training.manifest_check import verify_manifest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -273,7 +274,7 @@ def test_dropped_connections_are_retried(proxy, s3_bucket, sleeps):
     proxy.drop_first = 4
     m = _write_artifact(store, "drop/_/fp", {"a.bin": b"a" * 1000, "b.json": b"{}"})
     assert m is not None and proxy.failed == 4
-    store.verify(m)
+    verify_manifest(store, m)
 
 
 def test_every_kth_request_failing_still_completes_artifacts(proxy, s3_bucket):
@@ -286,7 +287,7 @@ def test_every_kth_request_failing_still_completes_artifacts(proxy, s3_bucket):
     payload["meta.json"] = json.dumps({"n": 4}).encode()
     m = _write_artifact(store, "kth/_/fp", payload, streamed="part-00001.bin")
     assert m is not None and set(m.files) == set(payload)
-    store.verify(m)
+    verify_manifest(store, m)
     for name, data in payload.items():
         assert store.read_bytes(m.key(name)) == data
     assert proxy.failed >= 10 and len(proxy.seen) >= 3 * proxy.failed
@@ -316,7 +317,7 @@ def test_manifests_are_never_partial_under_random_faults(proxy, s3_bucket, monke
             outcomes.append("failed")
         m = truth.manifest(prefix)  # never raises "corrupt manifest"
         if m is not None:
-            truth.verify(m)
+            verify_manifest(truth, m)
             assert set(m.files) == set(payload)
         else:
             assert outcomes[-1] == "failed"
@@ -326,7 +327,7 @@ def test_manifests_are_never_partial_under_random_faults(proxy, s3_bucket, monke
     for k, outcome in enumerate(outcomes):
         if outcome == "failed":
             _write_artifact(store, f"rand/_/fp{k}", {"data.bin": b"x" * 10, "stats.json": b"{}"})
-        truth.verify(truth.manifest(f"rand/_/fp{k}"))
+        verify_manifest(truth, truth.manifest(f"rand/_/fp{k}"))
 
 
 def proxy_upstream(p: FaultProxy) -> str:
@@ -356,7 +357,7 @@ def test_endpoint_away_mid_write_then_back_on_same_port(proxy, s3_bucket):
         w.write_json("stats.json", {"ok": True})
     m = store.manifest(prefix)
     assert m is not None and set(m.files) == {"part-0.bin", "part-1.bin", "stats.json"}
-    store.verify(m)
+    verify_manifest(store, m)
 
 
 @pytest.fixture
@@ -399,7 +400,7 @@ def test_server_killed_mid_write_fails_clearly_then_rerun_succeeds(own_moto):
     assert store.manifest(prefix) is None  # (NoSuchBucket reads as "no object" here)
     _make_bucket(server, bucket)
     m = _write_artifact(store, prefix, {"part-0.bin": b"0" * 1000, "part-1.bin": b"1" * 1000})
-    store.verify(m)
+    verify_manifest(store, m)
     attempt = m.files["part-0.bin"]["path"].split("/")[0]
     assert sorted(k.rsplit("/", 1)[-1] for k in store.list(prefix)) == sorted([attempt, "manifest.json"])
 
@@ -459,7 +460,7 @@ def test_right_credentials_work_against_the_auth_server(auth_moto, monkeypatch):
     _use(monkeypatch, server, key_id, secret)
     store = ObjectStore(f"{bucket}/specdraft")
     m = _write_artifact(store, "ok/_/fp", {"a.bin": b"abc"}, streamed="a.bin")
-    store.verify(m)
+    verify_manifest(store, m)
 
 
 @pytest.mark.parametrize("which", ["wrong_secret", "unknown_key"])

@@ -255,9 +255,6 @@ class Eagle3Draft(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)  # HF's initializer_range
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n, head_dim] in fp32 for absolute positions [n]."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]

@@ -101,7 +101,7 @@ def test_loss_mask_zero_and_argmax_outside_draft_vocab(setup):
     out = ttt_forward(draft, silent, model.lm_head.weight, t2d, ttt_length=3)
     assert out.n_valid == [0, 0, 0] and out.loss.item() == 0.0
     out.loss.backward()  # still a graph: zero gradients, no NaN
-    assert all(torch.count_nonzero(p.grad) == 0 for p in draft.trainable_parameters())
+    assert all(torch.count_nonzero(p.grad) == 0 for p in draft.parameters() if p.requires_grad)
     draft.zero_grad(set_to_none=True)
     # A draft vocab without any of the target's argmax tokens: nothing can be agreed with.
     argmaxes = set(full_logits.argmax(-1).tolist())
@@ -141,7 +141,7 @@ def test_overfit_fixed_batch(target):
     draft, cfg = make_draft(tc, model, V, seed=1)
     batch = pack_features(model, docs, cfg.aux_layer_ids)
     t2d = torch.ones(V, dtype=torch.bool)
-    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     first = ttt_forward(draft, batch, model.lm_head.weight, t2d, ttt_length=3)
     for _ in range(60):
         out = ttt_forward(draft, batch, model.lm_head.weight, t2d, ttt_length=3)
