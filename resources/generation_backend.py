@@ -16,7 +16,7 @@ class GenerationBackendResource(dg.ConfigurableResource):
 
     backend: str = "hf"
     base_url: str = ""          # openai: e.g. http://127.0.0.1:8000/v1 (or OPENAI_BASE_URL)
-    model: str = ""             # openai: served model name (default: the target spec)
+    model: str = ""             # openai: served model name (default: the target's name or path)
     max_concurrency: int = 8
     return_token_ids: bool = True
     target: dg.ResourceDependency[TargetModelResource]

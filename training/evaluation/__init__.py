@@ -206,7 +206,7 @@ def evaluate(
     ordered = sorted(rows.values(), key=lambda r: (r.temperature, order[r.method], r.k, r.domain != ALL, r.domain))
     config = {
         **asdict(cfg),
-        "target": getattr(target, "name", None) or str(getattr(target, "spec", type(target).__name__)),
+        "target": getattr(target, "name", None) or str(getattr(target, "name_or_path", type(target).__name__)),
         "draft": draft_name,
         "draft_vocab_size": d.cfg.draft_vocab_size,
         "aux_layer_ids": list(d.cfg.aux_layer_ids),

@@ -30,11 +30,11 @@ BACKENDS: dict[str, type[TargetModel]] = {
 }
 
 
-def load_target(spec: str, backend: str = "hf", **kwargs) -> TargetModel:
-    """A target model: `spec` is a local HF directory or hub id (a base URL for `openai`)."""
+def load_target(name_or_path: str, backend: str = "hf", **kwargs) -> TargetModel:
+    """A target model: `name_or_path` is a local HF directory or hub id (a base URL for `openai`)."""
     if backend not in BACKENDS:
         raise TargetError(f"unknown target backend {backend!r}; known: {sorted(BACKENDS)}")
-    return BACKENDS[backend](spec, **kwargs)
+    return BACKENDS[backend](name_or_path, **kwargs)
 
 
 __all__ = [

@@ -64,12 +64,12 @@ def check_sequences(sequences: Sequence[Sequence[int]]) -> list[int]:
 
 
 class TargetModel(ABC):
-    """A target LLM. Construct through `load_target(spec, backend)`; heavy state loads lazily."""
+    """A target LLM. Construct through `load_target(name_or_path, backend)`; heavy state loads lazily."""
 
     backend: ClassVar[str]
 
-    def __init__(self, spec: str, *, revision: str | None = None, trust_remote_code: bool = False):
-        self.spec = str(spec)
+    def __init__(self, name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
+        self.name_or_path = str(name_or_path)
         self.revision = revision
         self.trust_remote_code = trust_remote_code  # never implied: remote code runs on our machines
         self._tokenizer = None
@@ -77,11 +77,11 @@ class TargetModel(ABC):
         self._identity: str | None = None
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec!r})"
+        return f"{type(self).__name__}({self.name_or_path!r})"
 
     @property
     def name(self) -> str:
-        return self.spec
+        return self.name_or_path
 
     @property
     def identity(self) -> str:
@@ -89,7 +89,7 @@ class TargetModel(ABC):
         if self._identity is None:
             from training.fingerprint import model_identity
 
-            self._identity = model_identity(self.spec, self.revision)
+            self._identity = model_identity(self.name_or_path, self.revision)
         return self._identity
 
     @property
@@ -98,14 +98,14 @@ class TargetModel(ABC):
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                self.spec, revision=self.revision, trust_remote_code=self.trust_remote_code
+                self.name_or_path, revision=self.revision, trust_remote_code=self.trust_remote_code
             )
         return self._tokenizer
 
     @property
     def facts(self) -> TargetFacts:
         if self._facts is None:
-            self._facts = read_facts(self.spec, revision=self.revision, trust_remote_code=self.trust_remote_code)
+            self._facts = read_facts(self.name_or_path, revision=self.revision, trust_remote_code=self.trust_remote_code)
         return self._facts
 
     def default_aux_layer_ids(self) -> tuple[int, int, int]:

@@ -119,9 +119,9 @@ class TargetFacts:
         )
 
 
-def read_facts(spec: str, *, revision: str | None = None, trust_remote_code: bool = False) -> TargetFacts:
+def read_facts(name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> TargetFacts:
     """TargetFacts of a local HF directory or hub id (its config.json through AutoConfig)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     return TargetFacts.from_config(config.to_dict())

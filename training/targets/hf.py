@@ -101,7 +101,7 @@ class HFTarget(TargetModel):
 
     def __init__(
         self,
-        spec: str,
+        name_or_path: str,
         *,
         dtype="auto",
         device: str | None = "auto",
@@ -111,7 +111,7 @@ class HFTarget(TargetModel):
         generation_batch_size: int = 16,
         chat_template_kwargs: dict | None = None,
     ):
-        super().__init__(spec, revision=revision, trust_remote_code=trust_remote_code)
+        super().__init__(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.attn_implementation = attn_implementation
@@ -127,7 +127,7 @@ class HFTarget(TargetModel):
 
             kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
             model = AutoModelForCausalLM.from_pretrained(
-                self.spec,
+                self.name_or_path,
                 revision=self.revision,
                 trust_remote_code=self.trust_remote_code,
                 dtype=self.dtype,

@@ -38,7 +38,7 @@ class OpenAITarget(TargetModel):
 
     def __init__(
         self,
-        spec: str,
+        name_or_path: str,
         *,
         model: str | None = None,
         tokenizer: str | None = None,
@@ -54,8 +54,8 @@ class OpenAITarget(TargetModel):
         chat_template_kwargs: dict | None = None,
         return_token_ids: bool = True,
     ):
-        super().__init__(spec, revision=revision, trust_remote_code=trust_remote_code)
-        base = self.spec.rstrip("/")
+        super().__init__(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        base = self.name_or_path.rstrip("/")
         self.base_url = base if base.endswith("/v1") else base + "/v1"
         self._model_name = model
         self.tokenizer_spec = tokenizer

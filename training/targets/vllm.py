@@ -50,7 +50,7 @@ class VLLMTarget(TargetModel):
 
     def __init__(
         self,
-        spec: str,
+        name_or_path: str,
         *,
         revision: str | None = None,
         trust_remote_code: bool = False,
@@ -62,7 +62,7 @@ class VLLMTarget(TargetModel):
         engine_kwargs: dict | None = None,
         scratch_dir: str | None = None,
     ):
-        super().__init__(spec, revision=revision, trust_remote_code=trust_remote_code)
+        super().__init__(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         self.dtype = dtype
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.gpu_memory_utilization = gpu_memory_utilization
@@ -84,7 +84,7 @@ class VLLMTarget(TargetModel):
         self.close()
         vllm = import_vllm()
         kwargs = dict(
-            model=self.spec,
+            model=self.name_or_path,
             revision=self.revision,
             trust_remote_code=self.trust_remote_code,
             dtype=self.dtype,
@@ -190,7 +190,7 @@ class VLLMTarget(TargetModel):
         from training.targets.weights import load_final_norm
 
         if self._norm is None:
-            self._norm = load_final_norm(self.spec, self.revision).float()
+            self._norm = load_final_norm(self.name_or_path, self.revision).float()
         eps = self.facts.rms_norm_eps
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -203,7 +203,7 @@ class VLLMTarget(TargetModel):
         from training.targets.weights import load_head_weights
 
         if self._head is None:
-            self._head = load_head_weights(self.spec, self.revision)[1]
+            self._head = load_head_weights(self.name_or_path, self.revision)[1]
         head = self._head.to(device=last.device, dtype=last.dtype)
         return apply_final_logit_transforms(last @ head.T, self.facts.config)
 

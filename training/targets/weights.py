@@ -31,14 +31,14 @@ FINAL_NORM_NAMES = (
 )
 
 
-def model_dir(spec: str, revision: str | None = None) -> Path:
-    """A local directory for `spec`: itself, or the hub snapshot of its json and safetensors files."""
-    path = Path(spec)
+def model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory for `name_or_path`: itself, or the hub snapshot of its json and safetensors files."""
+    path = Path(name_or_path)
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(spec, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
+    return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
 
 
 def weight_map(directory: Path) -> dict[str, Path]:
@@ -76,7 +76,7 @@ def find_name(files: dict, candidates: Sequence[str]) -> str | None:
     return next((n for n in candidates if n in files), None)
 
 
-def load_head_weights(spec: str, revision: str | None = None):
+def load_head_weights(name_or_path: str, revision: str | None = None):
     """(embed [V, H], lm_head [V, H]) in their stored dtype; tied embeddings give lm_head = embed.
 
     save_pretrained leaves lm_head out of a tied checkpoint, so an absent lm_head stands for the
@@ -84,35 +84,35 @@ def load_head_weights(spec: str, revision: str | None = None):
     the one config parser, transformers' class default where config.json omits it). An untied
     target without an lm_head tensor raises TargetError naming the model: its head is not the
     embedding, and scoring with it would train the draft on a wrong distribution."""
-    directory = model_dir(spec, revision)
+    directory = model_dir(name_or_path, revision)
     files = weight_map(directory)
     embed = find_name(files, EMBED_NAMES)
     if embed is None:
-        raise TargetError(f"{spec}: cannot find the input embedding among {EMBED_NAMES}")
+        raise TargetError(f"{name_or_path}: cannot find the input embedding among {EMBED_NAMES}")
     head = find_name(files, LM_HEAD_NAMES)
     if head is None:
-        _require_tied(spec, directory)
+        _require_tied(name_or_path, directory)
     tensors = read_tensors(files, [embed] + ([head] if head else []))
     return tensors[embed], tensors[head] if head else tensors[embed]
 
 
-def _require_tied(spec: str, directory: Path) -> None:
+def _require_tied(name_or_path: str, directory: Path) -> None:
     from training.targets.config import TargetFacts
 
     config = directory / "config.json"
     if not config.exists():
-        raise TargetError(f"{spec}: no lm_head tensor among {LM_HEAD_NAMES} and no config.json in {directory} "
+        raise TargetError(f"{name_or_path}: no lm_head tensor among {LM_HEAD_NAMES} and no config.json in {directory} "
                           "to say whether the embeddings are tied")
     if not TargetFacts.from_config(json.loads(config.read_text())).tie_word_embeddings:
-        raise TargetError(f"{spec}: config.json has tie_word_embeddings false, but the safetensors in {directory} "
+        raise TargetError(f"{name_or_path}: config.json has tie_word_embeddings false, but the safetensors in {directory} "
                           f"hold no lm_head tensor (looked for {list(LM_HEAD_NAMES)}); the checkpoint is incomplete "
                           "(the embedding is not the head of an untied model)")
 
 
-def load_final_norm(spec: str, revision: str | None = None):
+def load_final_norm(name_or_path: str, revision: str | None = None):
     """The final RMSNorm weight [H] (for backends that capture the pre-norm last layer)."""
-    files = weight_map(model_dir(spec, revision))
+    files = weight_map(model_dir(name_or_path, revision))
     name = find_name(files, FINAL_NORM_NAMES)
     if name is None:
-        raise TargetError(f"{spec}: cannot find the final norm among {FINAL_NORM_NAMES}")
+        raise TargetError(f"{name_or_path}: cannot find the final norm among {FINAL_NORM_NAMES}")
     return read_tensors(files, [name])[name]

@@ -111,7 +111,7 @@ def test_facts_from_config(llama):
     assert f.vocab_size == len(llama.tokenizer)
     assert f.rope_theta == 10000.0 and f.rope_scaling is None and f.hidden_act == "silu"
     assert f.config["model_type"] == "llama"
-    assert llama.identity.startswith(str(llama.spec)) or "#" in llama.identity
+    assert llama.identity.startswith(str(llama.name_or_path)) or "#" in llama.identity
 
 
 def test_generate_deterministic_per_seed_and_batch_independent(llama):

@@ -188,6 +188,6 @@ def test_no_features_and_facts_only_with_a_tokenizer(hf_target):
         client.features([[1, 2]], (0,))
     with pytest.raises(TargetError, match="tokenizer="):
         client.facts
-    with_tok = load_target("http://127.0.0.1:9", backend="openai", model="m", tokenizer=hf_target.spec)
+    with_tok = load_target("http://127.0.0.1:9", backend="openai", model="m", tokenizer=hf_target.name_or_path)
     assert with_tok.facts == hf_target.facts
     assert with_tok.tokenizer("ab")["input_ids"] == hf_target.tokenizer("ab")["input_ids"]
