@@ -50,6 +50,13 @@ class TargetModelResource(dg.ConfigurableResource):
 
         return str(ensure_demo_target())
 
+    def facts(self):
+        """The target's TargetFacts (layers, hidden size, vocab_size = embedding rows; a multimodal
+        target's LM under text_config) from its config alone, without loading weights."""
+        from training.targets.config import read_facts
+
+        return read_facts(self.model_path(), trust_remote_code=self.trust_remote_code)
+
     def template_kwargs(self) -> dict:
         """The chat template settings as a dict ({} when unset)."""
         if self.chat_template_kwargs:

@@ -57,7 +57,7 @@ def tokenized_shards(
         tokenizer = AutoTokenizer.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code)
         cfg = tokenization.TokenizeConfig(
             max_length=config.max_length, template=config.template, chat_template_kwargs=target.template_kwargs(),
-            use_generated_ids=config.use_generated_ids, vocab_size=_model_vocab_size(target),
+            use_generated_ids=config.use_generated_ids, vocab_size=target.facts().vocab_size,
         )
         where = f"tokenized_shards[{context.partition_key}] ({store.url(upstream.key('data.parquet'))})"
         try:
@@ -91,16 +91,6 @@ def tokenized_shards(
         context, store, build=build, upstream={"resampled_corpus": resampled_corpus.fingerprint},
         config=config.model_dump(), target=target.identity(),
     )
-
-
-def _model_vocab_size(target: TargetModelResource) -> int:
-    """The target model's vocab_size (embedding rows), read through the one HF-config parser."""
-    from transformers import AutoConfig
-
-    from training.targets.base import TargetFacts
-
-    config = AutoConfig.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code)
-    return TargetFacts.from_config(config.to_dict()).vocab_size
 
 
 def _shard_counts(store, ref: ArtifactRef, vocab_size: int):
@@ -140,11 +130,9 @@ def vocab_map(
     upstream = {f"tokenized_shards/{shard}": ref.fingerprint for shard, ref in tokenized_shards.items()}
 
     def build(writer):
-        from training.targets.config import read_facts
         from training.vocab import build_vocab_map, coverage, save_vocab_map
 
-        # the one config parser: a multimodal target keeps its LM's vocab under text_config
-        vocab_size = read_facts(target.model_path(), trust_remote_code=target.trust_remote_code).vocab_size
+        vocab_size = target.facts().vocab_size
         counts = sum(_shard_counts(store, ref, vocab_size) for ref in tokenized_shards.values())
         maps = build_vocab_map(counts, config.draft_vocab_size)
         writer.write_bytes("vocab_map.safetensors", save_vocab_map(maps))
