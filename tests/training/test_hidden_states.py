@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.training.manifest_check import verify_manifest
 from training.aux_layers import AuxLayerError
 from training.hidden_states import (
     HiddenStateDataset,
@@ -381,4 +382,4 @@ def test_killed_writer_leaves_no_manifest_and_rerun_completes(local_store, targe
     assert HiddenStateDataset(local_store, [manifest]).num_tokens == 800
     attempts = {k.split("/")[3] for k in local_store.list(prefix, recursive=True) if "/attempt-" in k}
     assert len(attempts) == 1  # the dead attempt's files are gone
-    local_store.verify(manifest)
+    verify_manifest(local_store, manifest)
