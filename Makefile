@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.specdraft-installed
 
-.PHONY: demo test install bench ui clean
+.PHONY: demo test test-fast install bench ui clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/specdraft run
 
 test: install
-	@# Best effort, silent when present: Debian's chromium + chromium-driver for tests/spec_assets/test_ui.py
+	@# Best effort, silent when present: Debian's chromium + chromium-driver for tests/e2e/test_ui.py
 	@# (a real browser on `dagster-webserver`); without them that test is skipped and says why.
 	-@if command -v apt-get >/dev/null 2>&1 && ! { test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; }; then \
 		echo "installing chromium and chromium-driver for the browser test"; \
@@ -28,6 +28,10 @@ test: install
 			|| echo "could not install chromium (not root or no package mirror): the browser test will be skipped"; \
 	fi
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# The fast loop while editing: every test but the `slow` ones (tests/e2e/, the demo target's, DDP).
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

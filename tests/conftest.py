@@ -116,3 +116,34 @@ def demo_target_dir() -> Path:
     from training.demo.target import ensure_demo_target
 
     return ensure_demo_target()
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory) -> Path:
+    """A random-weight 8-layer Llama (H=64, distinct aux layers) that every graph test runs."""
+    from training.targets.tiny import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny", hidden_size=64, num_layers=8)
+
+
+@pytest.fixture
+def instance():
+    """An ephemeral Dagster instance (in memory)."""
+    import dagster as dg
+
+    with dg.DagsterInstance.ephemeral() as inst:
+        yield inst
+
+
+E2E = Path(__file__).parent / "e2e"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
+    """`slow`: everything under tests/e2e/ (whole-graph runs, CLI, kills, store faults, security, UI,
+    trainer resume, draft quality) and any test that needs the demo target (`demo_target_dir` trains
+    it for 3 minutes when it is not cached). A few modules mark themselves (test_ddp: two torchrun
+    processes). `pytest -m "not slow"` is the fast loop."""
+    for item in items:
+        if item.path.is_relative_to(E2E) or "demo_target_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

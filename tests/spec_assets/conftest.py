@@ -1,16 +1,10 @@
-from pathlib import Path
+"""Helpers of the Dagster-layer tests (also used by tests/e2e): resources on a test store, a
+DAGSTER_HOME, a graph environment. The `instance` and `tiny_target` fixtures are in tests/conftest.py."""
 
-import dagster as dg
-import pytest
+from pathlib import Path
 
 from resources.corpus_source import CorpusSourceResource
 from resources.object_store import ArtifactRefIOManager, ObjectStoreResource
-
-
-@pytest.fixture
-def instance():
-    with dg.DagsterInstance.ephemeral() as inst:
-        yield inst
 
 
 def make_resources(store_root: str, corpus_location: str, **extra) -> dict:
@@ -22,14 +16,6 @@ def make_resources(store_root: str, corpus_location: str, **extra) -> dict:
         "corpus": CorpusSourceResource(location=corpus_location),
         **extra,
     }
-
-
-@pytest.fixture(scope="session")
-def tiny_target(tmp_path_factory) -> Path:
-    """A random-weight 8-layer Llama (H=64, distinct aux layers) that every graph test runs."""
-    from training.targets.tiny import build_tiny_target
-
-    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny", hidden_size=64, num_layers=8)
 
 
 def new_dagster_home(folder: Path, *, ui: bool = False) -> Path:

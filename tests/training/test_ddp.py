@@ -14,6 +14,8 @@ from tests.training.test_trainer import build_run_fixture, job_spec, make_draft,
 from training.checkpoint import load_checkpoint
 from training.trainer import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # two torchrun processes (gloo) plus the one-process reference
+
 TRAIN = {"lr": 3e-3, "epochs": 2, "max_tokens_per_batch": 256, "warmup_steps": 2, "log_every": 1,
          "checkpoint_every": 4, "seed": 3}
 

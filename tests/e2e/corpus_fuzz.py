@@ -6,7 +6,7 @@
     corpus.by_category, corpus.by_reason, corpus.formats
     corpus.records[k]                              # what record k must become (line, reason, id, messages)
 
-    python -m tests.training.corpus_fuzz /tmp/fuzz.jsonl --rows 100000 --seed 1   # from a shell or a bench
+    python -m tests.e2e.corpus_fuzz /tmp/fuzz.jsonl --rows 100000 --seed 1   # from a shell or a bench
 
 The expectations follow the rules of training/corpus/__init__.py exactly, so a test can reconcile
 `read_source` against them row by row, and a benchmark gets a realistic dirty corpus of any size.
@@ -636,10 +636,10 @@ def write_fuzz_corpus(path, n_rows: int = 10_000, seed: int = 0, **kwargs) -> Fu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tests.training.corpus_fuzz OUT.jsonl [--rows N] [--seed S]`: write a fuzz corpus, print its counts."""
+    """`python -m tests.e2e.corpus_fuzz OUT.jsonl [--rows N] [--seed S]`: write a fuzz corpus, print its counts."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tests.training.corpus_fuzz", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.corpus_fuzz", description=main.__doc__)
     parser.add_argument("out", help="the JSONL file to write (its name sets the shard key)")
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Ingestion under a fuzzed corpus (tests/training/corpus_fuzz.py): 10,000 seeded records mixing valid rows of
+"""Ingestion under a fuzzed corpus (tests/e2e/corpus_fuzz.py): 10,000 seeded records mixing valid rows of
 all four formats with every malformed kind, in one JSONL file of raw bytes.
 
 Reconciled record by record, not only in totals: read = accepted + rejected; every reject has the
@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 
 from training.corpus import read_source
-from tests.training.corpus_fuzz import generate_fuzz_corpus, write_fuzz_corpus
+from tests.e2e.corpus_fuzz import generate_fuzz_corpus, write_fuzz_corpus
 from training.corpus.schema import RAW_CHARS
 from tests.training.manifest_check import verify_manifest
 

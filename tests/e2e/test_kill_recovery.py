@@ -7,11 +7,11 @@ trusted, nothing finished is redone, and the result equals an uninterrupted run.
   manifest, readers refuse the artifact; the rerun's parts equal an uninterrupted run's bitwise;
 - training, at the Dagster level: a `specdraft run` process SIGKILLed while materializing
   draft_model (after a checkpoint); the rerun resumes from that checkpoint and finishes
-  (bitwise-exact resume of the trainer itself: tests/training/test_resume.py);
+  (bitwise-exact resume of the trainer itself: tests/e2e/test_resume.py);
 - export: killed while writing a serving export and right after swapping it in; the directory is
   always either absent (first export) or a complete export, old or new; a rerun works.
 
-This module is also the victims' script: `python -m tests.training.test_kill_recovery MODE SPEC.json`.
+This module is also the victims' script: `python -m tests.e2e.test_kill_recovery MODE SPEC.json`.
 Victims run in their own session (start_new_session) and are killed by their process group id.
 Each victim stalls at its kill point (after N progress chunks, inside a part write, after the
 checkpoint of step N, after the weights or the swap of an export) and writes a marker file; the test
@@ -180,7 +180,7 @@ def _launch(tmp_path: Path, mode: str, spec: dict, name: str | None = None, env:
     spec_path.write_text(json.dumps(spec))
     log = open(tmp_path / f"{name}.log", "wb")
     env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.training.test_kill_recovery", mode, str(spec_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.e2e.test_kill_recovery", mode, str(spec_path)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_path = tmp_path / f"{name}.log"
     return proc
