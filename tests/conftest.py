@@ -5,6 +5,7 @@ No network, no ../shared: everything here is built locally.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see training/__init__.py
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,29 @@ S3_ENV = {
 
 
 def free_port() -> int:
+    """A loopback port free now (bound once to get a number, then released): for a server to start
+    on, or, as nothing listens on it, an endpoint that refuses connections."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Request handler base of the fake HTTP servers in tests (OpenAI-compatible ones): quiet, JSON in and out."""
+
+    def log_message(self, *args):
+        pass
+
+    def read_json(self):
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+
+    def send_json(self, status: int, obj) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 class S3Server:

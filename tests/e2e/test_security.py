@@ -26,11 +26,13 @@ import subprocess
 import sys
 import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
 import pytest
+
+from tests.conftest import JsonHandler
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -77,31 +79,20 @@ class FakeOpenAI:
         self.echo_key = echo_key
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, obj) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(JsonHandler):
             def do_GET(self):
                 fake.auth.append(self.headers.get("Authorization", ""))
-                self._send(200, {"object": "list", "data": [{"id": "tiny-served", "object": "model"}]})
+                self.send_json(200, {"object": "list", "data": [{"id": "tiny-served", "object": "model"}]})
 
             def do_POST(self):
                 auth = self.headers.get("Authorization", "")
                 fake.auth.append(auth)
-                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                request = self.read_json()
                 if fake.echo_key:
-                    self._send(401, {"error": {"message": f"invalid api key: {auth.removeprefix('Bearer ')}"}})
+                    self.send_json(401, {"error": {"message": f"invalid api key: {auth.removeprefix('Bearer ')}"}})
                     return
                 n = len(request["messages"])
-                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"reply after {n} turns"},
+                self.send_json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": f"reply after {n} turns"},
                                               "finish_reason": "stop"}], "usage": {"completion_tokens": 4}})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

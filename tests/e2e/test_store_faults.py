@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import training.storage as storage
-from tests.conftest import S3_ENV, S3Server
+from tests.conftest import S3_ENV, S3Server, free_port
 from training.storage import ObjectStore, RetryPolicy, StoreError, is_transient
 from tests.training.manifest_check import verify_manifest
 
@@ -48,7 +48,7 @@ class FaultProxy:
 
     def __init__(self, upstream_port: int, port: int | None = None):
         self.upstream_port = upstream_port
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.lock = threading.Lock()
         self.fail_first = 0
@@ -179,12 +179,6 @@ class FaultProxy:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ if not CHROMIUM.exists():
     warnings.warn(f"test_ui skipped: {REASON}", stacklevel=1)
     pytest.skip(REASON, allow_module_level=True)
 
+from tests.conftest import free_port  # noqa: E402
 from tests.spec_assets.conftest import graph_env  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
 
@@ -69,14 +70,6 @@ def _nearest(nodes: dict, x: float, y: float) -> str:
     return min(nodes, key=lambda name: distance(nodes[name]))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def instance_env(tmp_path_factory, tiny_target):
     """A DAGSTER_HOME holding one finished `specdraft run` (eval_report's gate failed: no release)."""
@@ -96,7 +89,7 @@ def instance_env(tmp_path_factory, tiny_target):
 @pytest.fixture(scope="module")
 def webserver(instance_env, tmp_path_factory):
     """dagster-webserver on a free loopback port, in its own process group, stopped by its PID."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("webserver") / "webserver.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

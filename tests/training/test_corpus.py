@@ -4,7 +4,6 @@ listing, S3 through the real (moto) S3 API server conftest starts on loopback, a
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import free_port
 from training.corpus import (
     CONVERSATION_SCHEMA,
     FORMATS,
@@ -433,13 +433,6 @@ def test_shard_key_without_usable_characters():
 # -- S3 (conftest's moto server on loopback) -----------------------------------------------
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound once to get a free number, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_s3_list_and_read_match_local(s3_store, tmp_path):
     local = {
         "sharegpt-00001.jsonl": write_jsonl(tmp_path / "sharegpt-00001.jsonl", [*RECORDS["sharegpt"], "bad"]),
@@ -483,7 +476,7 @@ def test_unreachable_s3_endpoint_fails_fast(monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")

@@ -1,12 +1,12 @@
 """The openai backend against a real OpenAI-compatible HTTP server on loopback serving a tiny HF target."""
 
-import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
+from tests.conftest import JsonHandler
 from training.targets import OpenAIError, SamplingParams, TargetError, load_target
 from training.targets.tiny import build_tiny_target
 
@@ -28,23 +28,12 @@ class Server:
         self.bodies: list[dict] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(JsonHandler):
             def do_GET(self):
-                self.reply(200, {"object": "list", "data": [{"id": "tiny-llama", "object": "model"}]})
+                self.send_json(200, {"object": "list", "data": [{"id": "tiny-llama", "object": "model"}]})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.read_json()
                 server.auth_seen.add(self.headers.get("Authorization", ""))
                 server.bodies.append(body)
                 with server.lock:
@@ -58,7 +47,7 @@ class Server:
                 finally:  # before replying: the client may send its next request as soon as it reads this one
                     with server.lock:
                         server.in_flight -= 1
-                self.reply(code, obj)
+                self.send_json(code, obj)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
