@@ -14,9 +14,9 @@ from spec_assets.evaluation import GATE_CHECK
 def serve_commands(target: str, export_dir: str, k: int) -> list[str]:
     """The vLLM and SGLang command lines that serve `target` with the EAGLE-3 draft in `export_dir`
     proposing k tokens per step (a chain: SGLang's top-k 1, k steps, k+1 tokens verified)."""
-    spec = json.dumps({"method": "eagle3", "model": export_dir, "num_speculative_tokens": k})
+    speculative_config = json.dumps({"method": "eagle3", "model": export_dir, "num_speculative_tokens": k})
     return [
-        f"vllm serve {target} --speculative-config '{spec}'",
+        f"vllm serve {target} --speculative-config '{speculative_config}'",
         f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
         f"--speculative-draft-model-path {export_dir} --speculative-num-steps {k} "
         f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}",
