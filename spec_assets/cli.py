@@ -38,9 +38,12 @@ def ensure_dagster_home() -> Path:
     newsletter dialog off (neither reaches the network)."""
     home = Path(os.environ.get("DAGSTER_HOME") or default_dagster_home()).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    from spec_assets.instance import InstanceConfigError, preflight
+
+    try:
+        preflight(home)  # dagster.yaml (SQLite, or PostgreSQL from SPECDRAFT_PG_URL); reachable servers
+    except InstanceConfigError as exc:
+        raise SystemExit(f"specdraft: {exc}") from None
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -284,6 +287,25 @@ def _execute(units: list[Unit], run_config: dict, instance, tags: dict, log) -> 
     sources = corpus_sources(defs) if reads_sources else {}
     results = []
     shards_ok = True
+
+    def unit_tags_for(unit) -> dict:
+        unit_tags = dict(tags)
+        if unit.partition is not None and source_asset in unit.assets and unit.partition in sources:
+            unit_tags[SOURCE_TAG] = source_signature(sources[unit.partition])  # a gone file fails the step
+        return unit_tags
+
+    from spec_assets.instance import shard_parallelism
+
+    in_parallel = {}  # id(unit) -> RunOutcome: shard runs executed out of process, SPECDRAFT_PARALLEL at once
+    shard_units = [u for u in units if u.assets and u.partition is not None]
+    if shard_parallelism() > 1 and len(shard_units) > 1:
+        from spec_assets.parallel import execute_parallel
+
+        t0 = time.time()
+        outcomes = execute_parallel(shard_units, lambda u: _config_for(run_config, u.assets), unit_tags_for,
+                                    instance, log, shard_parallelism())
+        in_parallel = {id(u): o for u, o in zip(shard_units, outcomes)}
+        log(f"{len(shard_units)} shard runs, {shard_parallelism()} at a time, in {time.time() - t0:.1f}s")
     for unit in units:
         if not unit.assets:
             continue
@@ -292,12 +314,10 @@ def _execute(units: list[Unit], run_config: dict, instance, tags: dict, log) -> 
             log(f"{', '.join(k.to_user_string() for k in unit.assets)}: not started, a shard failed")
             continue
         t0 = time.time()
-        unit_tags = dict(tags)
-        if unit.partition is not None and source_asset in unit.assets and unit.partition in sources:
-            unit_tags[SOURCE_TAG] = source_signature(sources[unit.partition])  # a gone file fails the step
-        result = dg.materialize(all_assets, selection=unit.assets, partition_key=unit.partition, instance=instance,
-                                resources=defs.resources, run_config=_config_for(run_config, unit.assets),
-                                tags=unit_tags, raise_on_error=False)
+        result = in_parallel.get(id(unit)) or dg.materialize(
+            all_assets, selection=unit.assets, partition_key=unit.partition, instance=instance,
+            resources=defs.resources, run_config=_config_for(run_config, unit.assets),
+            tags=unit_tags_for(unit), raise_on_error=False)
         results.append(result)
         if unit.partition is not None:
             shards_ok = shards_ok and result.success

@@ -3,8 +3,10 @@
 import dagster as dg
 
 from resources.object_store import ObjectStoreResource
+from resources.ray_cluster import RayClusterResource
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
+from spec_assets.instance import target_pool
 from spec_assets.partitions import corpus_shards
 from training.storage import ArtifactRef
 
@@ -28,6 +30,7 @@ def _iter_rows(store, key: str, batch_rows: int = 256):
 @dg.asset(
     partitions_def=corpus_shards,
     code_version="1",
+    pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="features",
     io_manager_key="artifact_refs",
     kinds={"safetensors"},
@@ -39,6 +42,7 @@ def hidden_states(
     tokenized_shards: ArtifactRef,
     object_store: ObjectStoreResource,
     target: TargetModelResource,
+    ray_cluster: RayClusterResource,
 ) -> dg.Output:
     """Offline features for draft training: aux [T, 3H] and last [T, H] per token, in parts of at most part_bytes."""
     from training.hidden_states import write_hidden_states
@@ -48,10 +52,13 @@ def hidden_states(
     tokenized = store.manifest(tokenized_shards.prefix)
 
     def build(writer):
-        model = target.load()
+        # Local, or Ray actors holding the target compute the writer's batches (SPECDRAFT_RAY_ADDRESS).
+        model = ray_cluster.feature_target(target, log=context.log.info)
         aux_ids = tuple(config.aux_layer_ids) or default_aux_layer_ids(model.facts.num_layers)
+        rows = ray_cluster.prefetch(model, _iter_rows(store, tokenized.key("data.parquet")),
+                                    config.max_tokens_per_batch, aux_ids)
         summary = write_hidden_states(
-            model, _iter_rows(store, tokenized.key("data.parquet")), writer,
+            model, rows, writer,
             aux_layer_ids=aux_ids, max_tokens_per_batch=config.max_tokens_per_batch,
             part_bytes=config.part_bytes, dtype=config.dtype, log=context.log.info,
         )
