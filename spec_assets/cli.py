@@ -423,6 +423,8 @@ def failure_messages(result) -> list[str]:
             error = event.step_failure_data.error
             message = " ".join((error.message if error else "failed").split())
             out.append(f"{event.step_key}: {message[:400]}")
+    if not out and not result.success:  # the run failed outside any step (e.g. its process died)
+        out.append(f"run {getattr(result, 'run_id', None)}: {getattr(result, 'error', None) or 'failed before any step'}")
     return out
 
 

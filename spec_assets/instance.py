@@ -22,8 +22,9 @@ from urllib.parse import urlsplit
 
 PG_ENV = "SPECDRAFT_PG_URL"
 MARKER = "# written by specdraft (spec_assets/instance.py); edit freely, then remove this line to keep it\n"
-# What ensure_dagster_home wrote before this module existed: still ours to rewrite.
-_LEGACY = {"telemetry:\n  enabled: false\nnux:\n  enabled: false\n"}
+# What ensure_dagster_home (and the tests' new_dagster_home) wrote before this module existed:
+# telemetry settings only, still ours to rewrite.
+_LEGACY = {"telemetry:\n  enabled: false\nnux:\n  enabled: false\n", "telemetry:\n  enabled: false\n"}
 
 
 class InstanceConfigError(RuntimeError):
@@ -93,10 +94,10 @@ def instance_yaml(pg: bool) -> str:
 
 def check_postgres(url: str, timeout_s: int = 5) -> None:
     """Fail at once, naming the server (no password) and the cause, when it cannot be reached."""
-    import psycopg2
+    import psycopg2  # dagster-postgres's driver (SQLAlchemy < 2.1 picks it for postgresql:// URLs)
 
     try:
-        conn = psycopg2.connect(url, connect_timeout=timeout_s)
+        conn = psycopg2.connect(url.replace("+psycopg2://", "://", 1), connect_timeout=timeout_s)
     except psycopg2.Error as exc:
         cause = " ".join(str(exc).split())
         raise InstanceConfigError(

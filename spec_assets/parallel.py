@@ -37,13 +37,6 @@ class RunOutcome:
     error: str | None = None  # the child died before Dagster recorded the failure
 
 
-def specdraft_asset_job():
-    """The code location's implicit asset job, rebuilt in every step process from this pointer."""
-    from spec_assets.definitions import defs
-
-    return defs.resolve_implicit_global_asset_job_def()
-
-
 def _outcome(instance, run_id: str | None, success: bool, error: str | None) -> RunOutcome:
     if run_id is None:
         return RunOutcome(None, False, error=error)
@@ -87,10 +80,11 @@ def execute_parallel(units: list, run_config_for, tags_for, instance, log, paral
 
 def _child(spec_path: str) -> int:
     import dagster as dg
-    from dagster._core.definitions.reconstruct import build_reconstructable_job
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
 
     spec = json.load(open(spec_path))
-    job = build_reconstructable_job("spec_assets.parallel", "specdraft_asset_job")
+    # The code location's implicit asset job; every step process rebuilds it from this pointer.
+    job = ReconstructableRepository.for_module("spec_assets.definitions", "defs", os.getcwd()).get_reconstructable_job("__ASSET_JOB")
     tags = dict(spec["tags"])
     if spec["partition"] is not None:
         tags["dagster/partition"] = spec["partition"]
