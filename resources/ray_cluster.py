@@ -20,8 +20,11 @@ class RayClusterResource(dg.ConfigurableResource):
     actors: int = 0
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    start_timeout_s: float = 600.0  # actors not placed and loaded by then: fail, naming what they need
 
-    _pools: list = PrivateAttr(default_factory=list)
+    # One pool per target for the resource's life (a run in one process: resampling and hidden
+    # states share the actors and their loaded target); closed when the run ends.
+    _pools: dict = PrivateAttr(default_factory=dict)
 
     def ray_address(self) -> str:
         return (self.address or os.environ.get("SPECDRAFT_RAY_ADDRESS", "")).strip()
@@ -33,12 +36,16 @@ class RayClusterResource(dg.ConfigurableResource):
         from training.ray_pool import RayPoolError, TargetPool, TargetSpec
 
         spec = TargetSpec(target.model_path(), target.backend, target.device, target.trust_remote_code)
+        pool = self._pools.get(spec)
+        if pool is not None and pool.live():
+            pool.log = log  # this step's log
+            return pool
         try:
             pool = TargetPool.connect(self.ray_address(), spec, actors=self.actors, cpus_per_actor=self.cpus_per_actor,
-                                      gpus_per_actor=self.gpus_per_actor, log=log)
+                                      gpus_per_actor=self.gpus_per_actor, start_timeout_s=self.start_timeout_s, log=log)
         except RayPoolError as exc:
             raise dg.Failure(str(exc)) from None
-        self._pools.append(pool)
+        self._pools[spec] = pool
         return pool
 
     def resample(self, generator, rows, cfg, progress=None, log: Callable[[str], Any] = print):
@@ -68,6 +75,6 @@ class RayClusterResource(dg.ConfigurableResource):
         return model.prefetch(rows, max_tokens_per_batch, aux_layer_ids)
 
     def teardown_after_execution(self, context) -> None:
-        for pool in self._pools:
+        for pool in self._pools.values():
             pool.close()
         self._pools.clear()

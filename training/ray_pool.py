@@ -88,8 +88,7 @@ class TargetActor:
 
         if threads > 0:
             torch.set_num_threads(threads)
-        ctx = ray.get_runtime_context()
-        self.node = {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
+        self.node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         self.target = load_target(spec["path"], backend=spec["backend"], device=spec["device"],
                                   trust_remote_code=spec["trust_remote_code"])
 
@@ -131,7 +130,8 @@ class TargetPool:
 
     @classmethod
     def connect(cls, address: str, spec: TargetSpec, *, actors: int = 0, cpus_per_actor: float = 1.0,
-                gpus_per_actor: float = 0.0, log: Callable[[str], Any] = print) -> "TargetPool":
+                gpus_per_actor: float = 0.0, start_timeout_s: float = 600.0,
+                log: Callable[[str], Any] = print) -> "TargetPool":
         """Join the cluster at `address` and start `actors` actors (0: one per GPU when
         gpus_per_actor > 0, else one per alive node), spread over the nodes."""
         import ray
@@ -153,12 +153,26 @@ class TargetPool:
         remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=0,
                             max_task_retries=0, scheduling_strategy="SPREAD")(TargetActor)
         handles = [remote.remote(asdict(spec), int(cpus_per_actor)) for _ in range(actors)]
+        refs = [h.info.remote() for h in handles]
+        # Placement waits for free resources; an actor that never gets them must not hang the step.
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=start_timeout_s)
+        if waiting:
+            for h in handles:
+                ray.kill(h)
+            raise RayPoolError(
+                f"Ray cluster at {address}: {len(waiting)} of {actors} target actors not started within "
+                f"{start_timeout_s:.0f}s (each needs {cpus_per_actor} CPU, {gpus_per_actor} GPU; free now: "
+                f"{ray.available_resources()})")
         nodes = []
-        for i, h in enumerate(handles):
+        for i, ref in enumerate(refs):
             try:
-                nodes.append(ray.get(h.info.remote()))
+                nodes.append(ray.get(ref))
             except Exception as exc:
                 raise RayPoolError(f"Ray actor {i} could not load the target {spec.path}: {_cause(exc)}") from None
+        # The address each node registered with (what `ray status` shows), not the host's default IP.
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        for n in nodes:
+            n["ip"] = ips.get(n["node_id"], "?")
         pool = cls(address, handles, nodes, log, load=[0] * actors)
         log(f"ray: {actors} target actors on " + ", ".join(f"{n['ip']} (node {n['node_id'][:8]})" for n in nodes))
         return pool
