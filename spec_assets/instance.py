@@ -123,7 +123,24 @@ def ensure_instance(home: Path) -> Path:
         )
     if url:
         check_postgres(url)
+    set_pool_limit(home)
     return config
+
+
+def set_pool_limit(home: Path) -> None:
+    """Give the target pool its limit explicitly in the instance (SPECDRAFT_TARGET_SLOTS).
+
+    dagster.yaml's `default_limit` only seeds pools; when it changes, Dagster 1.13.27 updates the
+    seeded limit in the middle of a step's claim, and on PostgreSQL that update fails the run
+    (InFailedSqlTransaction). An explicit limit is never re-seeded."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        storage = instance.event_log_storage
+        if storage.supports_global_concurrency_limits:
+            info = storage.get_concurrency_info(target_pool())
+            if info.slot_count != target_slots() or getattr(info, "from_default", False):
+                storage.set_concurrency_slots(target_pool(), target_slots())
 
 
 def preflight(home: Path) -> Path:
@@ -131,6 +148,10 @@ def preflight(home: Path) -> Path:
     database, and the Ray cluster when SPECDRAFT_RAY_ADDRESS is set (a bad address fails here, at
     once, instead of in the first resample step)."""
     config = ensure_instance(home)
+    if shard_parallelism() > 1 and "postgres" not in config.read_text():
+        raise InstanceConfigError(
+            f"SPECDRAFT_PARALLEL={shard_parallelism()} needs an instance that takes concurrent writers: set "
+            f"{PG_ENV} (the SQLite instance in {home} locks under parallel runs)")
     address = os.environ.get("SPECDRAFT_RAY_ADDRESS", "").strip()
     if address:
         from training.ray_pool import RayPoolError, check_ray_address

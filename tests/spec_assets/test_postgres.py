@@ -109,6 +109,17 @@ def test_specdraft_run_on_postgres_four_shards_in_parallel_with_pools(pg, tiny_t
                        "--only-stale-or-missing", "--dry-run"], {k: v for k, v in env.items() if k != "SPECDRAFT_PARALLEL"})
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "8 asset partitions current, 0 runs to launch" in again.stdout, again.stdout[-3000:]
+    # A new slot count on the same instance (cache hits, but every target step claims a slot).
+    more = specdraft(["run", "--select", "*resampled_corpus", "--config-json", json.dumps(SMALL)],
+                     {**env, "SPECDRAFT_TARGET_SLOTS": "2"})
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    os.environ.update(env)
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert instance.event_log_storage.get_concurrency_info("target-cpu").slot_count == 2
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
 
 
 @needs_pg
