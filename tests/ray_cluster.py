@@ -136,6 +136,22 @@ class RayCluster:
         raise RuntimeError(f"ray cluster did not reach {n} nodes in {timeout_s} s:\n"
                            + "\n".join(node.log.read_text()[-2000:] for node in self.nodes))
 
+    def actor_pids(self, name: str) -> list[int]:
+        """PIDs of the actor processes of class `name` on our live nodes (found below each node's
+        `ray start` process, never by name across the machine)."""
+        out = []
+        for node in self.nodes:
+            if not node.alive():
+                continue
+            for pid in node.descendants():
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+                except OSError:
+                    continue
+                if cmd.startswith(f"ray::{name}"):
+                    out.append(pid)
+        return out
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             node.stop()

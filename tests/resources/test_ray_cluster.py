@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -146,6 +147,46 @@ def test_worker_node_killed_mid_shard_is_survived_and_a_rerun_completes(cluster,
         rerun, rerun_logs, _ = materialize(env, store, cluster.address, cfg, selection=PER_SHARD[:2], instance=instance)
         assert rerun.success, rerun_logs[-20:]
         assert len(list((store / "resampled_corpus").glob(f"{SHARD}/*/manifest.json"))) == 1
+
+
+@needs_ray
+def test_every_actor_dying_fails_clearly_with_no_artifact_and_a_rerun_resumes(cluster, tiny_target, tmp_path):
+    env = graph_env(tmp_path, tiny_target, n_shards=1)
+    cfg = config(batch_size=1, new_tokens=48)
+    store = tmp_path / "ray"
+    progress = store / "resampled_corpus" / SHARD
+    killed: list[int] = []
+
+    def kill_actors_when_a_batch_is_saved():
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if any(progress.glob("*/_progress/chunk-*.parquet")):
+                for pid in cluster.actor_pids("TargetActor"):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_actors_when_a_batch_is_saved, daemon=True)
+    watcher.start()
+    with dg.DagsterInstance.ephemeral() as instance:
+        result, logs, _ = materialize(env, store, cluster.address, cfg, selection=PER_SHARD[:2], instance=instance)
+        watcher.join(5)
+        assert killed, "no actor process found to kill"
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.is_step_failure]
+        message = failure.step_failure_data.error.message
+        assert failure.step_key == "resampled_corpus" and "every" in message and "died" in message, message
+        assert re.search(r"actor \d on node \S+ \(node id [0-9a-f]{12}, pid \d+\) died", message), message
+        assert not list((store / "resampled_corpus").glob(f"{SHARD}/*/manifest.json"))  # nothing readers trust
+        saved = len(list(progress.glob("*/_progress/chunk-*.parquet")))
+        assert saved >= 1
+        # The rerun starts new actors and resumes from the batches the dead ones finished.
+        rerun, rerun_logs, _ = materialize(env, store, cluster.address, cfg, selection=PER_SHARD[:2], instance=instance)
+        assert rerun.success, rerun_logs[-20:]
+        assert any(re.match(r"resample: [1-9]\d* rows resumed", line) for line in rerun_logs), rerun_logs
+        local, _, _ = materialize(env, tmp_path / "local", "", cfg, selection=PER_SHARD[:2])
+        assert files(store, "resampled_corpus") == files(tmp_path / "local", "resampled_corpus")
 
 
 @needs_ray
