@@ -79,7 +79,7 @@ class RayNode:
         if self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
+                self.proc.wait(5)  # then SIGKILL below: a test cluster has nothing to save
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
