@@ -42,9 +42,12 @@ def ensure_dagster_home() -> Path:
     newsletter dialog off (neither reaches the network)."""
     home = Path(os.environ.get("DAGSTER_HOME") or default_dagster_home()).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    from spec_assets.instance import InstanceConfigError, preflight
+
+    try:
+        preflight(home)  # dagster.yaml (SQLite, or PostgreSQL from SPECDRAFT_PG_URL); reachable servers
+    except InstanceConfigError as exc:
+        raise SystemExit(f"specdraft: {exc}") from None
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -122,6 +125,25 @@ def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list
     op_to_asset = {graph.op_name(k): k.to_user_string() for k in graph.keys()}
     results = []
     shards_ok = True
+
+    def unit_tags_for(unit) -> dict:
+        unit_tags = dict(tags)
+        if unit.partition is not None and source_asset in unit.assets and unit.partition in sources:
+            unit_tags[SOURCE_TAG] = sources[unit.partition]  # a file gone since fails the step
+        return unit_tags
+
+    from spec_assets.instance import shard_parallelism
+
+    in_parallel = {}  # id(unit) -> RunOutcome: shard runs executed out of process, SPECDRAFT_PARALLEL at once
+    shard_units = [u for u in units if u.assets and u.partition is not None]
+    if shard_parallelism() > 1 and len(shard_units) > 1:
+        from spec_assets.parallel import execute_parallel
+
+        t0 = time.time()
+        outcomes = execute_parallel(shard_units, lambda u: _config_for(record["run_config"], u.assets), unit_tags_for,
+                                    instance, log, shard_parallelism())
+        in_parallel = {id(u): o for u, o in zip(shard_units, outcomes)}
+        log(f"{len(shard_units)} shard runs, {shard_parallelism()} at a time, in {time.time() - t0:.1f}s")
     for unit in units:
         if not unit.assets:
             continue
@@ -130,14 +152,12 @@ def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list
             log(f"{', '.join(k.to_user_string() for k in unit.assets)}: not started, a shard failed")
             continue
         t0 = time.time()
-        unit_tags = dict(tags)
-        if unit.partition is not None and source_asset in unit.assets and unit.partition in sources:
-            unit_tags[SOURCE_TAG] = sources[unit.partition]  # a file gone since fails the step
-        result = dg.materialize(all_assets, selection=unit.assets, partition_key=unit.partition, instance=instance,
-                                resources=defs.resources, run_config=_config_for(record["run_config"], unit.assets),
-                                tags=unit_tags, raise_on_error=False)
+        result = in_parallel.get(id(unit)) or dg.materialize(
+            all_assets, selection=unit.assets, partition_key=unit.partition, instance=instance,
+            resources=defs.resources, run_config=_config_for(record["run_config"], unit.assets),
+            tags=unit_tags_for(unit), raise_on_error=False)
         results.append(result)
-        done = [[op_to_asset[e.step_key], unit.partition] for e in result.get_step_success_events()]
+        done = [[op_to_asset[e.step_key], unit.partition] for e in result.all_events if e.is_step_success]
         record["done"] = sorted({tuple(d) for d in record.get("done", []) + done}, key=str)
         _save_invocation(instance, record)
         if unit.partition is not None:
@@ -229,10 +249,13 @@ def resume_pipeline(instance=None, log=print):
 def failure_messages(result) -> list[str]:
     """One line per failed step: the step and its error message (a failed gate names its check)."""
     out = []
-    for event in result.get_step_failure_events():
-        error = event.step_failure_data.error
-        message = " ".join((error.message if error else "failed").split())
-        out.append(f"{event.step_key}: {message[:400]}")
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error
+            message = " ".join((error.message if error else "failed").split())
+            out.append(f"{event.step_key}: {message[:400]}")
+    if not out and not result.success:  # the run failed outside any step (e.g. its process died)
+        out.append(f"run {getattr(result, 'run_id', None)}: {getattr(result, 'error', None) or 'failed before any step'}")
     return out
 
 

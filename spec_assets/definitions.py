@@ -7,6 +7,7 @@ import dagster as dg
 from resources.corpus_source import CorpusSourceResource
 from resources.generation_backend import GenerationBackendResource
 from resources.object_store import ArtifactRefIOManager, ObjectStoreResource
+from resources.ray_cluster import RayClusterResource
 from resources.target_model import TargetModelResource
 from spec_assets import corpus, draft, evaluation, hidden_states, resample, tokenize
 from spec_assets.partitions import corpus_shards
@@ -57,5 +58,6 @@ defs = dg.Definitions(
                                        eval_prompts=_from_env("SPECDRAFT_EVAL_PROMPTS")),
         "target": target,
         "generator": GenerationBackendResource(target=target),
+        "ray_cluster": RayClusterResource(address=_from_env("SPECDRAFT_RAY_ADDRESS")),
     },
 )

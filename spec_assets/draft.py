@@ -9,6 +9,7 @@ import dagster as dg
 from resources.object_store import ObjectStoreResource, read_ref
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
+from spec_assets.instance import target_pool
 from spec_assets.partitions import corpus_shards
 from training.storage import ArtifactRef
 
@@ -42,6 +43,7 @@ class DraftModelConfig(dg.Config):
 @dg.asset(
     deps=["hidden_states", "tokenized_shards"],
     code_version="1",
+    pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="train",
     io_manager_key="artifact_refs",
     kinds={"pytorch", "safetensors"},

@@ -9,6 +9,7 @@ from resources.corpus_source import CorpusSourceResource
 from resources.object_store import ObjectStoreResource
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
+from spec_assets.instance import target_pool
 from training.storage import ArtifactRef
 
 GATE_CHECK = "beats_prompt_lookup"
@@ -69,6 +70,7 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
 
 @dg.asset(
     code_version="1",
+    pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="evaluate",
     io_manager_key="artifact_refs",
     kinds={"pytorch", "markdown"},

@@ -3,8 +3,10 @@
 import dagster as dg
 
 from resources.object_store import ObjectStoreResource
+from resources.ray_cluster import RayClusterResource
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
+from spec_assets.instance import target_pool
 from spec_assets.partitions import corpus_shards
 from training.storage import ArtifactRef
 
@@ -34,6 +36,7 @@ def _iter_rows(store, key: str, batch_rows: int = 256):
     # 2: aux ids vLLM and SGLang cannot feed are refused, small targets get distinct default ids,
     # inf/NaN features are refused.
     code_version="2",
+    pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="features",
     io_manager_key="artifact_refs",
     kinds={"safetensors"},
@@ -45,6 +48,7 @@ def hidden_states(
     tokenized_shards: ArtifactRef,
     object_store: ObjectStoreResource,
     target: TargetModelResource,
+    ray_cluster: RayClusterResource,
 ) -> dg.Output:
     """Offline features for draft training: aux [T, 3H] and last [T, H] per token, in parts of at most part_bytes."""
     from training.hidden_states import write_hidden_states
@@ -53,9 +57,18 @@ def hidden_states(
     tokenized = store.manifest(tokenized_shards.prefix)
 
     def build(writer):
-        # The summary (also the writer's) names the aux ids used and the hidden size.
-        write_hidden_states(target.load(), _iter_rows(store, tokenized.key("data.parquet")), writer,
-                            log=context.log.info, shard=context.partition_key, **config.model_dump())
+        from training.aux_layers import check_servable
+
+        # Local, or Ray actors holding the target compute the writer's batches (SPECDRAFT_RAY_ADDRESS).
+        model = ray_cluster.feature_target(target, log=context.log.info)
+        # Resolved and checked before any actor starts on a batch; the summary (also the writer's)
+        # names the aux ids used and the hidden size.
+        aux_ids = check_servable(tuple(config.aux_layer_ids) or model.default_aux_layer_ids(),
+                                 model.facts.num_layers, where=f"hidden_states {context.partition_key}")
+        rows = ray_cluster.prefetch(model, _iter_rows(store, tokenized.key("data.parquet")),
+                                    config.max_tokens_per_batch, aux_ids)
+        write_hidden_states(model, rows, writer, log=context.log.info, shard=context.partition_key,
+                            **{**config.model_dump(), "aux_layer_ids": list(aux_ids)})
 
     return materialize_artifact(
         context, store, build=build, upstream={"tokenized_shards": tokenized_shards.fingerprint},

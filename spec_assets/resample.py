@@ -4,7 +4,9 @@ import dagster as dg
 
 from resources.generation_backend import GenerationBackendResource
 from resources.object_store import ObjectStoreResource
+from resources.ray_cluster import RayClusterResource
 from spec_assets.artifact_step import materialize_artifact
+from spec_assets.instance import target_pool
 from spec_assets.partitions import corpus_shards
 from training.storage import ArtifactRef
 
@@ -28,6 +30,7 @@ class ResampledCorpusConfig(dg.Config):
 @dg.asset(
     partitions_def=corpus_shards,
     code_version="1",
+    pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="corpus",
     io_manager_key="artifact_refs",
     kinds={"parquet"},
@@ -39,6 +42,7 @@ def resampled_corpus(
     source_corpus: ArtifactRef,
     object_store: ObjectStoreResource,
     generator: GenerationBackendResource,
+    ray_cluster: RayClusterResource,
 ) -> dg.Output:
     """Every assistant turn regenerated (multi-turn replay, seeded per-row temperatures), resumable by row id."""
     from collections import Counter
@@ -63,7 +67,8 @@ def resampled_corpus(
             )
             # Progress lives beside the artifact, keyed by the same fingerprint: a killed run resumes there.
             progress = resample.ResampleProgress(store, f"{writer.prefix}/_progress")
-            result = resample.resample_conversations(generator.load(), rows, cfg, progress=progress, log=context.log.info)
+            # Local, or batches spread over Ray actors holding the target (SPECDRAFT_RAY_ADDRESS): same rows.
+            result = ray_cluster.resample(generator, rows, cfg, progress=progress, log=context.log.info)
         else:
             progress = None
             result = resample.passthrough(rows)

@@ -32,6 +32,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from resources.ray_cluster import RayClusterResource
 from tests.conftest import JsonHandler
 
 pytestmark = pytest.mark.timeout(150)
@@ -129,6 +130,7 @@ def _resources(generator_url: str, trust_remote_code: bool = False) -> dict:
         "target": target,
         "generator": GenerationBackendResource(backend="openai", base_url=generator_url, model="tiny-served",
                                                max_concurrency=4, target=target),
+        "ray_cluster": RayClusterResource(),
     }
 
 
@@ -468,7 +470,7 @@ def test_assets_pass_trust_remote_code_from_the_resource(tiny_target, tmp_path, 
     target = TargetModelResource(target=str(tiny_target), trust_remote_code=True, device="cpu")
     resources = {"object_store": store, "artifact_refs": ArtifactRefIOManager(object_store=store),
                  "corpus": CorpusSourceResource(location=str(corpus)), "target": target,
-                 "generator": GenerationBackendResource(target=target)}
+                 "generator": GenerationBackendResource(target=target), "ray_cluster": RayClusterResource()}
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions(corpus_shards.name, ["demo-00000"])
         from spec_assets.definitions import all_assets

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from resources.corpus_source import CorpusSourceResource
 from resources.object_store import ArtifactRefIOManager, ObjectStoreResource
+from resources.ray_cluster import RayClusterResource
 
 
 def make_resources(store_root: str, corpus_location: str, **extra) -> dict:
@@ -14,6 +15,7 @@ def make_resources(store_root: str, corpus_location: str, **extra) -> dict:
         "object_store": object_store,
         "artifact_refs": ArtifactRefIOManager(object_store=object_store),
         "corpus": CorpusSourceResource(location=corpus_location),
+        "ray_cluster": RayClusterResource(),  # local unless SPECDRAFT_RAY_ADDRESS is set
         **extra,
     }
 
