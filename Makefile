@@ -27,7 +27,7 @@ test: install
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
 			|| echo "could not install chromium (not root or no package mirror): the browser test will be skipped"; \
 	fi
-	@# Best effort too: Debian's postgresql for tests/spec_assets/test_postgres.py (a real server on loopback,
+	@# Best effort too: Debian's postgresql for tests/e2e/test_postgres.py (a real server on loopback,
 	@# run as the `postgres` user); without it that test is skipped and says why.
 	-@if command -v apt-get >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "installing postgresql for the PostgreSQL instance test"; \

@@ -1,6 +1,6 @@
 """The instance configuration `specdraft` writes (no server needed): PostgreSQL by env reference,
 never the URL or its password; a hand-written dagster.yaml left alone; pools in the config; bad
-settings refused before anything runs. The server itself: tests/spec_assets/test_postgres.py."""
+settings refused before anything runs. The server itself: tests/e2e/test_postgres.py."""
 
 from __future__ import annotations
 

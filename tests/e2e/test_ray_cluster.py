@@ -23,7 +23,7 @@ from resources.ray_cluster import RayClusterResource
 from resources.target_model import TargetModelResource
 from tests.conftest import free_port
 from tests.ray_cluster import RayCluster, why_unavailable
-from tests.spec_assets.conftest import graph_env, make_resources, tiny_target  # noqa: F401  (fixture)
+from tests.spec_assets.conftest import graph_env, make_resources
 from training.storage import ObjectStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ PER_SHARD = ["source_corpus", "resampled_corpus", "tokenized_shards", "hidden_st
 pytestmark = pytest.mark.timeout(150, method="thread")  # ray.get blocks in C: no SIGALRM
 _why = why_unavailable()
 if _why:
-    print(f"SKIP tests/resources/test_ray_cluster.py: {_why}", file=sys.stderr)
+    print(f"SKIP tests/e2e/test_ray_cluster.py: {_why}", file=sys.stderr)
 needs_ray = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 

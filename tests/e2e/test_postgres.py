@@ -27,7 +27,7 @@ TARGET_STEPS = {"resampled_corpus"}
 pytestmark = pytest.mark.timeout(300)
 _why = why_unavailable()
 if _why:
-    print(f"SKIP tests/spec_assets/test_postgres.py: {_why}", file=sys.stderr)
+    print(f"SKIP tests/e2e/test_postgres.py: {_why}", file=sys.stderr)
 needs_pg = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 
