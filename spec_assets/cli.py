@@ -117,6 +117,10 @@ def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list
 
     from spec_assets.definitions import all_assets, defs
 
+    from spec_assets.instance import release_dead_runs, runner_tags
+
+    release_dead_runs(instance, log)  # a killed earlier run would hold its pool slot forever
+    tags = {**tags, **runner_tags()}
     # Source files are listed once, when some unit reads one (their signatures go in the run tags).
     source_asset = dg.AssetKey("source_corpus")
     reads_sources = any(u.partition is not None and source_asset in u.assets for u in units)

@@ -17,6 +17,7 @@ Environment:
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +26,11 @@ MARKER = "# written by specdraft (spec_assets/instance.py); edit freely, then re
 # What ensure_dagster_home (and the tests' new_dagster_home) wrote before this module existed:
 # telemetry settings only, still ours to rewrite.
 _LEGACY = {"telemetry:\n  enabled: false\nnux:\n  enabled: false\n", "telemetry:\n  enabled: false\n"}
+
+
+# host:pid of the process executing a run, so a later `specdraft` can tell a run whose process died
+# from one still going (release_dead_runs).
+RUNNER_TAG = "specdraft/runner"
 
 
 class InstanceConfigError(RuntimeError):
@@ -161,3 +167,53 @@ def preflight(home: Path) -> Path:
         except RayPoolError as exc:
             raise InstanceConfigError(str(exc)) from None
     return config
+
+
+def runner_tags() -> dict[str, str]:
+    """The RUNNER_TAG of a run this process executes."""
+    return {RUNNER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:  # a zombie is dead, only not yet reaped by its parent
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def release_dead_runs(instance, log=print) -> list[str]:
+    """Fail the runs whose executing process on this host is gone, and free the pool slots they hold.
+
+    A run whose process is SIGKILLed (or OOM-killed) stays STARTED in the instance and keeps the
+    target-pool slot its step claimed; with one slot per device, every later target-loading step
+    would wait for it forever (Dagster's daemon frees slots only of runs that ended, and
+    `specdraft run` has no daemon). Runs on other hosts are left to their own host. Slots still
+    held by runs that did end are freed too. Returns the ids of the runs marked failed.
+    """
+    import dagster as dg
+
+    host = socket.gethostname()
+    released = []
+    active = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    for record in instance.get_run_records(filters=dg.RunsFilter(statuses=active)):
+        run = record.dagster_run
+        runner_host, _, pid = run.tags.get(RUNNER_TAG, "").rpartition(":")
+        if runner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        instance.report_run_failed(run, f"its process ({host}:{pid}) is gone: killed before the run ended")
+        log(f"run {run.run_id}: its process {host}:{pid} is gone; marked failed, pool slots freed")
+        released.append(run.run_id)
+    storage = instance.event_log_storage
+    if storage.supports_global_concurrency_limits:
+        for run_id in storage.get_concurrency_run_ids():
+            run = instance.get_run_by_id(run_id)
+            if run is None or run.is_finished:
+                storage.free_concurrency_slots_for_run(run_id)
+    return released

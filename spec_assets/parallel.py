@@ -85,7 +85,9 @@ def _child(spec_path: str) -> int:
     spec = json.load(open(spec_path))
     # The code location's implicit asset job; every step process rebuilds it from this pointer.
     job = ReconstructableRepository.for_module("spec_assets.definitions", "defs", os.getcwd()).get_reconstructable_job("__ASSET_JOB")
-    tags = dict(spec["tags"])
+    from spec_assets.instance import runner_tags
+
+    tags = {**spec["tags"], **runner_tags()}  # this process executes the run (release_dead_runs)
     if spec["partition"] is not None:
         tags["dagster/partition"] = spec["partition"]
     # forkserver with the code location, torch and transformers preloaded: a step process forks

@@ -8,11 +8,14 @@ import pytest
 import yaml
 
 from spec_assets.instance import (
+    RUNNER_TAG,
     InstanceConfigError,
     ensure_instance,
     instance_yaml,
     preflight,
     redact_url,
+    release_dead_runs,
+    runner_tags,
     target_pool,
 )
 
@@ -67,3 +70,39 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECDRAFT_RAY_ADDRESS", "not-an-address")
     with pytest.raises(InstanceConfigError, match="needs host:port"):
         preflight(tmp_path)
+
+
+def test_a_killed_runs_pool_slot_is_freed_and_the_run_failed(tmp_path):
+    """A run whose process was SIGKILLed stays STARTED holding its target-pool slot; the next
+    `specdraft` marks it failed and frees the slot, and leaves live and foreign runs alone."""
+    import socket
+    import subprocess
+    import sys
+
+    import dagster as dg
+
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead.kill()
+    dead.wait()
+    host = socket.gethostname()
+    pool = "target-cpu"
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots(pool, 1)
+        runs = {}
+        for name, runner in [("dead", f"{host}:{dead.pid}"), ("alive", runner_tags()[RUNNER_TAG]),
+                             ("elsewhere", f"other-host:{dead.pid}")]:
+            run = instance.create_run_for_job(dg.GraphDefinition(name=f"g_{name}").to_job(), tags={RUNNER_TAG: runner})
+            instance.handle_run_event(run.run_id, dg.DagsterEvent(
+                event_type_value="PIPELINE_START", job_name=run.job_name))
+            runs[name] = run.run_id
+        assert storage.claim_concurrency_slot(pool, runs["dead"], "draft_model").is_claimed
+        assert not storage.claim_concurrency_slot(pool, runs["alive"], "hidden_states").is_claimed  # waits
+
+        assert release_dead_runs(instance, log=lambda m: None) == [runs["dead"]]
+        status = {n: instance.get_run_by_id(r).status for n, r in runs.items()}
+        assert status == {"dead": dg.DagsterRunStatus.FAILURE, "alive": dg.DagsterRunStatus.STARTED,
+                          "elsewhere": dg.DagsterRunStatus.STARTED}
+        # The step that was waiting gets the freed slot on its next claim.
+        assert storage.claim_concurrency_slot(pool, runs["alive"], "hidden_states").is_claimed
+        assert release_dead_runs(instance, log=lambda m: None) == []
