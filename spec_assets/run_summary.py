@@ -32,6 +32,17 @@ def _fmt(x) -> str:
     return "n/a" if x is None or x != x else f"{x:.2f}"
 
 
+def _materialized(result, asset: str) -> bool:
+    """Whether `result` (an in-process run's result, or a parallel run's RunOutcome: both carry
+    the run's events as `all_events`) materialized `asset`."""
+    return any(e.is_step_materialization and e.asset_key.to_user_string() == asset for e in result.all_events)
+
+
+def _gate_evaluations(result) -> list:
+    return [e.event_specific_data for e in result.all_events
+            if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.event_specific_data.check_name == GATE_CHECK]
+
+
 def draft_summary(results, defs) -> list[str]:
     """The lines about the draft, from the last run in `results` that materialized eval_report
     (its report.json, its gate check, released_draft if the same run released it); [] if none did.
@@ -39,7 +50,7 @@ def draft_summary(results, defs) -> list[str]:
     from resources.object_store import read_ref
     from training.evaluation import load_result
 
-    runs = [r for r in results if r.asset_materializations_for_node("eval_report")]
+    runs = [r for r in results if _materialized(r, "eval_report")]
     if not runs:
         return []
     run = runs[-1]
@@ -51,12 +62,12 @@ def draft_summary(results, defs) -> list[str]:
     for t in result.temperatures:
         lines.append(f"  T={t:g}: EAGLE-3 tau {_fmt(result.tau('eagle3', k, t))}, "
                      f"prompt lookup {_fmt(result.tau('prompt_lookup', k, t))}")
-    checks = [c for c in run.get_asset_check_evaluations() if c.check_name == GATE_CHECK]
+    checks = _gate_evaluations(run)
     passed = bool(checks) and checks[-1].passed
     detail = checks[-1].metadata.get("detail") if checks else None
     lines.append(f"quality gate {GATE_CHECK}: {'PASSED' if passed else 'FAILED'}"
                  + (f" ({detail.value})" if detail is not None else ""))
-    if run.asset_materializations_for_node("released_draft"):
+    if _materialized(run, "released_draft"):
         released = store.manifest(read_ref(store, "released_draft").prefix)
         export = _local(store.url(released.key("config.json")).rsplit("/", 1)[0])
         lines.append(f"released export: {export}  (releases/latest.json points at it)")

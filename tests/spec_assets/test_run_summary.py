@@ -23,17 +23,17 @@ def test_serve_commands_name_the_target_the_export_and_k():
 
 
 class FakeRun:
-    """What draft_summary reads of an ExecuteInProcessResult."""
+    """What draft_summary reads of a run's result (ExecuteInProcessResult or a parallel run's
+    RunOutcome): its events, as DagsterEvents expose them."""
 
     def __init__(self, materialized: set, gate_passed: bool):
-        self.materialized, self.gate_passed = materialized, gate_passed
-
-    def asset_materializations_for_node(self, name):
-        return [name] if name in self.materialized else []
-
-    def get_asset_check_evaluations(self):
-        return [SimpleNamespace(check_name="beats_prompt_lookup", passed=self.gate_passed,
-                                metadata={"detail": dg.MetadataValue.text("k=3, T=0: tau 2.600")})]
+        self.all_events = [
+            SimpleNamespace(is_step_materialization=True, asset_key=dg.AssetKey(name), event_type_value="ASSET_MATERIALIZATION")
+            for name in sorted(materialized)
+        ] + [SimpleNamespace(
+            is_step_materialization=False, asset_key=dg.AssetKey("eval_report"), event_type_value="ASSET_CHECK_EVALUATION",
+            event_specific_data=SimpleNamespace(check_name="beats_prompt_lookup", passed=gate_passed,
+                                                metadata={"detail": dg.MetadataValue.text("k=3, T=0: tau 2.600")}))]
 
 
 def _artifact(store, asset, fp, write):
