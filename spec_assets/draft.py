@@ -120,6 +120,18 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
     }
 
 
+def target_spec(target: TargetModelResource):
+    """The resource as the TrainJob's TargetSpec: online training loads this very target (its
+    backend, device, dtype, trust_remote_code and chat settings), not a hard-coded hf one."""
+    from training.job import TargetSpec
+
+    return TargetSpec(
+        target.model_path(), backend=target.backend, device=target.device,
+        trust_remote_code=target.trust_remote_code, dtype=getattr(target, "dtype", "auto"),
+        chat_template_kwargs=getattr(target, "chat_template_kwargs", None) or None,
+    )
+
+
 def _acc_table(rows: list[dict]) -> dg.TableMetadataValue:
     cols = ["k", "train_acc", "train_cond_acc", "heldout_acc", "heldout_cond_acc"]
     types = {"k": "int"}
@@ -153,7 +165,7 @@ def draft_model(
     {shard: ArtifactRef} over all partitions (Dagster's default mapping for an unpartitioned
     asset), so the lineage the UI shows is what the code reads.
     """
-    from training.job import TargetSpec, TrainJob
+    from training.job import TrainJob
 
     if config.mode not in ("offline", "online"):
         raise dg.Failure(f"draft_model mode must be 'offline' or 'online', not {config.mode!r}")
@@ -174,17 +186,11 @@ def draft_model(
     def build(writer):
         from training import train_main
 
-        model_path = target.model_path()
-        spec = TargetSpec(
-            model_path, backend=target.backend, device=target.device, trust_remote_code=target.trust_remote_code,
-            dtype=getattr(target, "dtype", "auto"),
-            chat_template_kwargs=getattr(target, "chat_template_kwargs", None) or None,
-        )
         job = TrainJob(
             store_root=store.root,
             # Checkpoints live under the fingerprint, outside the attempt folder: a killed run resumes.
             run_prefix=f"{writer.prefix}/_run",
-            target=spec,
+            target=target_spec(target),
             vocab_map=vocab_map.prefix,
             train=config.train_config(),
             hidden_states=[r.prefix for r in refs.values()] if config.mode == "offline" else [],
