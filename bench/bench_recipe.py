@@ -58,9 +58,9 @@ def variants() -> dict[str, tuple[dict, dict, int | None]]:
         # 12.5: one sequence per optimizer step, no recipe rule, AdamW 3e-3 one-cycle
         # (linear warmup over 30%, cosine to 0), the same model and loss code.
         "baseline": (d, BASELINE, None),
-        "batch 1024 tok": (d, {"max_tokens_per_batch": 1024}, None),
+        "epochs 3": (d, {"epochs": 3}, None),
+        "batch 1024 tok, epochs 3": (d, {"max_tokens_per_batch": 1024, "epochs": 3}, None),
         "batch 4096 tok": (d, {"max_tokens_per_batch": 4096}, None),
-        "batch 8192 tok (old default)": (d, {"max_tokens_per_batch": 8192}, None),
         "epochs 1": (d, {"epochs": 1}, None),
         "epochs x2": (d, {"epochs": "x2"}, None),
         "lr 3e-4 (old default)": (d, {"lr": 3e-4}, None),

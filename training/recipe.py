@@ -28,10 +28,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-MIN_TOKENS_SEEN = 1_000_000   # a run sees at least this many tokens (epochs over a small corpus)
+MIN_TOKENS_SEEN = 2_000_000   # a run sees at least this many tokens (epochs over a small corpus)
 MAX_EPOCHS = 8                # beyond this a small corpus overfits faster than the draft learns
-TARGET_STEPS = 1000           # optimizer steps the batch size aims at
-MIN_BATCH_TOKENS = 1024
+TARGET_STEPS = 4000           # optimizer steps the batch size aims at
+MIN_BATCH_TOKENS = 256
 MAX_BATCH_TOKENS = 65536      # tokens per optimizer step over all ranks
 BASE_LR = 3e-3
 LR_REFERENCE_WIDTH = 1024
