@@ -204,5 +204,32 @@ def load_checkpoint(store: ObjectStore, run_prefix: str, prefix: str | None = No
 
 
 def clear_run(store: ObjectStore, run_prefix: str) -> None:
-    """Forget a run's checkpoints (a fresh start must not later resume from an older run)."""
+    """Forget a run's checkpoints and best weights (a fresh start must not later resume from an older run)."""
     store.delete(checkpoints_prefix(run_prefix))
+    store.delete(best_prefix(run_prefix))
+
+
+def best_prefix(run_prefix: str) -> str:
+    return f"{run_prefix.strip('/')}/best"
+
+
+def save_best(store: ObjectStore, run_prefix: str, *, step: int, model_state: dict[str, torch.Tensor],
+              record: dict) -> str:
+    """The trainable weights of the best held-out epoch so far (one artifact, replaced each time):
+    what export_checkpoint=best exports. `record` is the validation record that made it best."""
+    prefix = best_prefix(run_prefix)
+    model_cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
+    fp = hashlib.sha256(f"{run_prefix}:best:{step}".encode()).hexdigest()[:24]
+    with store.artifact(prefix, fp) as w:
+        w.write_bytes("model.safetensors", st_save(model_cpu, metadata={"step": str(step)}))
+        w.write_json("record.json", record)
+        w.summary = {"step": step}
+    return prefix
+
+
+def load_best(store: ObjectStore, run_prefix: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(weights, validation record) saved by save_best, or None."""
+    manifest = store.manifest(best_prefix(run_prefix))
+    if manifest is None:
+        return None
+    return _load_tensors(store, manifest, "model.safetensors"), json.loads(_read_checked(store, manifest, "record.json"))

@@ -1,26 +1,11 @@
-"""torchrun entry point: train an EAGLE-3 draft from a JSON job spec.
+"""torchrun entry point: train an EAGLE-3 draft from a TrainJob (training/job.py) in JSON.
 
     python -m training.train_main job.json                                  # one process
     torchrun --nproc_per_node 8 -m training.train_main job.json             # data parallel
 
-Job spec (JSON object):
-    store_root      object-store root URL (file://, a path, or s3://)
-    run_prefix      store prefix for checkpoints, metrics.jsonl and result.json
-    target_dir      target model directory (or hub id): config.json and the head weights
-    vocab_map       store key of the vocab-map safetensors, or an artifact prefix holding one
-    hidden_states   [artifact prefixes]  -> offline training on stored hidden states, or
-    tokenized       [tokenized_shards artifact prefixes, or keys/URLs of tokenized Parquet] plus
-    target          {"spec": path or hub id, "backend": "hf", "kwargs": {...}} -> online training
-    aux_layer_ids   optional (default (2, L//2, L-3))
-    train           TrainConfig fields
-    export_dir      optional local directory for the serving export (rank 0 writes it)
-    init_from       optional store key of an earlier export's model.safetensors (warm start)
-    resume          optional, default true
-    threads         optional torch intra-op threads per process
-
 Rank 0 writes checkpoints, metrics, `{run_prefix}/result.json` (TrainResult.summary) and the
 export; every rank builds the same draft from the seed (DDP broadcasts rank 0's anyway).
-`launch(spec, nproc)` runs a spec in-process (nproc 1) or under torchrun and returns result.json.
+`launch(job, nproc)` runs a job in-process (nproc 1) or under torchrun and returns result.json.
 """
 
 from __future__ import annotations
@@ -32,12 +17,15 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
+from training.job import TrainJob
 from training.storage import ObjectStore
-from training.trainer import OnlineBatchSource, TrainConfig, train
+from training.online import OnlineBatchSource
+from training.trainer import train
 
 
 def load_vocab_map(store: ObjectStore, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +46,12 @@ def load_vocab_map(store: ObjectStore, key: str) -> tuple[torch.Tensor, torch.Te
     return tensors["d2t"].to(torch.int64), tensors["t2d"].to(torch.bool)
 
 
-def build_offline_source(spec: dict, store: ObjectStore):
-    """HiddenStateDataset over the spec's hidden_states artifact prefixes, or None (online job)."""
-    if not spec.get("hidden_states"):
-        return None
+def build_offline_source(hidden_states: Sequence[str], store: ObjectStore):
+    """HiddenStateDataset over hidden_states artifact prefixes."""
     from training.hidden_states import HiddenStateDataset
 
     manifests = []
-    for prefix in spec["hidden_states"]:
+    for prefix in hidden_states:
         m = store.manifest(prefix)
         if m is None:
             raise FileNotFoundError(f"hidden-state artifact {store.url(prefix)} has no manifest")
@@ -73,23 +59,14 @@ def build_offline_source(spec: dict, store: ObjectStore):
     return HiddenStateDataset(store, manifests)
 
 
-def build_online_source(spec: dict, store: ObjectStore, aux_layer_ids, device: torch.device):
-    """OnlineBatchSource: the spec's tokenized data with the target loaded on this rank's device."""
-    if not spec.get("tokenized"):
-        raise ValueError("the job spec needs hidden_states (offline) or tokenized + target (online)")
-    from training.targets import load_target
-
-    t = spec.get("target") or {}
-    if "spec" not in t:
-        raise ValueError("online training needs target.spec (the model to run in the loop)")
-    backend = t.get("backend", "hf")
-    kwargs = {"device": str(device), **t.get("kwargs", {})} if backend == "hf" else t.get("kwargs", {})
-    target = load_target(t["spec"], backend=backend, **kwargs)
-    return OnlineBatchSource(target, spec["tokenized"], aux_layer_ids=aux_layer_ids, store=store)
+def build_online_source(job: TrainJob, store: ObjectStore, aux_layer_ids, device: torch.device):
+    """OnlineBatchSource: the job's tokenized data with its target loaded on this rank's device."""
+    target = job.target.load(device=str(device))
+    return OnlineBatchSource(target, job.tokenized, aux_layer_ids=aux_layer_ids, store=store)
 
 
-def run(spec: dict, log=print):
-    """Build draft, source and heads from the spec and train; returns the TrainResult."""
+def run(job: TrainJob, log=print):
+    """Build draft, source and heads from the job and train; returns the TrainResult."""
     from training.eagle3.model import DraftConfig, Eagle3Draft
     from training.targets.weights import load_head_weights, model_dir
 
@@ -99,19 +76,18 @@ def run(spec: dict, log=print):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    store = ObjectStore(spec["store_root"])
-    cfg = TrainConfig.from_dict(spec.get("train", {}))
-    target_dir = model_dir(spec["target_dir"])  # a local directory, or the hub snapshot of an id
+    if job.threads:
+        torch.set_num_threads(int(job.threads))
+    store = ObjectStore(job.store_root)
+    target_dir = model_dir(job.target.weights_dir())  # a local directory, or the hub snapshot of an id
     target_config = json.loads((target_dir / "config.json").read_text())
     embed, lm_head = load_head_weights(str(target_dir))
     # The head only scores target distributions (no gradient): bf16 on GPU halves its memory,
     # and autocast runs that matmul in bf16 anyway; fp32 on CPU.
     lm_head = lm_head.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    d2t, t2d = load_vocab_map(store, spec["vocab_map"])
-    aux_ids = spec.get("aux_layer_ids")
-    offline = build_offline_source(spec, store)
+    d2t, t2d = load_vocab_map(store, job.vocab_map)
+    aux_ids = job.aux_layer_ids
+    offline = build_offline_source(job.hidden_states, store) if job.hidden_states else None
     if offline is not None:
         # The draft must be exported with the layers its features came from.
         stored = tuple(offline.aux_layer_ids)
@@ -121,19 +97,19 @@ def run(spec: dict, log=print):
     draft_cfg = DraftConfig.from_target_config(target_config, int(t2d.sum()), aux_ids)
     if offline is not None and offline.hidden_size != draft_cfg.hidden_size:
         raise ValueError(f"hidden states have H={offline.hidden_size}, the target config {draft_cfg.hidden_size}")
-    torch.manual_seed(cfg.seed)  # same init on every rank and on every resume (then overwritten)
+    torch.manual_seed(job.train.seed)  # same init on every rank and on every resume (then overwritten)
     draft = Eagle3Draft(draft_cfg, embed).to(device)
-    if spec.get("init_from"):
-        warm_start(draft, store, spec["init_from"], log=log if rank == 0 else (lambda _: None))
-    source = offline or build_online_source(spec, store, draft_cfg.aux_layer_ids, device)
-    result = train(cfg, source, draft, lm_head, t2d, store, spec["run_prefix"],
-                   log=log if rank == 0 else (lambda _: None), resume=spec.get("resume", True))
+    if job.init_from:
+        warm_start(draft, store, job.init_from, log=log if rank == 0 else (lambda _: None))
+    source = offline or build_online_source(job, store, draft_cfg.aux_layer_ids, device)
+    result = train(job.train, source, draft, lm_head, t2d, store, job.run_prefix,
+                   log=log if rank == 0 else (lambda _: None), resume=job.resume)
     if rank == 0:
-        if spec.get("export_dir"):
+        if job.export_dir:
             from training.export import export_draft
 
-            export_draft(draft, d2t, t2d, target_config, spec["export_dir"])
-        store.write_json(f"{spec['run_prefix'].strip('/')}/result.json", result.summary())
+            export_draft(draft, d2t, t2d, target_config, job.export_dir)
+        store.write_json(f"{job.run_prefix.strip('/')}/result.json", result.summary())
     return result
 
 
@@ -155,15 +131,15 @@ def warm_start(draft, store: ObjectStore, key: str, log=print) -> None:
     log(f"warm start from {store.url(key)}")
 
 
-def launch(spec: dict, nproc: int = 1, *, log=print) -> dict:
+def launch(job: TrainJob, nproc: int = 1, *, log=print) -> dict:
     """Run a job and return its result.json: in this process for nproc 1, else under
     `torchrun --standalone --nproc_per_node nproc -m training.train_main` (rank 0's output is
     streamed to `log`). What the draft_model asset calls."""
     if nproc <= 1:
-        return run(spec, log=log).summary()
+        return run(job, log=log).summary()
     with tempfile.TemporaryDirectory(prefix="specdraft-train-") as tmp:
         path = Path(tmp) / "job.json"
-        path.write_text(json.dumps(spec))
+        path.write_text(job.to_json())
         # torchrun pins OMP_NUM_THREADS=1 unless told otherwise: give each rank its share instead.
         env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -182,7 +158,7 @@ def launch(spec: dict, nproc: int = 1, *, log=print) -> dict:
             raise
         if rc != 0:
             raise RuntimeError(f"torchrun ({nproc} processes) exited with {rc}:\n{''.join(tail)}")
-    return ObjectStore(spec["store_root"]).read_json(f"{spec['run_prefix'].strip('/')}/result.json")
+    return ObjectStore(job.store_root).read_json(f"{job.run_prefix.strip('/')}/result.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    spec = json.loads(Path(argv[0]).read_text())
+    job = TrainJob.from_json(Path(argv[0]).read_text())
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     try:
-        run(spec, log=lambda line: print(line, flush=True))
+        run(job, log=lambda line: print(line, flush=True))
     finally:
         if distributed:
             dist.destroy_process_group()

@@ -317,7 +317,7 @@ def test_hidden_states_killed_mid_part_leave_nothing_readable_and_rerun_is_bitwi
     assert partial_size == int(marker.read_text())
     assert store.manifest(prefix) is None
     with pytest.raises(FileNotFoundError, match="has no manifest"):
-        build_offline_source({"hidden_states": [prefix]}, store)  # the trainer refuses it
+        build_offline_source([prefix], store)  # the trainer refuses it
 
     # An uninterrupted run elsewhere, then the rerun at the killed prefix.
     target = load_target(str(tiny), backend="hf", device="cpu", dtype="float32")

@@ -37,7 +37,7 @@ def _launch(spec_path):
 
 def _write_spec(tmp_path, name, spec):
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(spec))
+    path.write_text(spec.to_json())
     return path
 
 

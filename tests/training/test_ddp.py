@@ -26,6 +26,7 @@ class Interleaved:
 
     def __init__(self, source, world: int):
         self.source, self.world = source, world
+        self.num_tokens, self.num_sequences = source.num_tokens, source.num_sequences  # what the recipe sizes
 
     def num_batches(self, max_tokens, world_size=1, *, epoch=0, seed=0):
         assert world_size == 1

@@ -81,23 +81,17 @@ def build_run_fixture(root: Path, *, n_rows: int = 48, seed: int = 0) -> dict:
             "d2t": d2t, "t2d": t2d, "vocab": vocab}
 
 
-def job_spec(fx: dict, run_prefix: str, train_cfg: dict, *, online: bool = False, export_dir=None) -> dict:
-    spec = {
-        "store_root": fx["store"].root,
-        "run_prefix": run_prefix,
-        "target_dir": str(fx["target_dir"]),
-        "vocab_map": VOCAB_PREFIX,
-        "train": train_cfg,
-        "threads": 1,  # bitwise comparisons need the same reduction order in every process
-    }
-    if online:
-        spec["tokenized"] = [TOKENIZED_KEY]
-        spec["target"] = {"spec": str(fx["target_dir"]), "backend": "hf", "kwargs": {"dtype": "float32"}}
-    else:
-        spec["hidden_states"] = [HIDDEN_PREFIX]
-    if export_dir:
-        spec["export_dir"] = str(export_dir)
-    return spec
+def job_spec(fx: dict, run_prefix: str, train_cfg: dict, *, online: bool = False, export_dir=None):
+    from training.job import TargetSpec, TrainJob
+
+    return TrainJob(
+        store_root=fx["store"].root, run_prefix=run_prefix, vocab_map=VOCAB_PREFIX,
+        target=TargetSpec(str(fx["target_dir"]), backend="hf", dtype="float32"),
+        train=TrainConfig.from_dict(train_cfg),
+        tokenized=[TOKENIZED_KEY] if online else [], hidden_states=[] if online else [HIDDEN_PREFIX],
+        export_dir=str(export_dir) if export_dir else None,
+        threads=1,  # bitwise comparisons need the same reduction order in every process
+    )
 
 
 def make_draft(fx: dict, seed: int = 0):
@@ -189,7 +183,10 @@ def test_offline_training_learns_and_reports(fx):
     steps = sorted(int(k.rsplit("-", 1)[1]) for k in fx["store"].list(f"runs/offline/{CKPT_DIR}") if "step-" in k)
     assert len(steps) == 2 and steps[-1] == total
     ck = load_checkpoint(fx["store"], "runs/offline")
-    assert ck.step == total and ck.state["config"] == cfg.to_dict()
+    # the checkpoint holds the resolved config: what was set explicitly, the recipe's values for the rest
+    assert ck.step == total and ck.state["config"] == res.config
+    assert all(res.config[k] == v for k, v in cfg.to_dict().items() if v is not None)
+    assert res.recipe_fields == ["warmup_ratio", "validation_rows"] and res.config["validation_rows"] == 0  # a small corpus
     assert set(ck.model) == {n for n, p in draft.named_parameters() if p.requires_grad}
 
     # A finished run resumes as a no-op with the same weights; a changed config is refused.
@@ -253,7 +250,7 @@ def test_train_main_online_in_process(fx, tmp_path):
     res = run(spec, log=lines.append)
     # log every 2 steps, and at every checkpoint (3, 6): steps 2, 3, 4, 6
     assert res.steps == 6 and math.isfinite(res.final_loss)
-    assert [int(x.split()[1].split("/")[0]) for x in lines] == [2, 3, 4, 6]
+    assert [int(x.split()[1].split("/")[0]) for x in lines if x.startswith("step ")] == [2, 3, 4, 6]
     summary = fx["store"].read_json("runs/online/result.json")
     assert summary["steps"] == 6 and summary["final_loss"] == res.final_loss
     from training.targets.weights import load_head_weights

@@ -1,0 +1,115 @@
+"""TrainJob: everything one draft training run needs, typed, and serializable to JSON for torchrun.
+
+draft_model (spec_assets/draft.py) builds one from its config and the target resource; train_main
+runs it in process or writes it to job.json for `torchrun -m training.train_main job.json`. The
+target travels as a TargetSpec, the resolved target resource (backend, device, dtype,
+trust_remote_code, chat settings), so online training loads the very target the pipeline uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from training.recipe import TrainConfig
+
+
+def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; known: {sorted(names)}")
+    return d
+
+
+@dataclass
+class TargetSpec:
+    """How to load the target: `spec` is a local HF directory or hub id (a base URL for the
+    openai backend); `model_dir` is where its config.json and head weights live (default: spec).
+    `kwargs` are further backend arguments (vllm's tensor_parallel_size, say)."""
+
+    spec: str
+    backend: str = "hf"
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    chat_template_kwargs: dict | None = None
+    model_dir: str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+    def weights_dir(self) -> str:
+        return self.model_dir or self.spec
+
+    def load_kwargs(self, device: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of training.targets.load_target for this backend. `device` (a rank's
+        own device under torchrun) replaces an "auto" device of the hf backend."""
+        kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision is not None:
+            kw["revision"] = self.revision
+        if self.backend in ("hf", "vllm"):
+            kw["dtype"] = self.dtype
+            if self.chat_template_kwargs is not None:
+                kw["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.backend == "hf":
+            kw["device"] = device if (device is not None and self.device == "auto") else self.device
+        return kw | self.kwargs
+
+    def load(self, device: str | None = None):
+        from training.targets import load_target
+
+        return load_target(self.spec, backend=self.backend, **self.load_kwargs(device))
+
+
+@dataclass
+class TrainJob:
+    """One training run. Exactly one data source: `hidden_states` (artifact prefixes: offline) or
+    `tokenized` (tokenized_shards prefixes, or keys/URLs of tokenized Parquet: online, the target
+    runs in the loop). Rank 0 writes checkpoints, metrics and `{run_prefix}/result.json` under
+    `store_root`, and the serving export to `export_dir` if set."""
+
+    store_root: str
+    run_prefix: str
+    target: TargetSpec
+    vocab_map: str                       # store key of the vocab-map safetensors, or its artifact prefix
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hidden_states: list[str] = field(default_factory=list)
+    tokenized: list[str] = field(default_factory=list)
+    aux_layer_ids: list[int] | None = None  # default (2, L//2, L-3); offline: must match the features'
+    export_dir: str | None = None
+    init_from: str | None = None         # store key of an earlier export's model.safetensors (warm start)
+    resume: bool = True
+    threads: int | None = None           # torch intra-op threads per process
+
+    def __post_init__(self):
+        if isinstance(self.target, dict):
+            self.target = TargetSpec(**_known(TargetSpec, self.target, "TargetSpec"))
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        if bool(self.hidden_states) == bool(self.tokenized):
+            raise ValueError("a TrainJob needs exactly one of hidden_states (offline) or tokenized (online), "
+                             f"got {len(self.hidden_states)} hidden_states and {len(self.tokenized)} tokenized sources")
+        self.hidden_states, self.tokenized = list(self.hidden_states), list(self.tokenized)
+        if self.aux_layer_ids is not None:
+            self.aux_layer_ids = [int(i) for i in self.aux_layer_ids]
+
+    @property
+    def mode(self) -> str:
+        return "offline" if self.hidden_states else "online"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainJob:
+        return cls(**_known(cls, dict(d), "TrainJob"))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainJob:
+        return cls.from_dict(json.loads(text))

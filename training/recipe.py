@@ -1,0 +1,183 @@
+"""The training recipe: TrainConfig (the one place training defaults live) and the rule that
+derives the corpus-dependent ones from the corpus size.
+
+A field left None is "the recipe decides"; a value set explicitly always wins. `resolve` turns a
+config into a fully specified one for a corpus of `CorpusStats` (tokens, rows), so the same
+config gives a 300k-token corpus and a 300M-token corpus each a good run:
+
+    epochs      enough passes that the run sees MIN_TOKENS_SEEN tokens (small corpora repeat,
+                large ones take one pass), capped at MAX_EPOCHS
+    batch       tokens per optimizer step so that the run takes about TARGET_STEPS steps, a power
+                of two in [MIN_BATCH_TOKENS, MAX_BATCH_TOKENS] (split over ranks x grad_accum)
+    lr          BASE_LR (AdamW), scaled down as 1/sqrt(H / 1024) for drafts wider than 1024
+    warmup      WARMUP_RATIO of the steps; cosine decay to min_lr_ratio of lr after it
+    validation  a held-out slice of the training rows (VALIDATION_SHARE, at most
+                MAX_VALIDATION_ROWS, none under MIN_ROWS_FOR_VALIDATION rows), measured at
+                every epoch end; the best epoch's weights are exported (export_checkpoint)
+
+and `draft_vocab_size` caps the draft vocabulary by what the corpus uses. The constants are the
+measured ones: bench/bench_recipe.py (stories260K, 1536 TinyStories prompts resampled greedily,
+held-out tau at T=0 and T=1) and the README's recipe table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+MIN_TOKENS_SEEN = 2_000_000   # a run sees at least this many tokens (epochs over a small corpus)
+MAX_EPOCHS = 8                # beyond this a small corpus overfits faster than the draft learns
+TARGET_STEPS = 4000           # optimizer steps the batch size aims at
+MIN_BATCH_TOKENS = 256
+MAX_BATCH_TOKENS = 65536      # tokens per optimizer step over all ranks
+BASE_LR = 3e-3
+LR_REFERENCE_WIDTH = 1024
+WARMUP_RATIO = 0.05
+VALIDATION_SHARE = 0.05
+MAX_VALIDATION_ROWS = 256
+MIN_ROWS_FOR_VALIDATION = 200
+VOCAB_COVERAGE = 0.999        # share of masked tokens the draft vocabulary must cover
+VOCAB_MULTIPLE = 64
+MAX_DRAFT_VOCAB = 32000
+
+# The fields the recipe fills when they are None.
+DERIVED = ("epochs", "max_tokens_per_batch", "lr", "warmup_ratio", "validation_rows")
+
+
+@dataclass
+class TrainConfig:
+    ttt_length: int = 7              # TTT unroll K (DESIGN.md: EAGLE-3 training semantics)
+    step_weight: float = 0.8         # loss = sum_k w^k loss_k
+    lr: float | None = None          # None: the recipe (BASE_LR, width-scaled)
+    min_lr_ratio: float = 0.1        # cosine floor as a fraction of lr
+    weight_decay: float = 0.0        # applied to matrices only (norm gains stay undecayed)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int | None = None  # explicit count wins over warmup_ratio
+    warmup_ratio: float | None = None  # None: WARMUP_RATIO
+    epochs: int | None = None        # None: the recipe, from the corpus size
+    max_steps: int | None = None     # cap on optimizer steps (the schedule spans the capped run)
+    max_tokens_per_batch: int | None = None  # token budget of one packed micro-batch per rank; None: recipe
+    grad_accum: int = 1
+    grad_clip: float = 1.0           # global L2 norm; 0 disables
+    seed: int = 0
+    validation_rows: int | None = None  # rows held out of training and measured each epoch; None: recipe
+    export_checkpoint: str = "best"  # best: the epoch with the highest held-out simulated tau; last
+    checkpoint_every: int = 500      # optimizer steps; a final checkpoint is always written
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    metrics_flush_seconds: float = 60.0  # metrics.jsonl is rewritten whole (S3 has no append)
+
+    def __post_init__(self):
+        for name in ("ttt_length", "epochs", "max_tokens_per_batch", "grad_accum", "log_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {value}")
+        if self.checkpoint_every < 0 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("checkpoint_every must be >= 0 (0: only the final one) and max_steps >= 1")
+        if self.validation_rows is not None and self.validation_rows < 0:
+            raise ValueError(f"TrainConfig.validation_rows must be >= 0, got {self.validation_rows}")
+        if self.export_checkpoint not in ("best", "last"):
+            raise ValueError(f"TrainConfig.export_checkpoint must be 'best' or 'last', got {self.export_checkpoint!r}")
+        self.betas = tuple(float(b) for b in self.betas)
+
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, name) is not None for name in DERIVED)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# Fields that may differ between a checkpoint and its resume without changing the trajectory.
+RESUME_FREE_FIELDS = ("checkpoint_every", "log_every", "keep_checkpoints", "metrics_flush_seconds",
+                      "export_checkpoint")
+
+
+@dataclass(frozen=True)
+class CorpusStats:
+    """What the rule reads: token and row counts of the training rows (before any hold-out)."""
+
+    tokens: int
+    rows: int
+
+    def __post_init__(self):
+        if self.tokens < 1 or self.rows < 1:
+            raise ValueError(f"an empty corpus ({self.rows} rows, {self.tokens} tokens) cannot be trained on")
+
+
+def corpus_stats(source) -> CorpusStats:
+    """CorpusStats of a BatchSource with num_tokens and num_sequences (every source here has them)."""
+    return CorpusStats(tokens=int(source.num_tokens), rows=int(source.num_sequences))
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1.0)))))
+
+
+def resolve(cfg: TrainConfig, stats: CorpusStats, *, world_size: int = 1, hidden_size: int | None = None) -> TrainConfig:
+    """cfg with every None field of DERIVED filled for this corpus; explicit fields are kept.
+
+    Pure and deterministic (a resumed run resolves to the same config). The batch rule counts
+    tokens per optimizer step over all ranks and accumulation micro-batches, so the per-rank
+    max_tokens_per_batch shrinks as world_size x grad_accum grows.
+    """
+    epochs = cfg.epochs
+    if epochs is None:
+        epochs = int(min(MAX_EPOCHS, max(1, math.ceil(MIN_TOKENS_SEEN / stats.tokens))))
+    batch = cfg.max_tokens_per_batch
+    if batch is None:
+        per_step = _pow2_floor(stats.tokens * epochs / TARGET_STEPS)
+        per_step = min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, per_step))
+        batch = max(1, per_step // (world_size * cfg.grad_accum))
+    lr = cfg.lr
+    if lr is None:
+        lr = BASE_LR
+        if hidden_size and hidden_size > LR_REFERENCE_WIDTH:
+            lr = BASE_LR / math.sqrt(hidden_size / LR_REFERENCE_WIDTH)
+    warmup_ratio = WARMUP_RATIO if cfg.warmup_ratio is None else cfg.warmup_ratio
+    validation = cfg.validation_rows
+    if validation is None:
+        validation = 0 if stats.rows < MIN_ROWS_FOR_VALIDATION else min(
+            MAX_VALIDATION_ROWS, max(1, round(VALIDATION_SHARE * stats.rows)))
+    return replace(cfg, epochs=epochs, max_tokens_per_batch=batch, lr=float(lr), warmup_ratio=warmup_ratio,
+                   validation_rows=int(validation))
+
+
+def derived_fields(cfg: TrainConfig) -> list[str]:
+    """The DERIVED fields the recipe will fill (None in cfg): what metadata marks as 'from the rule'."""
+    return [name for name in DERIVED if getattr(cfg, name) is None]
+
+
+def draft_vocab_size(counts: Sequence[int] | np.ndarray, *, coverage: float = VOCAB_COVERAGE,
+                     cap: int = MAX_DRAFT_VOCAB, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Draft vocabulary size for masked-token `counts` (int [target_vocab]): the fewest most
+    frequent ids covering `coverage` of the masked tokens, rounded up to `multiple`, at most
+    `cap` and the target vocabulary. A head over ids the corpus never produces costs compute
+    (T x draft_vocab logits per TTT step) and teaches nothing; on a 44k-token chat corpus with a
+    49k-token target the fixed 32,000 cost most of the step time."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 1 or counts.size == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("no masked tokens were counted: nothing to size a draft vocabulary by")
+    ordered = np.sort(counts)[::-1]
+    need = int(np.searchsorted(np.cumsum(ordered), coverage * total - 1e-9 * total)) + 1
+    need = -(-need // multiple) * multiple
+    return int(min(need, cap, counts.size))
