@@ -176,9 +176,9 @@ def train_variant(target, store, prefix: str, counts: np.ndarray, overrides: dic
     from training.hidden_states import HiddenStateDataset
     from training.targets.weights import load_head_weights
     from training.trainer import TrainConfig, train
-    from training.vocab import build_vocab_map
+    from training.vocab import build_vocab_map, draft_vocab_size_by_coverage
 
-    n_vocab = vocab or recipe.draft_vocab_size(counts)
+    n_vocab = vocab or draft_vocab_size_by_coverage(counts)
     vmap = build_vocab_map(counts, n_vocab)
     source = HiddenStateDataset(store, [store.manifest(prefix)])
     overrides = dict(overrides)

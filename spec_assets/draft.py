@@ -26,6 +26,9 @@ class DraftModelConfig(dg.Config):
     mode: str = "offline"  # offline: stored hidden_states; online: the target runs inside the trainer
     nproc: int = 1  # > 1 launches torchrun (gloo on CPU, NCCL on GPU)
     warm_start: bool = False  # start from the previous export (new data, same draft shape)
+    # embed_tokens.weight in the export: off, since current vLLM and SGLang use the target's own
+    # embedding (README "Serving the draft"); on for tools that need a self-contained draft.
+    export_embed_tokens: bool = False
 
     ttt_length: int = _DEFAULTS.ttt_length
     step_weight: float = _DEFAULTS.step_weight
@@ -199,6 +202,7 @@ def draft_model(
             tokenized=[store.manifest(r.prefix).key("data.parquet") for r in refs.values()]
             if config.mode == "online" else [],
             init_from=store.manifest(warm_from.prefix).key("export/model.safetensors") if warm_from else None,
+            export_embed_tokens=config.export_embed_tokens,
         )
         with tempfile.TemporaryDirectory() as tmp:
             job.export_dir = str(Path(tmp) / "export")

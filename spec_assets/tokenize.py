@@ -1,6 +1,8 @@
 """Stage 3: token ids and assistant loss masks per shard, and the pruned draft vocabulary over all shards."""
 
 
+from typing import Optional
+
 import dagster as dg
 
 from resources.object_store import ObjectStoreResource
@@ -23,7 +25,7 @@ class TokenizedShardsConfig(dg.Config):
 class VocabMapConfig(dg.Config):
     """training.vocab.VocabConfig as Dagster config (defaults tested equal to the library's)."""
 
-    draft_vocab_size: int = 32000
+    draft_vocab_size: Optional[int] = None  # None: the fewest ids covering 99.9% of the masked tokens, at most 32,000
 
 
 @dg.asset(

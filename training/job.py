@@ -78,6 +78,7 @@ class TrainJob:
     tokenized: list[str] = field(default_factory=list)
     aux_layer_ids: list[int] | None = None  # default (2, L//2, L-3); offline: must match the features'
     export_dir: str | None = None
+    export_embed_tokens: bool = False    # write embed_tokens.weight too (vLLM and SGLang use the target's)
     init_from: str | None = None         # store key of an earlier export's model.safetensors (warm start)
     resume: bool = True
     threads: int | None = None           # torch intra-op threads per process

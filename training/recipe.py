@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 
 MIN_TOKENS_SEEN = 2_000_000   # a run sees at least this many tokens (epochs over a small corpus)
 MAX_EPOCHS = 8                # beyond this a small corpus overfits faster than the draft learns
@@ -39,9 +38,6 @@ WARMUP_RATIO = 0.05
 VALIDATION_SHARE = 0.05
 MAX_VALIDATION_ROWS = 256
 MIN_ROWS_FOR_VALIDATION = 200
-VOCAB_COVERAGE = 0.999        # share of masked tokens the draft vocabulary must cover
-VOCAB_MULTIPLE = 64
-MAX_DRAFT_VOCAB = 32000
 
 # The fields the recipe fills when they are None.
 DERIVED = ("epochs", "max_tokens_per_batch", "lr", "warmup_ratio", "validation_rows")
@@ -160,24 +156,3 @@ def resolve(cfg: TrainConfig, stats: CorpusStats, *, world_size: int = 1, hidden
 def derived_fields(cfg: TrainConfig) -> list[str]:
     """The DERIVED fields the recipe will fill (None in cfg): what metadata marks as 'from the rule'."""
     return [name for name in DERIVED if getattr(cfg, name) is None]
-
-
-def draft_vocab_size(counts: Sequence[int] | np.ndarray, *, coverage: float = VOCAB_COVERAGE,
-                     cap: int = MAX_DRAFT_VOCAB, multiple: int = VOCAB_MULTIPLE) -> int:
-    """Draft vocabulary size for masked-token `counts` (int [target_vocab]): the fewest most
-    frequent ids covering `coverage` of the masked tokens, rounded up to `multiple`, at most
-    `cap` and the target vocabulary. A head over ids the corpus never produces costs compute
-    (T x draft_vocab logits per TTT step) and teaches nothing; on a 44k-token chat corpus with a
-    49k-token target the fixed 32,000 cost most of the step time."""
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
-    if not 0 < coverage <= 1:
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
-    total = int(counts.sum())
-    if total == 0:
-        raise ValueError("no masked tokens were counted: nothing to size a draft vocabulary by")
-    ordered = np.sort(counts)[::-1]
-    need = int(np.searchsorted(np.cumsum(ordered), coverage * total - 1e-9 * total)) + 1
-    need = -(-need // multiple) * multiple
-    return int(min(need, cap, counts.size))

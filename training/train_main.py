@@ -26,24 +26,7 @@ from training.job import TrainJob
 from training.storage import ObjectStore
 from training.online import OnlineBatchSource
 from training.trainer import train
-
-
-def load_vocab_map(store: ObjectStore, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d2t int64, t2d bool) from a safetensors key, or from the artifact whose manifest names one."""
-    from safetensors.torch import load
-
-    if not key.endswith(".safetensors"):
-        manifest = store.manifest(key)
-        if manifest is None:
-            raise FileNotFoundError(f"no vocab map at {store.url(key)}: neither a .safetensors key nor a "
-                                    "complete artifact prefix")
-        names = manifest.names()
-        tensors_files = [n for n in names if n.endswith(".safetensors")]
-        if len(tensors_files) != 1:
-            raise ValueError(f"vocab-map artifact {key} holds {tensors_files}; expected one safetensors file")
-        key = manifest.key(tensors_files[0])
-    tensors = load(store.read_bytes(key))
-    return tensors["d2t"].to(torch.int64), tensors["t2d"].to(torch.bool)
+from training.vocab import read_vocab_map
 
 
 def build_offline_source(hidden_states: Sequence[str], store: ObjectStore):
@@ -85,7 +68,8 @@ def run(job: TrainJob, log=print):
     # The head only scores target distributions (no gradient): bf16 on GPU halves its memory,
     # and autocast runs that matmul in bf16 anyway; fp32 on CPU.
     lm_head = lm_head.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-    d2t, t2d = load_vocab_map(store, job.vocab_map)
+    vmap = read_vocab_map(store, job.vocab_map)
+    d2t, t2d = vmap["d2t"], vmap["t2d"]
     aux_ids = job.aux_layer_ids
     offline = build_offline_source(job.hidden_states, store) if job.hidden_states else None
     if offline is not None:
@@ -108,7 +92,7 @@ def run(job: TrainJob, log=print):
         if job.export_dir:
             from training.export import export_draft
 
-            export_draft(draft, d2t, t2d, target_config, job.export_dir)
+            export_draft(draft, d2t, t2d, target_config, job.export_dir, include_embed=job.export_embed_tokens)
         store.write_json(f"{job.run_prefix.strip('/')}/result.json", result.summary())
     return result
 

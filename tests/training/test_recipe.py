@@ -1,10 +1,9 @@
-"""The recipe rule: corpus-sized defaults, explicit values win, the draft vocabulary by coverage."""
+"""The recipe rule: corpus-sized defaults, explicit values win (the draft vocabulary by coverage: test_vocab.py)."""
 
-import numpy as np
 import pytest
 
 from training import recipe
-from training.recipe import CorpusStats, TrainConfig, draft_vocab_size, resolve
+from training.recipe import CorpusStats, TrainConfig, resolve
 
 
 def steps(cfg: TrainConfig, stats: CorpusStats, world: int = 1) -> float:
@@ -53,17 +52,3 @@ def test_empty_corpus_and_bad_fields_are_refused():
         TrainConfig(export_checkpoint="first")
     with pytest.raises(ValueError, match="validation_rows"):
         TrainConfig(validation_rows=-1)
-
-
-def test_draft_vocab_covers_the_corpus_not_the_target():
-    counts = np.zeros(50_000, dtype=np.int64)
-    counts[:10] = 1000  # ten ids carry almost everything
-    counts[10:300] = 1   # a long tail
-    n = draft_vocab_size(counts, coverage=0.97)
-    assert n == 64  # the 10 frequent ids already reach 97%; rounded up to the multiple
-    tail = draft_vocab_size(counts, coverage=1.0)
-    assert tail == 320 and tail >= int((counts > 0).sum())  # full coverage needs every used id
-    assert draft_vocab_size(np.ones(100, dtype=np.int64)) == 100  # never above the target vocabulary
-    assert draft_vocab_size(np.ones(100_000, dtype=np.int64)) == recipe.MAX_DRAFT_VOCAB
-    with pytest.raises(ValueError, match="no masked tokens"):
-        draft_vocab_size(np.zeros(10, dtype=np.int64))

@@ -262,3 +262,18 @@ def test_train_main_online_in_process(fx, tmp_path):
     assert config["draft_vocab_size"] == DRAFT_VOCAB
     # bf16 export of the trained weights
     assert torch.allclose(draft.fc.weight, res.draft.fc.weight, rtol=1e-2, atol=1e-3)
+
+
+def test_train_main_exports_embed_tokens_only_on_request(fx, tmp_path):
+    """TrainJob.export_embed_tokens (draft_model's `export_embed_tokens`) reaches the export."""
+    from safetensors import safe_open
+
+    from training.train_main import run
+
+    cfg = {"lr": 3e-3, "max_steps": 1, "max_tokens_per_batch": 256, "warmup_steps": 0}
+    for include in (False, True):
+        job = job_spec(fx, f"runs/embed-{include}", cfg, export_dir=tmp_path / f"export-{include}")
+        job.export_embed_tokens = include
+        run(job, log=lambda _: None)
+        with safe_open(str(tmp_path / f"export-{include}" / "model.safetensors"), "pt") as f:
+            assert ("embed_tokens.weight" in f.keys()) is include

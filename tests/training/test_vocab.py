@@ -10,6 +10,8 @@ import torch
 
 from training.tokenization import TOKENIZED_SCHEMA
 from training.vocab import (
+    MAX_DRAFT_VOCAB,
+    draft_vocab_size_by_coverage,
     build_vocab_map,
     check_vocab_map,
     count_masked_tokens,
@@ -178,3 +180,18 @@ def test_counts_over_real_tokenized_rows(local_store):
     np.testing.assert_array_equal(counts, np.bincount(ids[mask], minlength=len(tok)))
     n_turns = sum(m["role"] == "assistant" for v in CASES.values() for m in v)
     assert counts[tok.convert_tokens_to_ids("<|im_end|>")] == n_turns  # one end-of-turn per assistant turn
+
+
+def test_draft_vocab_size_by_coverage_covers_the_corpus_not_the_target():
+    counts = np.zeros(50_000, dtype=np.int64)
+    counts[:10] = 1000  # ten ids carry almost everything
+    counts[10:300] = 1   # a long tail
+    n = draft_vocab_size_by_coverage(counts, coverage=0.97)
+    assert n == 64  # the 10 frequent ids already reach 97%; rounded up to the multiple
+    tail = draft_vocab_size_by_coverage(counts, coverage=1.0)
+    assert tail == 320 and tail >= int((counts > 0).sum())  # full coverage needs every used id
+    assert draft_vocab_size_by_coverage(np.ones(100, dtype=np.int64)) == 100  # never above the target vocabulary
+    assert draft_vocab_size_by_coverage(np.ones(100_000, dtype=np.int64)) == MAX_DRAFT_VOCAB
+    with pytest.raises(ValueError, match="no masked tokens"):
+        draft_vocab_size_by_coverage(np.zeros(10, dtype=np.int64))
+    assert build_vocab_map(counts, None)["d2t"].numel() == draft_vocab_size_by_coverage(counts)  # None: by coverage
