@@ -44,26 +44,24 @@ def target_pool() -> str:
     return f"target-{kind}"
 
 
-def target_slots() -> int:
-    raw = os.environ.get("SPECDRAFT_TARGET_SLOTS", "1")
-    try:
-        slots = int(raw)
-    except ValueError:
-        slots = 0
-    if slots < 1:
-        raise InstanceConfigError(f"SPECDRAFT_TARGET_SLOTS must be a positive integer, got {raw!r}")
-    return slots
-
-
-def shard_parallelism() -> int:
-    raw = os.environ.get("SPECDRAFT_PARALLEL", "1")
+def _positive_int(name: str) -> int:
+    """The positive integer in environment variable `name` (default 1), else InstanceConfigError."""
+    raw = os.environ.get(name, "1")
     try:
         n = int(raw)
     except ValueError:
         n = 0
     if n < 1:
-        raise InstanceConfigError(f"SPECDRAFT_PARALLEL must be a positive integer, got {raw!r}")
+        raise InstanceConfigError(f"{name} must be a positive integer, got {raw!r}")
     return n
+
+
+def target_slots() -> int:
+    return _positive_int("SPECDRAFT_TARGET_SLOTS")
+
+
+def shard_parallelism() -> int:
+    return _positive_int("SPECDRAFT_PARALLEL")
 
 
 def redact_url(url: str) -> str:

@@ -12,15 +12,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import torch
 
 from tests.conftest import free_port
-from tests.training.test_ddp import TRAIN, Interleaved, fx  # noqa: F401  (fx: the module's run fixture)
-from tests.training.test_trainer import job_spec, make_draft, offline_source
+from tests.training.test_ddp import TRAIN, assert_matches_one_process, fx  # noqa: F401  (fx: the module's run fixture)
+from tests.training.test_trainer import job_spec
 from training.checkpoint import load_checkpoint
-from training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,7 +32,7 @@ def _node(job, port: int, env: dict, log) -> subprocess.Popen:
 
 def test_two_node_torchrun_c10d_matches_one_process(fx, tmp_path):  # noqa: F811
     job = tmp_path / "job.json"
-    job.write_text(json.dumps(job_spec(fx, "runs/multinode", TRAIN)))
+    job.write_text(job_spec(fx, "runs/multinode", TRAIN).to_json())
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
     logs = [open(tmp_path / f"node{i}.log", "w+") for i in range(2)]
@@ -61,17 +58,4 @@ def test_two_node_torchrun_c10d_matches_one_process(fx, tmp_path):  # noqa: F811
     multi = [json.loads(x) for x in store.read_bytes("runs/multinode/metrics.jsonl").decode().splitlines()]
     assert load_checkpoint(store, "runs/multinode").state["world_size"] == 2
 
-    torch.set_num_threads(1)
-    draft, head = make_draft(fx, seed=TRAIN["seed"])
-    cfg = TrainConfig.from_dict({**TRAIN, "grad_accum": 2})
-    one = train(cfg, Interleaved(offline_source(fx), 2), draft, head, fx["t2d"], store, "runs/one-multinode",
-                log=lambda _: None)
-    ref = one.metrics
-    assert [r["step"] for r in multi] == [r["step"] for r in ref] and len(ref) == one.steps >= 8
-    assert [r["tokens"] for r in multi] == [r["tokens"] for r in ref]  # the same global batches
-    np.testing.assert_allclose([r["loss"] for r in multi], [r["loss"] for r in ref], rtol=1e-4)
-    np.testing.assert_allclose([r["acc"] for r in multi], [r["acc"] for r in ref], atol=0.02)
-    final = load_checkpoint(store, "runs/multinode").model
-    for name, p in draft.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(final[name], p.detach(), rtol=1e-3, atol=1e-4)
+    assert_matches_one_process(fx, multi, "runs/multinode", "runs/one-multinode")

@@ -61,17 +61,23 @@ def test_two_process_ddp_matches_one_process(fx, monkeypatch):
     # rank 0 alone logs: each step's line once
     assert sum(line.startswith("step 1/") for line in lines) == 1, "\n".join(lines[-40:])
 
+    assert_matches_one_process(fx, ddp, "runs/ddp", "runs/one")
+
+
+def assert_matches_one_process(fx: dict, metrics: list[dict], run_prefix: str, one_prefix: str) -> None:
+    """A 2-rank run (its `metrics` and final checkpoint under `run_prefix`) equals one process with
+    grad_accum 2 over the same interleaved batches: same steps and tokens, same losses, same weights."""
     torch.set_num_threads(1)
     draft, head = make_draft(fx, seed=TRAIN["seed"])
     cfg = TrainConfig.from_dict({**TRAIN, "grad_accum": 2})
-    one = train(cfg, Interleaved(offline_source(fx), 2), draft, head, fx["t2d"], store, "runs/one",
+    one = train(cfg, Interleaved(offline_source(fx), 2), draft, head, fx["t2d"], fx["store"], one_prefix,
                 log=lambda _: None)
     ref = one.metrics
-    assert [r["step"] for r in ddp] == [r["step"] for r in ref] and len(ref) == one.steps >= 8
-    assert [r["tokens"] for r in ddp] == [r["tokens"] for r in ref]  # the same global batches
-    np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in ref], rtol=1e-4)
-    np.testing.assert_allclose([r["acc"] for r in ddp], [r["acc"] for r in ref], atol=0.02)
-    final = load_checkpoint(store, "runs/ddp").model
+    assert [r["step"] for r in metrics] == [r["step"] for r in ref] and len(ref) == one.steps >= 8
+    assert [r["tokens"] for r in metrics] == [r["tokens"] for r in ref]  # the same global batches
+    np.testing.assert_allclose([r["loss"] for r in metrics], [r["loss"] for r in ref], rtol=1e-4)
+    np.testing.assert_allclose([r["acc"] for r in metrics], [r["acc"] for r in ref], atol=0.02)
+    final = load_checkpoint(fx["store"], run_prefix).model
     for name, p in draft.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(final[name], p.detach(), rtol=1e-3, atol=1e-4)
