@@ -169,3 +169,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.is_relative_to(E2E) or "demo_target_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def parse_module(path: Path):
+    """ast.parse of a source file with the garbage collector paused: CPython 3.11.7's AST
+    constructor fails ("recursion depth mismatch") when a collection runs a finalizer, such as
+    SQLAlchemy's pool reset left by an earlier test, in the middle of it."""
+    import ast
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        return ast.parse(Path(path).read_text())
+    finally:
+        gc.enable()

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SHARDS = ["demo-00000", "demo-00001"]
 
+from tests.conftest import parse_module  # noqa: E402
 from tests.spec_assets.conftest import new_dagster_home  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
 
@@ -275,7 +276,7 @@ def test_cli_plans_with_public_dagster_apis_only():
     import ast
 
     for name in ("cli.py", "plan.py", "run_summary.py", "corpus.py"):
-        tree = ast.parse((ROOT / "spec_assets" / name).read_text())
+        tree = parse_module(ROOT / "spec_assets" / name)
         modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert [m for m in modules if m.startswith("dagster._")] == [], name

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from tests.conftest import parse_module
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -70,7 +72,7 @@ def test_environment_is_read_in_definitions_only():
         # pools, preflight of the PostgreSQL and Ray addresses), read before any run: neither is an asset.
         if path.name in ("definitions.py", "cli.py", "instance.py"):
             continue
-        tree = ast.parse(path.read_text())
+        tree = parse_module(path)
         reads = [node.lineno for node in ast.walk(tree)
                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                  and node.value.id == "os" and node.attr in ("environ", "getenv")]
