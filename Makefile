@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The recipe would train the demo's draft for 8 epochs (about 12 minutes on 2 CPU cores); 4 keep
+# The recipe would train the demo's draft for 8 epochs (about 12 minutes on 2 CPU cores); 3 keep
 # `make demo` under 15 minutes. Everything else is the defaults.
-DEMO_CONFIG := {"ops": {"draft_model": {"config": {"epochs": 4}}}}
+DEMO_CONFIG := {"ops": {"draft_model": {"config": {"epochs": 3}}}}
 
 demo: install
 	$(BIN)/specdraft run --config-json '$(DEMO_CONFIG)'
