@@ -177,6 +177,11 @@ class CurrentnessJudge:
                 # from the one it had when this was built; no earlier one means a new input.
                 before = self._latest(parent, p, before=pointer + 1) if pointer is not None else None
                 if before is None or _fingerprint(before) != _fingerprint(latest):
+                    # One input partition: the data version it was built from is in its provenance
+                    # (the storage-id pointer alone can lag under concurrent runs on PostgreSQL).
+                    recorded = provenance.input_data_versions.get(parent) if provenance and len(parts) == 1 else None
+                    if recorded is not None and recorded.value == _fingerprint(latest):
+                        continue
                     return f"input {where} changed"
         return None
 
