@@ -82,6 +82,10 @@ def validation_plot_md(validation: list[dict]) -> str:
     ax = fig.add_subplot(1, 1, 1)
     epochs = [r["epoch"] + 1 for r in validation]
     ax.plot(epochs, [r["simulated_acceptance_length"] for r in validation], "o-", label="held-out simulated tau")
+    replayed = [(e, r["replayed_acceptance_length"][-1]) for e, r in zip(epochs, validation)
+                if r.get("replayed_acceptance_length")]
+    if replayed:
+        ax.plot(*zip(*replayed), "^-", color="tab:green", label="held-out replayed tau")
     ax.set_xlabel("epoch")
     ax.set_ylabel("tau (TTT chain)")
     ax2 = ax.twinx()
@@ -100,6 +104,7 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
     """The manifest summary of a training run: headline numbers as plain rounded floats (the
     Plots tab charts them), the resolved recipe, per-k rows and the held-out curve."""
     best = max(result["validation"], key=lambda r: r["simulated_acceptance_length"], default=None)
+    replayed = (best or {}).get("replayed_acceptance_length")
     cfg = result["config"]
     return {
         "mode": mode,
@@ -116,9 +121,13 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
         "recipe_fields": result["recipe_fields"],
         "acc_by_k": [{"k": k, "train_acc": _r(a), "train_cond_acc": _r(c),
                       "heldout_acc": _r(best["acc"][k]) if best else None,
-                      "heldout_cond_acc": _r(best["cond_acc"][k]) if best else None}
+                      "heldout_cond_acc": _r(best["cond_acc"][k]) if best else None,
+                      # tau of chain drafting k+1 tokens replayed on held-out text: tracks decoded tau
+                      "heldout_replayed_tau": _r(replayed[k]) if replayed else None}
                      for k, (a, c) in enumerate(zip(result["acc"], result["cond_acc"]))],
         "heldout_curve": [{"epoch": r["epoch"], "step": r["step"], "tau": _r(r["simulated_acceptance_length"], 4),
+                           "replayed_tau": (_r(r["replayed_acceptance_length"][-1], 4)
+                                            if r.get("replayed_acceptance_length") else None),
                            "acc_0": _r(r["acc"][0]), "loss": _r(r["loss"], 4)} for r in result["validation"]],
         "heldout_plot_md": validation_plot_md(result["validation"]),
     }

@@ -12,7 +12,8 @@ TrainResult reports.
 
 Held-out validation. `validation_rows` rows are taken out of the source (sources.split_validation)
 and never trained on; at every epoch end (and at the last step) the draft's acc_k and simulated
-acceptance length over them are measured (metrics.measure_acceptance), logged and recorded; the
+acceptance length over them are measured (metrics.measure_acceptance, with the chain-drafting
+replay that tracks decoded tau), logged and recorded; the
 best epoch's weights are kept in the store (checkpoint.save_best), and with
 export_checkpoint="best" the returned draft holds them.
 
@@ -269,13 +270,14 @@ def train(
                                max_tokens_per_batch=cfg.max_tokens_per_batch, loss_fn=loss_fn)
         record = {"step": step, "epoch": finished_epoch, "loss": m["loss"], "acc": m["acc"],
                   "cond_acc": m["cond_acc"], "simulated_acceptance_length": m["simulated_acceptance_length"],
-                  "tokens": m["tokens"]}
+                  "replayed_acceptance_length": m.get("replayed_acceptance_length"), "tokens": m["tokens"]}
         best = max((r["simulated_acceptance_length"] for r in validation), default=-math.inf)
         validation.append(record)
         if is_main:
             acc = " ".join(f"{a:.2f}" for a in m["acc"])
             log(f"held-out after epoch {finished_epoch} (step {step}): loss {m['loss']:.4f} acc [{acc}] "
                 f"tau {m['simulated_acceptance_length']:.3f}"
+                + (f" replayed {m['replayed_acceptance_length'][-1]:.3f}" if m.get("replayed_acceptance_length") else "")
                 + (" (best)" if m["simulated_acceptance_length"] > best else ""))
             if m["simulated_acceptance_length"] > best:
                 save_best(store, run_prefix, step=step, model_state=dict(named), record=record)

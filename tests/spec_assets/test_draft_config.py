@@ -34,7 +34,7 @@ def test_training_summary_rounds_and_names_the_best_epoch():
     val = [{"epoch": 0, "step": 10, "loss": 2.123456, "acc": [0.51234, 0.3], "cond_acc": [0.51234, 0.6],
             "simulated_acceptance_length": 1.8212345},
            {"epoch": 1, "step": 20, "loss": 1.9876543, "acc": [0.61234, 0.4], "cond_acc": [0.61234, 0.66],
-            "simulated_acceptance_length": 2.0312345}]
+            "simulated_acceptance_length": 2.0312345, "replayed_acceptance_length": [1.5123456, 1.7345678]}]
     result = {"steps": 20, "tokens_seen": 999, "final_loss": 1.23456789, "simulated_acceptance_length": 2.1234567,
               "wall_seconds": 12.345, "exported_step": 20, "recipe_fields": ["epochs"], "validation": val,
               "acc": [0.6666666, 0.4444444], "cond_acc": [0.6666666, 0.6666666],
@@ -43,8 +43,10 @@ def test_training_summary_rounds_and_names_the_best_epoch():
     s = training_summary(result, "offline", 2)
     assert s["final_loss"] == 1.235 and s["heldout_tau"] == 2.031 and isinstance(s["heldout_tau"], float)
     assert s["acc_by_k"][0] == {"k": 0, "train_acc": 0.667, "train_cond_acc": 0.667, "heldout_acc": 0.612,
-                                "heldout_cond_acc": 0.612}
+                                "heldout_cond_acc": 0.612, "heldout_replayed_tau": 1.51}
+    assert s["acc_by_k"][1]["heldout_replayed_tau"] == 1.73
     assert s["recipe"]["epochs"] == 2 and s["recipe"]["max_tokens_per_batch"] == 1024
     assert [r["tau"] for r in s["heldout_curve"]] == [1.821, 2.031]
+    assert [r["replayed_tau"] for r in s["heldout_curve"]] == [None, 1.735]  # records from before the replay
     assert s["heldout_plot_md"].startswith("![held-out validation per epoch](data:image/png;base64,")
     assert validation_plot_md([]) == ""

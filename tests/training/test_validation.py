@@ -65,6 +65,10 @@ def test_validation_each_epoch_and_best_checkpoint_exported(fx):
     res = train(TrainConfig(**cfg), offline_source(fx), draft, head, fx["t2d"], fx["store"], "runs/best",
                 log=lines.append, resume=False, loss_fn=loss_fn)
     assert [r["epoch"] for r in res.validation] == [0, 1, 2]
+    for r in res.validation:  # the decoder-faithful replay, per draft length 1..ttt_length
+        assert len(r["replayed_acceptance_length"]) == TrainConfig().ttt_length
+        assert all(1.0 <= t <= d + 1 for d, t in enumerate(r["replayed_acceptance_length"], 1))
+    assert any("replayed" in line for line in lines)
     assert res.validation[0]["simulated_acceptance_length"] > res.validation[-1]["simulated_acceptance_length"]
     first = res.validation[0]["step"]
     assert res.exported_step == first < res.steps

@@ -30,6 +30,9 @@ class TTTOutput:
     cond_acc: list[float]  # P(step k correct | steps 0..k-1 correct)
     n_valid: list[int]
     n_cond: list[int] = field(default_factory=list)  # cond_acc denominators, to aggregate batches exactly
+    # [T-1] per row t: how many leading TTT steps were right (steps 0..r-1), the draft length chain
+    # drafting from t would have accepted; metrics.replay_chain walks it like a decoder would.
+    run_lengths: torch.Tensor | None = None
 
     def simulated_acceptance_length(self) -> float:
         """Expected tokens per verification, 1 + sum_k prod_{j<=k} cond_acc_j (the bonus token
@@ -101,6 +104,7 @@ def ttt_forward(
 
     loss = torch.zeros((), device=dev)
     chain = torch.ones(T - 1, dtype=torch.bool, device=dev)  # rows whose steps so far were all right
+    run = torch.zeros(T - 1, dtype=torch.long, device=dev)
     stats = []  # tensors, turned into floats with one device sync at the end
     for k, ((ce_sum, draft_top), valid) in enumerate(zip(results, valids)):
         n = valid.numel()
@@ -122,6 +126,7 @@ def ttt_forward(
             )
         )
         chain = prev & correct
+        run[:n] += chain
     rows = torch.stack(stats).tolist() if stats else []
     pad = [[0.0] * 5] * (ttt_length - len(rows))  # fixed length: steps a short row could not run
     cols = list(zip(*(rows + pad))) if ttt_length else [()] * 5
@@ -132,5 +137,6 @@ def ttt_forward(
         cond_acc=list(cols[2]),
         n_valid=[int(x) for x in cols[3]],
         n_cond=[int(x) for x in cols[4]],
+        run_lengths=run,
     )
 
