@@ -73,6 +73,7 @@ def variants() -> dict[str, tuple[dict, dict, int | None]]:
         "ttt 5": (d, {"ttt_length": 5}, None),
         "step weight 1.0": (d, {"step_weight": 1.0}, None),
         "step weight 0.6": (d, {"step_weight": 0.6}, None),
+        "head init from target": (d, {"head_init": "target"}, None),
         "draft vocab 128": (d, {}, 128),
         "draft vocab 512 (all)": (d, {}, 512),
         "resample 100 new tokens": ({**d, "max_new_tokens": 100}, {}, None),
@@ -184,6 +185,7 @@ def train_variant(target, store, prefix: str, counts: np.ndarray, overrides: dic
     vmap = build_vocab_map(counts, n_vocab)
     source = HiddenStateDataset(store, [store.manifest(prefix)])
     overrides = dict(overrides)
+    head_init = overrides.pop("head_init", None)  # "target": lm_head starts at the target's head rows
     if overrides.get("epochs") == "x2":  # twice what the rule picks for this corpus
         overrides["epochs"] = 2 * recipe.resolve(TrainConfig(), recipe.corpus_stats(source)).epochs
     cfg = TrainConfig(**overrides, log_every=10_000, checkpoint_every=0)
@@ -192,6 +194,8 @@ def train_variant(target, store, prefix: str, counts: np.ndarray, overrides: dic
                                           int(vmap["t2d"].sum()), source.aux_layer_ids)
     torch.manual_seed(0)
     draft = Eagle3Draft(dcfg, embed)
+    if head_init == "target":
+        draft.init_head_from_target(head, vmap["t2d"])
     result = train(cfg, source, draft, head.float(), vmap["t2d"], store, f"runs/{run}", log=log, resume=False)
     return draft, vmap["d2t"], result, n_vocab
 

@@ -255,6 +255,18 @@ class Eagle3Draft(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)  # HF's initializer_range
 
+    @torch.no_grad()
+    def init_head_from_target(self, target_head: torch.Tensor, t2d: torch.Tensor) -> None:
+        """Start lm_head at the target's own head rows of the draft vocab ([Vd, H] of target_head
+        [V, H], in draft order = ascending target id), as vLLM speculators does: step 0 then begins
+        by reading its output the way the target reads its last hidden state, instead of from noise.
+        The norm gain stays at ones (the target's final norm may be offset, e.g. Gemma's 1 + w)."""
+        t2d = t2d.to(torch.bool)
+        if t2d.numel() != self.cfg.target_vocab_size or int(t2d.sum()) != self.cfg.draft_vocab_size:
+            raise ValueError(f"t2d selects {int(t2d.sum())} of {t2d.numel()} ids; the draft has "
+                             f"{self.cfg.draft_vocab_size} of {self.cfg.target_vocab_size}")
+        self.lm_head.weight.copy_(target_head.to(self.lm_head.weight.device, torch.float32)[t2d.to(target_head.device)])
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n, head_dim] in fp32 for absolute positions [n]."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
