@@ -48,7 +48,7 @@ OUT = ROOT / "bench" / "out" / "recipe"
 # Data settings: max_new_tokens of resampling and the temperature mixture.
 GREEDY = {0.0: 1.0}
 BASELINE = dict(max_tokens_per_batch=1, lr=3e-3, warmup_ratio=0.3, min_lr_ratio=0.0, epochs=2,
-                validation_rows=0)
+                validation_rows=0, head_init="random")
 
 
 def variants() -> dict[str, tuple[dict, dict, int | None]]:
@@ -64,6 +64,7 @@ def variants() -> dict[str, tuple[dict, dict, int | None]]:
         "baseline": (d, BASELINE, None),
         "epochs 3": (d, {"epochs": 3}, None),
         "epochs x2": (d, {"epochs": "x2"}, None),
+        "batch 256 tok": (d, {"max_tokens_per_batch": 256}, None),
         "batch 1024 tok": (d, {"max_tokens_per_batch": 1024}, None),
         "batch 4096 tok": (d, {"max_tokens_per_batch": 4096}, None),
         "lr 3e-4 (old default)": (d, {"lr": 3e-4}, None),
@@ -73,11 +74,12 @@ def variants() -> dict[str, tuple[dict, dict, int | None]]:
         "ttt 5": (d, {"ttt_length": 5}, None),
         "step weight 1.0": (d, {"step_weight": 1.0}, None),
         "step weight 0.6": (d, {"step_weight": 0.6}, None),
-        "head init from target": (d, {"head_init": "target"}, None),
+        "head init random": (d, {"head_init": "random"}, None),
         "draft vocab 128": (d, {}, 128),
         "draft vocab 512 (all)": (d, {}, 512),
         "resample 100 new tokens": ({**d, "max_new_tokens": 100}, {}, None),
         "resample 320 new tokens": ({**d, "max_new_tokens": 320}, {}, None),
+        "resample 3 rows per prompt": ({**d, "samples_per_prompt": 3}, {}, None),
         "resample greedy only": (greedy, {}, None),
         "resample greedy only, 200 new tokens": ({**greedy, "max_new_tokens": 200}, {}, None),
     }
@@ -139,7 +141,9 @@ def prepare(target, store, prompts: list[str], data: dict, log) -> tuple[str, np
     prefix = f"features/{key}"
     if store.manifest(prefix) is None:
         t0 = time.perf_counter()
-        rows = generate_rows(target, prompts, data["max_new_tokens"], data["temperatures"])
+        # samples_per_prompt n: n rows per prompt, each drawn from the mixture with its own seed
+        rows = [r for seed in range(data.get("samples_per_prompt", 1))
+                for r in generate_rows(target, prompts, data["max_new_tokens"], data["temperatures"], seed=seed)]
         log(f"  generated {len(rows)} rows, {sum(len(r[0]) for r in rows)} tokens in {time.perf_counter() - t0:.0f}s")
         with store.artifact(prefix, key) as writer:
             write_hidden_states(target, rows, writer, max_tokens_per_batch=8192, dtype="bf16")
@@ -177,6 +181,7 @@ def train_variant(target, store, prefix: str, counts: np.ndarray, overrides: dic
     from training import recipe
     from training.eagle3.model import DraftConfig, Eagle3Draft
     from training.hidden_states import HiddenStateDataset
+    from training.job import TrainJob
     from training.targets.weights import load_head_weights
     from training.trainer import TrainConfig, train
     from training.vocab import build_vocab_map, draft_vocab_size_by_coverage
@@ -185,7 +190,7 @@ def train_variant(target, store, prefix: str, counts: np.ndarray, overrides: dic
     vmap = build_vocab_map(counts, n_vocab)
     source = HiddenStateDataset(store, [store.manifest(prefix)])
     overrides = dict(overrides)
-    head_init = overrides.pop("head_init", None)  # "target": lm_head starts at the target's head rows
+    head_init = overrides.pop("head_init", TrainJob.head_init)  # draft_model's default unless a variant says
     if overrides.get("epochs") == "x2":  # twice what the rule picks for this corpus
         overrides["epochs"] = 2 * recipe.resolve(TrainConfig(), recipe.corpus_stats(source)).epochs
     cfg = TrainConfig(**overrides, log_every=10_000, checkpoint_every=0)

@@ -83,6 +83,8 @@ def run(job: TrainJob, log=print):
         raise ValueError(f"hidden states have H={offline.hidden_size}, the target config {draft_cfg.hidden_size}")
     torch.manual_seed(job.train.seed)  # same init on every rank and on every resume (then overwritten)
     draft = Eagle3Draft(draft_cfg, embed).to(device)
+    if job.head_init == "target":  # a warm start or a resumed checkpoint overwrites it
+        draft.init_head_from_target(lm_head, t2d)
     if job.init_from:
         warm_start(draft, store, job.init_from, log=log if rank == 0 else (lambda _: None))
     source = offline or build_online_source(job, store, draft_cfg.aux_layer_ids, device)

@@ -277,3 +277,25 @@ def test_train_main_exports_embed_tokens_only_on_request(fx, tmp_path):
         run(job, log=lambda _: None)
         with safe_open(str(tmp_path / f"export-{include}" / "model.safetensors"), "pt") as f:
             assert ("embed_tokens.weight" in f.keys()) is include
+
+
+def test_head_init_starts_lm_head_at_the_target_rows(fx, tmp_path):
+    """TrainJob.head_init (draft_model's `head_init`): "target" starts the draft's lm_head at the
+    target's head rows of the draft vocab, "random" at noise; a bad value is refused."""
+    from training.eagle3.model import Eagle3Draft
+    from training.targets.weights import load_head_weights
+    from training.train_main import run
+
+    cfg = {"lr": 1e-9, "max_steps": 1, "max_tokens_per_batch": 256, "warmup_steps": 0}  # ~no update
+    embed, head = load_head_weights(str(fx["target_dir"]))
+    rows = head.float()[fx["t2d"].bool()]
+    for init in ("target", "random"):
+        job = job_spec(fx, f"runs/head-{init}", cfg)
+        job.head_init = init
+        draft = run(job, log=lambda _: None).draft
+        close = torch.allclose(draft.lm_head.weight.detach(), rows, atol=1e-6)
+        assert close is (init == "target"), init
+    with pytest.raises(ValueError, match="head_init"):
+        job_spec(fx, "runs/head-bad", cfg).__class__.from_dict({**job.to_dict(), "head_init": "zeros"})
+    with pytest.raises(ValueError, match="t2d selects"):
+        Eagle3Draft(draft.cfg, embed).init_head_from_target(head, torch.ones(head.shape[0], dtype=torch.bool))
