@@ -75,7 +75,8 @@ def variants() -> dict[str, tuple[dict, dict, int | None]]:
         "step weight 1.0": (d, {"step_weight": 1.0}, None),
         "step weight 0.6": (d, {"step_weight": 0.6}, None),
         "head init random": (d, {"head_init": "random"}, None),
-        "draft MLP 4x wider (688)": (d, {"intermediate_size": 688}, None),
+        "draft MLP 4x wider (688)": (d, {"draft_intermediate_size": 688}, None),
+        "draft MLP 8x wider (1376)": (d, {"draft_intermediate_size": 1376}, None),
         "draft vocab 128": (d, {}, 128),
         "draft vocab 512 (all)": (d, {}, 512),
         "resample 100 new tokens": ({**d, "max_new_tokens": 100}, {}, None),
@@ -192,15 +193,13 @@ def train_variant(target, store, prefix: str, counts: np.ndarray, overrides: dic
     source = HiddenStateDataset(store, [store.manifest(prefix)])
     overrides = dict(overrides)
     head_init = overrides.pop("head_init", TrainJob.head_init)  # draft_model's default unless a variant says
-    mlp_width = overrides.pop("intermediate_size", None)  # the draft's MLP width (default: the target's)
+    mlp_width = overrides.pop("draft_intermediate_size", None)  # the draft's MLP width (None: the target's)
     if overrides.get("epochs") == "x2":  # twice what the rule picks for this corpus
         overrides["epochs"] = 2 * recipe.resolve(TrainConfig(), recipe.corpus_stats(source)).epochs
     cfg = TrainConfig(**overrides, log_every=10_000, checkpoint_every=0)
     embed, head = load_head_weights(str(TARGET))
     dcfg = DraftConfig.from_target_config(json.loads((TARGET / "config.json").read_text()),
-                                          int(vmap["t2d"].sum()), source.aux_layer_ids)
-    if mlp_width:
-        dcfg.intermediate_size = mlp_width
+                                          int(vmap["t2d"].sum()), source.aux_layer_ids, mlp_width)
     torch.manual_seed(0)
     draft = Eagle3Draft(dcfg, embed)
     if head_init == "target":

@@ -78,7 +78,7 @@ def run(job: TrainJob, log=print):
         if aux_ids is not None and tuple(aux_ids) != stored:
             raise ValueError(f"aux_layer_ids {aux_ids} differ from the hidden states' {stored}")
         aux_ids = stored
-    draft_cfg = DraftConfig.from_target_config(target_config, int(t2d.sum()), aux_ids)
+    draft_cfg = DraftConfig.from_target_config(target_config, int(t2d.sum()), aux_ids, job.draft_intermediate_size)
     if offline is not None and offline.hidden_size != draft_cfg.hidden_size:
         raise ValueError(f"hidden states have H={offline.hidden_size}, the target config {draft_cfg.hidden_size}")
     torch.manual_seed(job.train.seed)  # same init on every rank and on every resume (then overwritten)

@@ -5,7 +5,7 @@ from dataclasses import fields
 from spec_assets.draft import DraftModelConfig, training_summary, validation_plot_md
 from training.recipe import TrainConfig
 
-ASSET_ONLY = {"mode", "nproc", "warm_start", "export_embed_tokens", "head_init"}
+ASSET_ONLY = {"mode", "nproc", "warm_start", "export_embed_tokens", "head_init", "draft_intermediate_size"}
 
 
 def test_every_train_field_is_settable_from_dagster_with_the_library_default():
@@ -24,6 +24,8 @@ def test_every_train_field_is_settable_from_dagster_with_the_library_default():
     assert DraftModelConfig.model_fields["export_embed_tokens"].default is job_default is False
     head_default = {f.name: f.default for f in fields(TrainJob)}["head_init"]
     assert DraftModelConfig.model_fields["head_init"].default == head_default == "target"
+    assert DraftModelConfig.model_fields["draft_intermediate_size"].default is None
+    assert {f.name: f.default for f in fields(TrainJob)}["draft_intermediate_size"] is None
     # and the values travel: every field set in Dagster reaches the library config
     cfg = DraftModelConfig(lr=1e-3, epochs=3, max_tokens_per_batch=512, validation_rows=7, export_checkpoint="last",
                            betas=[0.8, 0.9])

@@ -299,3 +299,25 @@ def test_head_init_starts_lm_head_at_the_target_rows(fx, tmp_path):
         job_spec(fx, "runs/head-bad", cfg).__class__.from_dict({**job.to_dict(), "head_init": "zeros"})
     with pytest.raises(ValueError, match="t2d selects"):
         Eagle3Draft(draft.cfg, embed).init_head_from_target(head, torch.ones(head.shape[0], dtype=torch.bool))
+
+
+def test_a_wider_draft_mlp_exports_its_width_and_reloads(fx, tmp_path):
+    """TrainJob.draft_intermediate_size (draft_model's `draft_intermediate_size`) widens the draft's
+    MLP; the export's config.json carries the width the engines build the MLP from."""
+    import json
+
+    from training.export import load_draft
+    from training.targets.weights import load_head_weights
+    from training.train_main import run
+
+    width = 3 * json.loads((fx["target_dir"] / "config.json").read_text())["intermediate_size"]
+    cfg = {"lr": 3e-3, "max_steps": 2, "max_tokens_per_batch": 256, "warmup_steps": 0}
+    job = job_spec(fx, "runs/wide", cfg, export_dir=tmp_path / "export")
+    job.draft_intermediate_size = width
+    res = run(job, log=lambda _: None)
+    assert res.draft.midlayer.mlp.up_proj.weight.shape == (width, res.draft.cfg.hidden_size)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["intermediate_size"] == width
+    draft, *_ = load_draft(tmp_path / "export", embed_weight=load_head_weights(str(fx["target_dir"]))[0])
+    assert draft.midlayer.mlp.down_proj.weight.shape == (res.draft.cfg.hidden_size, width)
+    with pytest.raises(ValueError, match="draft_intermediate_size"):
+        job.__class__.from_dict({**job.to_dict(), "draft_intermediate_size": 0})

@@ -55,12 +55,15 @@ class DraftConfig:
 
     @classmethod
     def from_target_config(
-        cls, target_config: dict, draft_vocab_size: int, aux_layer_ids: tuple[int, ...] | None = None
+        cls, target_config: dict, draft_vocab_size: int, aux_layer_ids: tuple[int, ...] | None = None,
+        intermediate_size: int | None = None,
     ) -> "DraftConfig":
         """The draft for a target, from its HF config dict (read through TargetFacts, the one parser,
         so multimodal `text_config` targets work). Raises AuxLayerError for aux ids vLLM and SGLang
         cannot feed back (training/aux_layers.py). hidden_act stays silu: the draft is a Llama layer,
-        and vLLM's and SGLang's LlamaMLP accept only silu, whatever the target's activation."""
+        and vLLM's and SGLang's LlamaMLP accept only silu, whatever the target's activation.
+        intermediate_size: the draft's MLP width, default the target's (the EAGLE-3 convention);
+        both engines build the draft's MLP from its own config.json, so any width serves."""
         f = TargetFacts.from_config(target_config)
         ids = tuple(aux_layer_ids) if aux_layer_ids else default_aux_layer_ids(f.num_layers)
         return cls(
@@ -68,7 +71,7 @@ class DraftConfig:
             num_attention_heads=f.num_attention_heads,
             num_key_value_heads=f.num_key_value_heads,
             head_dim=f.head_dim,
-            intermediate_size=f.intermediate_size,
+            intermediate_size=int(intermediate_size or f.intermediate_size),
             rms_norm_eps=f.rms_norm_eps,
             rope_theta=f.rope_theta,
             rope_scaling=f.rope_scaling,
