@@ -7,19 +7,22 @@ a deliberately plain baseline (issue 12, items 1, 2 and 5).
 
 Target: stories260K (shared/fixtures/models; H=64, 5 layers, 512-token vocab). Corpus: the 1600
 TinyStories prompts of shared/fixtures/data/tinystories_train.jsonl; the last `--heldout` (64)
-are held out for evaluation and never trained on. The rest are resampled by the target (greedy
-unless a variant says otherwise), their features written with training.hidden_states, the draft
-vocab built with training.vocab, and each variant trained by training.trainer.train (the recipe
-rule of training/recipe.py fills every field a variant does not set). Each trained draft then
-decodes the held-out prompts with training.evaluation's chain speculative decoding simulator
-(k=4, 120 new tokens) at T=0 and T=1, and the table reports tau = tokens per target forward.
+are held out for evaluation and never trained on. The rest are resampled by the target as
+resampled_corpus does by default (ResampleConfig's temperature mixture and max_new_tokens) unless
+a variant says otherwise, their features written with training.hidden_states, the draft vocab
+built with training.vocab, and each variant trained by training.trainer.train (the recipe rule of
+training/recipe.py fills every field a variant does not set; head_init and the draft's MLP width
+as draft_model's defaults). Each trained draft then decodes the held-out prompts with
+training.evaluation's chain speculative decoder (k=4, 120 new tokens) at T=0 and T=1, and the
+table reports tau = tokens per target forward, beside the exported epoch's held-out simulated and
+replayed tau (results.json).
 
 Generated data and features are cached under bench/out/ keyed by their settings, so a rerun
-trains and evaluates only.
+trains and evaluates only. Results merge into bench/out/recipe/results.json, so variants can run
+in separate processes side by side (`--threads 1` each).
 
-Training rows are built from the prompt ids + the generated ids directly: that is what a
-tokenized row of a resampled turn must carry (issue 12 item 3). Until the tokenizer keeps the
-generated ids, the `plain` template retokenizes the generated text (`S`,`he` instead of `▁She`).
+Training rows are the prompt ids + the generated ids, exactly what a tokenized row of a
+resampled turn carries (tokenized_shards keeps the generated ids; bench_generated_ids.py).
 """
 
 from __future__ import annotations
