@@ -69,6 +69,7 @@ def assert_matches_one_process(fx: dict, metrics: list[dict], run_prefix: str, o
     grad_accum 2 over the same interleaved batches: same steps and tokens, same losses, same weights."""
     torch.set_num_threads(1)
     draft, head = make_draft(fx, seed=TRAIN["seed"])
+    draft.init_head_from_target(head, fx["t2d"])  # as train_main starts it (TrainJob.head_init default)
     cfg = TrainConfig.from_dict({**TRAIN, "grad_accum": 2})
     one = train(cfg, Interleaved(offline_source(fx), 2), draft, head, fx["t2d"], fx["store"], one_prefix,
                 log=lambda _: None)
