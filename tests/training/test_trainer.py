@@ -283,6 +283,7 @@ def test_head_init_starts_lm_head_at_the_target_rows(fx, tmp_path):
     """TrainJob.head_init (draft_model's `head_init`): "target" starts the draft's lm_head at the
     target's head rows of the draft vocab, "random" at noise; a bad value is refused."""
     from training.eagle3.model import Eagle3Draft
+    from training.job import TrainJob
     from training.targets.weights import load_head_weights
     from training.train_main import run
 
@@ -296,7 +297,7 @@ def test_head_init_starts_lm_head_at_the_target_rows(fx, tmp_path):
         close = torch.allclose(draft.lm_head.weight.detach(), rows, atol=1e-6)
         assert close is (init == "target"), init
     with pytest.raises(ValueError, match="head_init"):
-        job_spec(fx, "runs/head-bad", cfg).__class__.from_dict({**job.to_dict(), "head_init": "zeros"})
+        TrainJob.from_dict({**job.to_dict(), "head_init": "zeros"})
     with pytest.raises(ValueError, match="t2d selects"):
         Eagle3Draft(draft.cfg, embed).init_head_from_target(head, torch.ones(head.shape[0], dtype=torch.bool))
 
@@ -307,6 +308,7 @@ def test_a_wider_draft_mlp_exports_its_width_and_reloads(fx, tmp_path):
     import json
 
     from training.export import load_draft
+    from training.job import TrainJob
     from training.targets.weights import load_head_weights
     from training.train_main import run
 
@@ -320,4 +322,4 @@ def test_a_wider_draft_mlp_exports_its_width_and_reloads(fx, tmp_path):
     draft, *_ = load_draft(tmp_path / "export", embed_weight=load_head_weights(str(fx["target_dir"]))[0])
     assert draft.midlayer.mlp.down_proj.weight.shape == (res.draft.cfg.hidden_size, width)
     with pytest.raises(ValueError, match="draft_intermediate_size"):
-        job.__class__.from_dict({**job.to_dict(), "draft_intermediate_size": 0})
+        TrainJob.from_dict({**job.to_dict(), "draft_intermediate_size": 0})
