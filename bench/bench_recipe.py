@@ -60,33 +60,45 @@ def variants() -> dict[str, tuple[dict, dict, int | None]]:
     rc = ResampleConfig()  # "defaults" resamples as resampled_corpus does by default
     d = {"max_new_tokens": rc.max_new_tokens, "temperatures": rc.temperatures}
     greedy = {**d, "temperatures": GREEDY}
+    tc = json.loads((TARGET / "config.json").read_text())
+    # The target's own widths (64 / 172), the EAGLE-3 convention: the draft before the width rule.
+    # The training ablations were measured at them, so their rows keep them.
+    own = {"draft_hidden_size": tc["hidden_size"], "draft_intermediate_size": tc["intermediate_size"]}
     return {
         "defaults": (d, {}, None),
-        # 12.5: one sequence per optimizer step, no recipe rule, AdamW 3e-3 one-cycle
-        # (linear warmup over 30%, cosine to 0), the same model and loss code.
-        "baseline": (d, BASELINE, None),
-        "epochs 3": (d, {"epochs": 3}, None),
-        "epochs x2": (d, {"epochs": "x2"}, None),
-        "batch 256 tok": (d, {"max_tokens_per_batch": 256}, None),
-        "batch 1024 tok": (d, {"max_tokens_per_batch": 1024}, None),
-        "batch 4096 tok": (d, {"max_tokens_per_batch": 4096}, None),
-        "lr 3e-4 (old default)": (d, {"lr": 3e-4}, None),
-        "lr 1e-2": (d, {"lr": 1e-2}, None),
-        "schedule: constant after warmup": (d, {"min_lr_ratio": 1.0}, None),
-        "ttt 3": (d, {"ttt_length": 3}, None),
-        "ttt 5": (d, {"ttt_length": 5}, None),
-        "step weight 1.0": (d, {"step_weight": 1.0}, None),
-        "step weight 0.6": (d, {"step_weight": 0.6}, None),
-        "head init random": (d, {"head_init": "random"}, None),
-        "draft MLP 4x wider (688)": (d, {"draft_intermediate_size": 688}, None),
-        "draft MLP 8x wider (1376)": (d, {"draft_intermediate_size": 1376}, None),
-        "draft vocab 128": (d, {}, 128),
-        "draft vocab 512 (all)": (d, {}, 512),
-        "resample 100 new tokens": ({**d, "max_new_tokens": 100}, {}, None),
-        "resample 320 new tokens": ({**d, "max_new_tokens": 320}, {}, None),
-        "resample 3 rows per prompt": ({**d, "samples_per_prompt": 3}, {}, None),
-        "resample greedy only": (greedy, {}, None),
-        "resample greedy only, 200 new tokens": ({**greedy, "max_new_tokens": 200}, {}, None),
+        # 12.5: one sequence per optimizer step, no recipe rule (nor its width rule: the target's
+        # widths), AdamW 3e-3 one-cycle (linear warmup over 30%, cosine to 0), the same model and loss code.
+        "baseline": (d, {**BASELINE, **own}, None),
+        # the draft's width (recipe.draft_width)
+        "target width (64, MLP 172)": (d, own, None),
+        "draft MLP 4x wider (688)": (d, {**own, "draft_intermediate_size": 688}, None),
+        "draft MLP 8x wider (1376)": (d, {**own, "draft_intermediate_size": 1376}, None),
+        "draft MLP 16x wider (2752)": (d, {**own, "draft_intermediate_size": 2752}, None),
+        "draft hidden 2x (128)": (d, {"draft_hidden_size": 128, "draft_intermediate_size": 344}, None),
+        "draft hidden 2x (128) + MLP 1376": (d, {"draft_hidden_size": 128, "draft_intermediate_size": 1376}, None),
+        "draft hidden 4x (256) + MLP 2752": (d, {"draft_hidden_size": 256, "draft_intermediate_size": 2752}, None),
+        # training and data ablations, at the target's width
+        "epochs 3": (d, {**own, "epochs": 3}, None),
+        "epochs x2": (d, {**own, "epochs": "x2"}, None),
+        "batch 256 tok": (d, {**own, "max_tokens_per_batch": 256}, None),
+        "batch 1024 tok": (d, {**own, "max_tokens_per_batch": 1024}, None),
+        "batch 4096 tok": (d, {**own, "max_tokens_per_batch": 4096}, None),
+        "lr 3e-4 (old default)": (d, {**own, "lr": 3e-4}, None),
+        "lr 1e-2": (d, {**own, "lr": 1e-2}, None),
+        "schedule: constant after warmup": (d, {**own, "min_lr_ratio": 1.0}, None),
+        "ttt 3": (d, {**own, "ttt_length": 3}, None),
+        "ttt 5": (d, {**own, "ttt_length": 5}, None),
+        "step weight 1.0": (d, {**own, "step_weight": 1.0}, None),
+        "step weight 0.6": (d, {**own, "step_weight": 0.6}, None),
+        "head init random": (d, {**own, "head_init": "random"}, None),
+        "aux layers 2-3-4": ({**d, "aux_layer_ids": (2, 3, 4)}, own, None),
+        "draft vocab 128": (d, own, 128),
+        "draft vocab 512 (all)": (d, own, 512),
+        "resample 100 new tokens": ({**d, "max_new_tokens": 100}, own, None),
+        "resample 320 new tokens": ({**d, "max_new_tokens": 320}, own, None),
+        "resample 3 rows per prompt": ({**d, "samples_per_prompt": 3}, own, None),
+        "resample greedy only": (greedy, own, None),
+        "resample greedy only + 200 new tokens": ({**greedy, "max_new_tokens": 200}, own, None),
     }
 
 
@@ -151,7 +163,8 @@ def prepare(target, store, prompts: list[str], data: dict, log) -> tuple[str, np
                 for r in generate_rows(target, prompts, data["max_new_tokens"], data["temperatures"], seed=seed)]
         log(f"  generated {len(rows)} rows, {sum(len(r[0]) for r in rows)} tokens in {time.perf_counter() - t0:.0f}s")
         with store.artifact(prefix, key) as writer:
-            write_hidden_states(target, rows, writer, max_tokens_per_batch=8192, dtype="bf16")
+            write_hidden_states(target, rows, writer, max_tokens_per_batch=8192, dtype="bf16",
+                                aux_layer_ids=data.get("aux_layer_ids"))
             counts = np.zeros(target.facts.vocab_size, dtype=np.int64)
             for ids, mask in rows:
                 np.add.at(counts, np.asarray(ids)[np.asarray(mask, dtype=bool)], 1)
@@ -196,13 +209,16 @@ def train_variant(target, store, prefix: str, counts: np.ndarray, overrides: dic
     source = HiddenStateDataset(store, [store.manifest(prefix)])
     overrides = dict(overrides)
     head_init = overrides.pop("head_init", TrainJob.head_init)  # draft_model's default unless a variant says
-    mlp_width = overrides.pop("draft_intermediate_size", None)  # the draft's MLP width (None: the target's)
+    # the draft's widths: recipe.draft_width's rule unless a variant sets them, as train_main does
+    tc = json.loads((TARGET / "config.json").read_text())
+    width, mlp_width = recipe.draft_width(tc["hidden_size"], tc["intermediate_size"],
+                                          overrides.pop("draft_hidden_size", None),
+                                          overrides.pop("draft_intermediate_size", None))
     if overrides.get("epochs") == "x2":  # twice what the rule picks for this corpus
         overrides["epochs"] = 2 * recipe.resolve(TrainConfig(), recipe.corpus_stats(source)).epochs
     cfg = TrainConfig(**overrides, log_every=10_000, checkpoint_every=0)
     embed, head = load_head_weights(str(TARGET))
-    dcfg = DraftConfig.from_target_config(json.loads((TARGET / "config.json").read_text()),
-                                          int(vmap["t2d"].sum()), source.aux_layer_ids, mlp_width)
+    dcfg = DraftConfig.from_target_config(tc, int(vmap["t2d"].sum()), source.aux_layer_ids, mlp_width, width)
     torch.manual_seed(0)
     draft = Eagle3Draft(dcfg, embed)
     if head_init == "target":

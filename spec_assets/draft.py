@@ -1,5 +1,6 @@
 """Stage 5: the EAGLE-3 draft trained with training-time test, checkpointed, exported for vLLM/SGLang."""
 
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -32,10 +33,12 @@ class DraftModelConfig(dg.Config):
     # the draft's lm_head starts at the target's head rows of the draft vocab (bench_recipe: tau
     # 3.30 vs 3.23 at k=4, T=0, on stories260K), or "random" (normal, std 0.02)
     head_init: str = "target"
-    # The draft's MLP width; None: the target's intermediate_size (the EAGLE-3 convention). A
-    # one-layer draft of a small target is capacity-bound: 4x on stories260K took tau at k=4 from
-    # 3.30 to 3.53 (T=0) and 2.33 to 2.65 (T=1), at a higher draft cost per token (README).
+    # The draft's widths; None: recipe.draft_width's rule, i.e. the target's own (the EAGLE-3
+    # convention) for targets at least 256 wide, and 256 wide with a 2,048-wide MLP below that (a
+    # one-layer draft that narrow is capacity-bound: README "The training recipe"). A wider draft
+    # keeps the target's head_dim and KV heads, adds query heads, and exports its own embedding.
     draft_intermediate_size: Optional[int] = None
+    draft_hidden_size: Optional[int] = None
 
     ttt_length: int = _DEFAULTS.ttt_length
     step_weight: float = _DEFAULTS.step_weight
@@ -221,13 +224,18 @@ def draft_model(
             export_embed_tokens=config.export_embed_tokens,
             head_init=config.head_init,
             draft_intermediate_size=config.draft_intermediate_size,
+            draft_hidden_size=config.draft_hidden_size,
         )
         with tempfile.TemporaryDirectory() as tmp:
             job.export_dir = str(Path(tmp) / "export")
             result = train_main.launch(job, config.nproc, log=context.log.info)
             for name in EXPORT_FILES:
                 writer.write_bytes(f"export/{name}", (Path(job.export_dir) / name).read_bytes())
+            exported = json.loads((Path(job.export_dir) / "config.json").read_text())
         writer.summary = {**training_summary(result, config.mode, len(refs)),
+                          # the resolved draft shape (recipe.draft_width unless configured)
+                          "draft_width": {k: exported[k] for k in ("hidden_size", "intermediate_size",
+                                                                   "num_attention_heads", "target_hidden_size")},
                           "warm_start_from": warm_from.fingerprint if warm_from else None,
                           "export_path": store.url(writer.key("export"))}
 

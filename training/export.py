@@ -50,8 +50,8 @@ def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = to
     if (facts.rope_theta, facts.rope_scaling) != (cfg.rope_theta, cfg.rope_scaling):
         raise ValueError(f"draft RoPE {(cfg.rope_theta, cfg.rope_scaling)} is not the target's "
                          f"{(facts.rope_theta, facts.rope_scaling)}")
-    if (facts.hidden_size, facts.vocab_size) != (cfg.hidden_size, cfg.target_vocab_size):
-        raise ValueError(f"the draft (H={cfg.hidden_size}, vocab={cfg.target_vocab_size}) was not built for this "
+    if (facts.hidden_size, facts.vocab_size) != (cfg.target_hidden_size, cfg.target_vocab_size):
+        raise ValueError(f"the draft (H={cfg.target_hidden_size}, vocab={cfg.target_vocab_size}) was not built for this "
                          f"target (H={facts.hidden_size}, vocab={facts.vocab_size})")
     aux = check_servable(cfg.aux_layer_ids, facts.num_layers, where="export")
     config = {
@@ -70,7 +70,7 @@ def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = to
         "max_position_embeddings": cfg.max_position_embeddings,
         "vocab_size": cfg.target_vocab_size,
         "draft_vocab_size": cfg.draft_vocab_size,
-        "target_hidden_size": cfg.hidden_size,
+        "target_hidden_size": cfg.target_hidden_size,
         "tie_word_embeddings": False,
         "attention_bias": False,
         "mlp_bias": False,
@@ -93,7 +93,8 @@ def export_tensors(draft: Eagle3Draft, d2t, t2d, dtype=torch.bfloat16, include_e
     tensors = {
         name: t.detach().to("cpu", dtype).contiguous()
         for name, t in draft.state_dict().items()
-        if include_embed or name != "embed_tokens.weight"
+        # a draft wider than the target carries its own (padded) embedding: no engine can share the target's
+        if include_embed or name != "embed_tokens.weight" or cfg.hidden_size != cfg.target_hidden_size
     }
     tensors["d2t"] = d2t.detach().to("cpu", torch.int64).contiguous()
     tensors["t2d"] = t2d.detach().to("cpu", torch.bool).contiguous()
@@ -118,7 +119,10 @@ def export_draft(
     skips `embed_tokens` in load_weights; the EAGLE proposer logs "Detected EAGLE model without
     its own embed_tokens ... Sharing target model embedding weights"), and SGLang replaces the
     draft's with the target's in any case (eagle_worker: `draft_model.set_embed(embed)`).
-    load_draft then needs the target's embed_weight."""
+    load_draft then needs the target's embed_weight. A draft wider than its target
+    (hidden_size > target_hidden_size) always writes its own zero-padded embedding [V, H]: vLLM
+    shares the target's only when the shapes match, and SGLang's set_embed skips a draft whose
+    target_hidden_size differs."""
     from safetensors.torch import save_file
 
     draft = getattr(draft, "module", draft)

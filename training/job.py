@@ -82,6 +82,7 @@ class TrainJob:
     init_from: str | None = None         # store key of an earlier export's model.safetensors (warm start)
     head_init: str = "target"            # lm_head starts at the target's draft-vocab rows ("target") or random
     draft_intermediate_size: int | None = None  # the draft's MLP width; None: the target's
+    draft_hidden_size: int | None = None  # the draft's residual width (>= the target's); None: the target's
     resume: bool = True
     threads: int | None = None           # torch intra-op threads per process
 
@@ -94,8 +95,9 @@ class TrainJob:
             raise ValueError("a TrainJob needs exactly one of hidden_states (offline) or tokenized (online), "
                              f"got {len(self.hidden_states)} hidden_states and {len(self.tokenized)} tokenized sources")
         self.hidden_states, self.tokenized = list(self.hidden_states), list(self.tokenized)
-        if self.draft_intermediate_size is not None and int(self.draft_intermediate_size) < 1:
-            raise ValueError(f"draft_intermediate_size must be positive, got {self.draft_intermediate_size}")
+        for name in ("draft_intermediate_size", "draft_hidden_size"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.head_init not in ("target", "random"):
             raise ValueError(f"head_init must be 'target' or 'random', not {self.head_init!r}")
         if self.aux_layer_ids is not None:

@@ -38,6 +38,9 @@ WARMUP_RATIO = 0.05
 VALIDATION_SHARE = 0.05
 MAX_VALIDATION_ROWS = 256
 MIN_ROWS_FOR_VALIDATION = 200
+# The smallest draft layer: a target narrower than this gets a draft this wide (see draft_width).
+MIN_DRAFT_HIDDEN = 256
+MIN_DRAFT_INTERMEDIATE = 2048
 
 # The fields the recipe fills when they are None.
 DERIVED = ("epochs", "max_tokens_per_batch", "lr", "warmup_ratio", "validation_rows")
@@ -151,6 +154,28 @@ def resolve(cfg: TrainConfig, stats: CorpusStats, *, world_size: int = 1, hidden
             MAX_VALIDATION_ROWS, max(1, round(VALIDATION_SHARE * stats.rows)))
     return replace(cfg, epochs=epochs, max_tokens_per_batch=batch, lr=float(lr), warmup_ratio=warmup_ratio,
                    validation_rows=int(validation))
+
+
+def draft_width(hidden_size: int, intermediate_size: int, draft_hidden_size: int | None = None,
+                draft_intermediate_size: int | None = None) -> tuple[int, int]:
+    """The draft layer's (hidden_size, intermediate_size) for a target of widths (hidden_size,
+    intermediate_size). Explicit draft widths win; a draft_hidden_size alone scales the target's
+    MLP width with it; with neither, the rule:
+
+    The target's own (the EAGLE-3 convention) from MIN_DRAFT_HIDDEN up, i.e. for every real LLM.
+    A narrower target gets the smallest power-of-two multiple of its width that reaches
+    MIN_DRAFT_HIDDEN, and an MLP of at least MIN_DRAFT_INTERMEDIATE: a one-layer draft that narrow
+    is capacity-bound (bench_recipe on stories260K, H=64: tau at k=4 rose with every widening), while
+    on a GPU a layer that small costs kernel launches, not FLOPs, so the width is free at decode time.
+    A power-of-two multiple keeps whole query heads per KV head (DraftConfig.from_target_config)."""
+    h, inter = int(hidden_size), int(intermediate_size)
+    if draft_hidden_size is not None:
+        width = int(draft_hidden_size)
+        return width, int(draft_intermediate_size or inter * width // h)
+    if h >= MIN_DRAFT_HIDDEN:
+        return h, int(draft_intermediate_size or inter)
+    width = h << math.ceil(math.log2(MIN_DRAFT_HIDDEN / h))
+    return width, int(draft_intermediate_size or max(inter * width // h, MIN_DRAFT_INTERMEDIATE))
 
 
 def derived_fields(cfg: TrainConfig) -> list[str]:

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from training.job import TrainJob
 from training.storage import ObjectStore
 from training.online import OnlineBatchSource
+from training.recipe import draft_width
+from training.targets.config import TargetFacts
 from training.trainer import train
 from training.vocab import read_vocab_map
 
@@ -78,9 +80,12 @@ def run(job: TrainJob, log=print):
         if aux_ids is not None and tuple(aux_ids) != stored:
             raise ValueError(f"aux_layer_ids {aux_ids} differ from the hidden states' {stored}")
         aux_ids = stored
-    draft_cfg = DraftConfig.from_target_config(target_config, int(t2d.sum()), aux_ids, job.draft_intermediate_size)
-    if offline is not None and offline.hidden_size != draft_cfg.hidden_size:
-        raise ValueError(f"hidden states have H={offline.hidden_size}, the target config {draft_cfg.hidden_size}")
+    facts = TargetFacts.from_config(target_config)
+    hidden, inter = draft_width(facts.hidden_size, facts.intermediate_size, job.draft_hidden_size,
+                                job.draft_intermediate_size)
+    draft_cfg = DraftConfig.from_target_config(target_config, int(t2d.sum()), aux_ids, inter, hidden)
+    if offline is not None and offline.hidden_size != draft_cfg.target_hidden_size:
+        raise ValueError(f"hidden states have H={offline.hidden_size}, the target config {draft_cfg.target_hidden_size}")
     torch.manual_seed(job.train.seed)  # same init on every rank and on every resume (then overwritten)
     draft = Eagle3Draft(draft_cfg, embed).to(device)
     if job.head_init == "target":  # a warm start or a resumed checkpoint overwrites it

@@ -4,7 +4,10 @@ A random-weight draft cannot beat prompt-lookup drafting, so this run also prove
 check: eval_report's gate fails and released_draft does not run.
 """
 
+import json
+import os
 import re
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from spec_assets.cli import failure_messages, run_pipeline
 from spec_assets.definitions import all_assets, defs
 from training.demo.corpus import write_demo_corpus
+from training.recipe import draft_width
 from training.storage import ObjectStore
 
 SMALL = {
@@ -66,6 +70,12 @@ def test_full_graph_then_everything_is_a_cache_hit(env):
             assert tok[shard]["conversations_in"].value == res[shard]["rows_out"].value
         draft = _materializations(instance, "draft_model")[0].metadata
         assert draft["steps"].value == 3 and draft["tokens_seen"].value > 0
+        # the resolved draft shape: the tiny target is narrower than 256, so the width rule widened it
+        target_config = json.loads((Path(os.environ["SPECDRAFT_TARGET"]) / "config.json").read_text())
+        width = draft_width(target_config["hidden_size"], target_config["intermediate_size"])
+        shape = draft["draft_width"].value
+        assert (shape["hidden_size"], shape["intermediate_size"]) == width
+        assert shape["target_hidden_size"] == target_config["hidden_size"] < width[0]
         report = _materializations(instance, "eval_report")[0].metadata
         assert "data:image/png;base64," in report["report"].value
         # The draft is named by its export in the store, not by a temporary download folder.

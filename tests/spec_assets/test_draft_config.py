@@ -5,7 +5,8 @@ from dataclasses import fields
 from spec_assets.draft import DraftModelConfig, training_summary, validation_plot_md
 from training.recipe import TrainConfig
 
-ASSET_ONLY = {"mode", "nproc", "warm_start", "export_embed_tokens", "head_init", "draft_intermediate_size"}
+ASSET_ONLY = {"mode", "nproc", "warm_start", "export_embed_tokens", "head_init", "draft_intermediate_size",
+              "draft_hidden_size"}
 
 
 def test_every_train_field_is_settable_from_dagster_with_the_library_default():

@@ -258,6 +258,27 @@ def test_vllm_loader_consumes_every_tensor_and_matches_forward(trained, tmp_path
         vllm_load(config, {**tensors, "midlayer.self_attn.rotary.weight": torch.zeros(1)})
 
 
+def test_a_draft_wider_than_its_target_exports_its_own_embedding(trained, tmp_path):
+    """hidden_size > target_hidden_size: config.json carries both widths, the export always holds
+    the draft's padded embedding (vLLM shares the target's only when the shapes match; SGLang's
+    set_embed skips such a draft), and vLLM's loader and forward reproduce draft.step."""
+    model, tc, _, _, d2t, t2d = trained
+    draft, cfg = make_draft(tc, model, VD, hidden_size=128)
+    config, tensors = read_export(export_draft(draft, d2t, t2d, tc, tmp_path / "w", dtype=torch.float32))
+    assert (config["hidden_size"], config["target_hidden_size"]) == (128, 64)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (8, 2, 16)
+    assert tensors["embed_tokens.weight"].shape == (256, 128)
+    params = vllm_load(config, tensors)  # no target embedding offered: the draft's own is used
+    batch = pack_features(model, random_docs([12]), cfg.aux_layer_ids)
+    aux, ids = batch["aux"][:11], batch["input_ids"][1:].long()
+    logits, prenorm = vllm_forward(config, params, aux, ids, torch.arange(11))
+    draft_logits, hidden = draft.step(aux, ids, torch.arange(11), KVCache())
+    torch.testing.assert_close(prenorm, hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[:, torch.arange(VD) + d2t], draft_logits, atol=1e-5, rtol=1e-5)
+    again, *_ = load_draft(tmp_path / "w")  # self-contained: no target embedding needed
+    torch.testing.assert_close(again.step(aux, ids, torch.arange(11), KVCache())[0], draft_logits)
+
+
 def test_roundtrip_identical_outputs(trained, tmp_path):
     model, tc, draft, cfg, d2t, t2d = trained
     batch = pack_features(model, random_docs([10, 15]), cfg.aux_layer_ids)

@@ -52,3 +52,26 @@ def test_empty_corpus_and_bad_fields_are_refused():
         TrainConfig(export_checkpoint="first")
     with pytest.raises(ValueError, match="validation_rows"):
         TrainConfig(validation_rows=-1)
+
+
+def test_draft_width_widens_only_targets_narrower_than_the_floor():
+    """Real targets keep their own width (the EAGLE-3 convention); a toy one gets the smallest
+    power-of-two multiple of its width that reaches MIN_DRAFT_HIDDEN and an MLP of at least
+    MIN_DRAFT_INTERMEDIATE (stories260K: 64 wide, 172 MLP)."""
+    from training.eagle3.model import DraftConfig
+
+    assert recipe.draft_width(4096, 14336) == (4096, 14336)  # Llama-3-8B
+    assert recipe.draft_width(576, 1536) == (576, 1536)  # SmolLM-135M
+    assert recipe.draft_width(64, 172) == (256, 2048)
+    assert recipe.draft_width(96, 256) == (384, 2048)  # x4, not x3 (a width of 3 H_t is refused)
+    assert recipe.draft_width(128, 1024) == (256, 2048) and recipe.draft_width(32, 512) == (256, 4096)
+    # explicit widths win; a hidden size alone scales the target's MLP with it
+    assert recipe.draft_width(64, 172, 128) == (128, 344) and recipe.draft_width(64, 172, 128, 1376) == (128, 1376)
+    assert recipe.draft_width(64, 172, None, 688) == (256, 688) and recipe.draft_width(576, 1536, None, 4096) == (576, 4096)
+    # every widened shape is one DraftConfig accepts: whole query heads over the target's KV heads
+    for h, heads, kv in ((64, 8, 4), (96, 12, 4), (32, 4, 1), (128, 4, 2)):
+        width, inter = recipe.draft_width(h, 4 * h)
+        target = {"hidden_size": h, "num_attention_heads": heads, "num_key_value_heads": kv,
+                  "num_hidden_layers": 8, "vocab_size": 100, "intermediate_size": 4 * h}
+        cfg = DraftConfig.from_target_config(target, 50, intermediate_size=inter, hidden_size=width)
+        assert (cfg.hidden_size, cfg.target_hidden_size, cfg.head_dim) == (width, h, h // heads)

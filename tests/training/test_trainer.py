@@ -98,10 +98,13 @@ def make_draft(fx: dict, seed: int = 0):
     from training.eagle3.model import DraftConfig, Eagle3Draft
     from training.targets.weights import load_head_weights
 
+    from training.recipe import draft_width
+
     cfg_t = json.loads((fx["target_dir"] / "config.json").read_text())
     embed, head = load_head_weights(str(fx["target_dir"]))
     torch.manual_seed(seed)
-    draft = Eagle3Draft(DraftConfig.from_target_config(cfg_t, int(fx["t2d"].sum())), embed)
+    hidden, inter = draft_width(cfg_t["hidden_size"], cfg_t["intermediate_size"])  # as train_main builds it
+    draft = Eagle3Draft(DraftConfig.from_target_config(cfg_t, int(fx["t2d"].sum()), None, inter, hidden), embed)
     return draft, head.float()
 
 
@@ -265,7 +268,10 @@ def test_train_main_online_in_process(fx, tmp_path):
 
 
 def test_train_main_exports_embed_tokens_only_on_request(fx, tmp_path):
-    """TrainJob.export_embed_tokens (draft_model's `export_embed_tokens`) reaches the export."""
+    """TrainJob.export_embed_tokens (draft_model's `export_embed_tokens`) reaches the export of a
+    draft as wide as its target (a wider one always carries its own: test_a_wider_draft_...)."""
+    import json
+
     from safetensors import safe_open
 
     from training.train_main import run
@@ -274,6 +280,7 @@ def test_train_main_exports_embed_tokens_only_on_request(fx, tmp_path):
     for include in (False, True):
         job = job_spec(fx, f"runs/embed-{include}", cfg, export_dir=tmp_path / f"export-{include}")
         job.export_embed_tokens = include
+        job.draft_hidden_size = json.loads((fx["target_dir"] / "config.json").read_text())["hidden_size"]
         run(job, log=lambda _: None)
         with safe_open(str(tmp_path / f"export-{include}" / "model.safetensors"), "pt") as f:
             assert ("embed_tokens.weight" in f.keys()) is include
@@ -294,8 +301,8 @@ def test_head_init_starts_lm_head_at_the_target_rows(fx, tmp_path):
         job = job_spec(fx, f"runs/head-{init}", cfg)
         job.head_init = init
         draft = run(job, log=lambda _: None).draft
-        close = torch.allclose(draft.lm_head.weight.detach(), rows, atol=1e-6)
-        assert close is (init == "target"), init
+        head_rows = draft.lm_head.weight.detach()[:, : rows.shape[1]]  # a wider draft pads with zeros
+        assert torch.allclose(head_rows, rows, atol=1e-6) is (init == "target"), init
     with pytest.raises(ValueError, match="head_init"):
         TrainJob.from_dict({**job.to_dict(), "head_init": "zeros"})
     with pytest.raises(ValueError, match="t2d selects"):
@@ -323,3 +330,29 @@ def test_a_wider_draft_mlp_exports_its_width_and_reloads(fx, tmp_path):
     assert draft.midlayer.mlp.down_proj.weight.shape == (res.draft.cfg.hidden_size, width)
     with pytest.raises(ValueError, match="draft_intermediate_size"):
         TrainJob.from_dict({**job.to_dict(), "draft_intermediate_size": 0})
+
+
+def test_a_wider_draft_trains_exports_and_reloads_self_contained(fx, tmp_path):
+    """TrainJob.draft_hidden_size (draft_model's `draft_hidden_size`) widens the draft's residual
+    stream; the export carries target_hidden_size and the draft's own embedding, so it reloads
+    without the target's."""
+    import json
+
+    from training.export import load_draft
+    from training.job import TrainJob
+    from training.train_main import run
+
+    target = json.loads((fx["target_dir"] / "config.json").read_text())
+    target_h, target_i = target["hidden_size"], target["intermediate_size"]
+    cfg = {"lr": 3e-3, "max_steps": 2, "max_tokens_per_batch": 256, "warmup_steps": 0}
+    job = job_spec(fx, "runs/wide-h", cfg, export_dir=tmp_path / "export")
+    job.draft_hidden_size = 2 * target_h
+    res = run(job, log=lambda _: None)
+    assert res.draft.fc.weight.shape == (2 * target_h, 3 * target_h)
+    assert res.draft.cfg.intermediate_size == 2 * target_i  # the MLP scales with the width
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (config["hidden_size"], config["target_hidden_size"]) == (2 * target_h, target_h)
+    draft, *_ = load_draft(tmp_path / "export")
+    torch.testing.assert_close(draft.fc.weight, res.draft.fc.weight.to(torch.bfloat16).float())
+    with pytest.raises(ValueError, match="draft_hidden_size"):
+        TrainJob.from_dict({**job.to_dict(), "draft_hidden_size": 0})

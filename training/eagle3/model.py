@@ -43,9 +43,17 @@ class DraftConfig:
     draft_vocab_size: int
     aux_layer_ids: tuple[int, ...]
     hidden_act: str = "silu"
+    # The target's width H_t: fc fuses 3 x H_t aux states into the draft's hidden_size. None: the
+    # same as hidden_size (the EAGLE-3 convention; both engines read `target_hidden_size`).
+    target_hidden_size: int | None = None
 
     def __post_init__(self):
         self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
+        self.target_hidden_size = int(self.target_hidden_size or self.hidden_size)
+        if self.hidden_size == 3 * self.target_hidden_size:
+            # SGLang (llama_eagle3.py) applies fc when the input is not the draft's width, as `step` does
+            raise ValueError(f"a draft of exactly 3 x the target's width ({self.hidden_size}) cannot tell the "
+                             "fused aux states from its own hidden state; pick another hidden_size")
         if len(self.aux_layer_ids) != 3:
             raise ValueError(f"EAGLE-3 fuses exactly 3 aux layers, got {self.aux_layer_ids}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -56,19 +64,30 @@ class DraftConfig:
     @classmethod
     def from_target_config(
         cls, target_config: dict, draft_vocab_size: int, aux_layer_ids: tuple[int, ...] | None = None,
-        intermediate_size: int | None = None,
+        intermediate_size: int | None = None, hidden_size: int | None = None,
     ) -> "DraftConfig":
         """The draft for a target, from its HF config dict (read through TargetFacts, the one parser,
         so multimodal `text_config` targets work). Raises AuxLayerError for aux ids vLLM and SGLang
         cannot feed back (training/aux_layers.py). hidden_act stays silu: the draft is a Llama layer,
         and vLLM's and SGLang's LlamaMLP accept only silu, whatever the target's activation.
         intermediate_size: the draft's MLP width, default the target's (the EAGLE-3 convention);
-        both engines build the draft's MLP from its own config.json, so any width serves."""
+        both engines build the draft's MLP from its own config.json, so any width serves.
+        hidden_size: the draft's residual width, default the target's. A wider draft keeps the
+        target's head_dim and KV heads (its KV cache pages match the target's, as vLLM's allocator
+        wants) and takes proportionally more query heads; it carries its own embedding, the
+        target's zero-padded (engines share the target's only when the widths match)."""
         f = TargetFacts.from_config(target_config)
         ids = tuple(aux_layer_ids) if aux_layer_ids else default_aux_layer_ids(f.num_layers)
+        width = int(hidden_size or f.hidden_size)
+        heads = f.num_attention_heads * width // f.hidden_size
+        if width < f.hidden_size or heads * f.hidden_size != f.num_attention_heads * width or heads % f.num_key_value_heads:
+            raise ValueError(
+                f"draft hidden_size {width} must be at least the target's {f.hidden_size} and give a whole "
+                f"number of query heads per KV head ({f.num_attention_heads} heads x {width}/{f.hidden_size} "
+                f"over {f.num_key_value_heads} KV heads)")
         return cls(
-            hidden_size=f.hidden_size,
-            num_attention_heads=f.num_attention_heads,
+            hidden_size=width,
+            num_attention_heads=heads,
             num_key_value_heads=f.num_key_value_heads,
             head_dim=f.head_dim,
             intermediate_size=int(intermediate_size or f.intermediate_size),
@@ -79,6 +98,7 @@ class DraftConfig:
             target_vocab_size=f.vocab_size,
             draft_vocab_size=min(int(draft_vocab_size), f.vocab_size),
             aux_layer_ids=check_servable(ids, f.num_layers, where="draft config"),
+            target_hidden_size=f.hidden_size,
         )
 
     @classmethod
@@ -99,6 +119,7 @@ class DraftConfig:
             draft_vocab_size=config["draft_vocab_size"],
             aux_layer_ids=hf_ids_from_export(config),
             hidden_act=config.get("hidden_act", "silu"),
+            target_hidden_size=config.get("target_hidden_size"),
         )
 
     def rope_parameters(self) -> dict:
@@ -240,15 +261,17 @@ class Eagle3Draft(nn.Module):
     ttt_layout = "per_doc"  # step-0 TTT attention layout: "per_doc" or "dense" (see ttt_hidden)
 
     def __init__(self, cfg: DraftConfig, embed_weight: torch.Tensor):
+        """embed_weight: the target's input embedding [V, H_t], or a wider draft's own [V, H]."""
         super().__init__()
-        if tuple(embed_weight.shape) != (cfg.target_vocab_size, cfg.hidden_size):
+        h, ht = cfg.hidden_size, cfg.target_hidden_size
+        if tuple(embed_weight.shape) not in ((cfg.target_vocab_size, ht), (cfg.target_vocab_size, h)):
             raise ValueError(f"embedding {tuple(embed_weight.shape)} does not match the config")
         self.cfg = cfg
-        h = cfg.hidden_size
         # The target's own embedding, copied and frozen: the draft must read tokens as the target does.
-        weight = embed_weight.detach().to(torch.float32).clone()
+        # A wider draft pads it with zeros (input_layernorm's gain can use the spare dimensions).
+        weight = F.pad(embed_weight.detach().to(torch.float32), (0, h - embed_weight.shape[1]))
         self.embed_tokens = nn.Embedding(cfg.target_vocab_size, h, _weight=weight, _freeze=True)
-        self.fc = nn.Linear(3 * h, h, bias=False)  # fuses the three aux layers
+        self.fc = nn.Linear(3 * ht, h, bias=False)  # fuses the three aux layers
         self.midlayer = MidLayer(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
@@ -268,7 +291,8 @@ class Eagle3Draft(nn.Module):
         if t2d.numel() != self.cfg.target_vocab_size or int(t2d.sum()) != self.cfg.draft_vocab_size:
             raise ValueError(f"t2d selects {int(t2d.sum())} of {t2d.numel()} ids; the draft has "
                              f"{self.cfg.draft_vocab_size} of {self.cfg.target_vocab_size}")
-        self.lm_head.weight.copy_(target_head.to(self.lm_head.weight.device, torch.float32)[t2d.to(target_head.device)])
+        rows = target_head.to(self.lm_head.weight.device, torch.float32)[t2d.to(target_head.device)]
+        self.lm_head.weight.zero_()[:, : rows.shape[1]].copy_(rows)  # a wider draft: zeros beyond H_t
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [n, head_dim] in fp32 for absolute positions [n]."""
@@ -351,15 +375,15 @@ class Eagle3Draft(nn.Module):
     def step(self, hidden, input_ids, positions, cache: KVCache | None = None):
         """Inference for n new positions of one sequence (the evaluator's chain drafting).
 
-        hidden [n, 3H] = the target's concatenated aux states (fc is applied), or [n, H] = this
-        draft's previous pre-norm output; input_ids [n] = the token after each position (x_{t+1});
+        hidden [n, 3 H_t] = the target's concatenated aux states (fc is applied), or [n, H] = this
+        draft's previous pre-norm output (told apart by width, as SGLang does); input_ids [n] = the token after each position (x_{t+1});
         positions [n] absolute, as vLLM numbers them (the k-th draft token of a chain ending at t
         sits at t+k). New queries see every cached entry and the new ones up to themselves; the
         cache is extended in place. Returns (draft-vocab logits [n, Vd], output hidden [n, H]);
         map draft ids to target ids with `id + d2t[id]`.
         """
         attn = self.midlayer.self_attn
-        if hidden.shape[-1] == 3 * self.cfg.hidden_size:
+        if hidden.shape[-1] != self.cfg.hidden_size:  # the target's aux states, fused by fc
             hidden = self.fc(hidden.to(self.fc.weight.dtype))
         positions = torch.as_tensor(positions, device=hidden.device)
         cos, sin = self.rope(positions)

@@ -104,9 +104,9 @@ def _load_draft(draft, model, device):
 def _check_pair(draft, model) -> None:
     cfg, tc = draft.cfg, model.config.get_text_config()
     vocab = model.get_input_embeddings().weight.shape[0]
-    if cfg.hidden_size != tc.hidden_size or cfg.target_vocab_size != vocab:
+    if cfg.target_hidden_size != tc.hidden_size or cfg.target_vocab_size != vocab:
         raise ValueError(
-            f"draft (H={cfg.hidden_size}, vocab={cfg.target_vocab_size}) was not built for this target "
+            f"draft (H={cfg.target_hidden_size}, vocab={cfg.target_vocab_size}) was not built for this target "
             f"(H={tc.hidden_size}, vocab={vocab})"
         )
     if max(cfg.aux_layer_ids) > tc.num_hidden_layers:

@@ -67,8 +67,8 @@ def vocab_maps(target_vocab: int, draft_ids: torch.Tensor) -> tuple[torch.Tensor
     return d2t, t2d
 
 
-def make_draft(target_config: dict, model, draft_vocab: int, seed: int = 0, aux_layer_ids=None):
-    cfg = DraftConfig.from_target_config(target_config, draft_vocab, aux_layer_ids)
+def make_draft(target_config: dict, model, draft_vocab: int, seed: int = 0, aux_layer_ids=None, hidden_size=None):
+    cfg = DraftConfig.from_target_config(target_config, draft_vocab, aux_layer_ids, hidden_size=hidden_size)
     torch.manual_seed(seed)
     return Eagle3Draft(cfg, model.get_input_embeddings().weight), cfg
 

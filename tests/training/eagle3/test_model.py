@@ -83,11 +83,38 @@ def test_shapes_and_parameter_names(target):
     assert "inv_freq" not in draft.state_dict()
 
 
-def test_step_with_kv_cache_reproduces_ttt_rows(target):
-    """Chain drafting with the cache, as vLLM runs it (draft k of a chain ending at t at position
-    t+k), gives exactly the TTT rows the loss trains."""
+def test_a_wider_draft_keeps_the_kv_layout_and_pads_the_target_embedding(target):
+    """hidden_size above the target's: fc fuses 3 x H_t into H, the query heads scale with the width
+    while head_dim and the KV heads stay the target's, and the frozen embedding is the target's
+    padded with zeros. Widths the engines cannot serve are refused by name."""
     model, tc = target
-    draft, cfg = make_draft(tc, model, 256)
+    draft, cfg = make_draft(tc, model, 96, hidden_size=128)
+    assert (cfg.hidden_size, cfg.target_hidden_size) == (128, 64)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (8, 2, 16)
+    shapes = {n: tuple(p.shape) for n, p in draft.named_parameters()}
+    assert shapes["fc.weight"] == (128, 192)
+    assert shapes["midlayer.self_attn.q_proj.weight"] == (128, 256)
+    assert shapes["midlayer.self_attn.k_proj.weight"] == (32, 256)  # the target's KV width
+    assert shapes["lm_head.weight"] == (96, 128)
+    embed = model.get_input_embeddings().weight
+    assert torch.equal(draft.embed_tokens.weight[:, :64], embed)
+    assert not draft.embed_tokens.weight[:, 64:].any() and not draft.embed_tokens.weight.requires_grad
+    head = torch.randn(256, 64)
+    t2d = torch.zeros(256, dtype=torch.bool)
+    t2d[::2][:96] = True
+    draft.init_head_from_target(head, t2d)
+    assert torch.equal(draft.lm_head.weight[:, :64], head[t2d]) and not draft.lm_head.weight[:, 64:].any()
+    for bad in (32, 80, 192):  # narrower; 5 query heads over 2 KV heads; 3 x H_t (ambiguous input)
+        with pytest.raises(ValueError, match="hidden_size|3 x the target"):
+            DraftConfig.from_target_config(tc, 96, hidden_size=bad)
+
+
+@pytest.mark.parametrize("hidden_size", [None, 128])
+def test_step_with_kv_cache_reproduces_ttt_rows(target, hidden_size):
+    """Chain drafting with the cache, as vLLM runs it (draft k of a chain ending at t at position
+    t+k), gives exactly the TTT rows the loss trains; for a draft wider than its target too."""
+    model, tc = target
+    draft, cfg = make_draft(tc, model, 256, hidden_size=hidden_size)
     batch = pack_features(model, random_docs([16]), cfg.aux_layer_ids)
     aux, ids, T, K = batch["aux"], batch["input_ids"].long(), 16, 4
     with torch.no_grad():
