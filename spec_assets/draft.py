@@ -165,7 +165,8 @@ def _acc_table(rows: list[dict]) -> dg.TableMetadataValue:
 
 
 @dg.asset(
-    code_version="2",
+    # 3: the draft's default width follows recipe.draft_width (drafts of targets under 256 wide change)
+    code_version="3",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="train",
     io_manager_key="artifact_refs",
