@@ -81,8 +81,9 @@ class TrainJob:
     export_embed_tokens: bool = False    # write embed_tokens.weight too (vLLM and SGLang use the target's)
     init_from: str | None = None         # store key of an earlier export's model.safetensors (warm start)
     head_init: str = "target"            # lm_head starts at the target's draft-vocab rows ("target") or random
-    draft_intermediate_size: int | None = None  # the draft's MLP width; None: the target's
-    draft_hidden_size: int | None = None  # the draft's residual width (>= the target's); None: the target's
+    # The draft's MLP and residual widths; None: recipe.draft_width's rule (the target's own from 256 wide up)
+    draft_intermediate_size: int | None = None
+    draft_hidden_size: int | None = None
     resume: bool = True
     threads: int | None = None           # torch intra-op threads per process
 

@@ -15,7 +15,8 @@ config gives a 300k-token corpus and a 300M-token corpus each a good run:
                 MAX_VALIDATION_ROWS, none under MIN_ROWS_FOR_VALIDATION rows), measured at
                 every epoch end; the best epoch's weights are exported (export_checkpoint)
 
-and `draft_vocab_size` caps the draft vocabulary by what the corpus uses. The constants are the
+and `draft_vocab_size` caps the draft vocabulary by what the corpus uses; `draft_width` sizes the
+draft layer (the target's own shape from MIN_DRAFT_HIDDEN up, wider below it). The constants are the
 measured ones: bench/bench_recipe.py (stories260K, 1536 TinyStories prompts resampled greedily,
 held-out tau at T=0 and T=1) and the README's recipe table.
 """
