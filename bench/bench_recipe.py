@@ -11,9 +11,10 @@ are held out for evaluation and never trained on. The rest are resampled by the 
 resampled_corpus does by default (ResampleConfig's temperature mixture and max_new_tokens) unless
 a variant says otherwise, their features written with training.hidden_states, the draft vocab
 built with training.vocab, and each variant trained by training.trainer.train (the recipe rule of
-training/recipe.py fills every field a variant does not set; head_init and the draft's MLP width
-as draft_model's defaults). Each trained draft then decodes the held-out prompts with
-training.evaluation's chain speculative decoder (k=4, 120 new tokens) at T=0 and T=1, and the
+training/recipe.py fills every field a variant does not set, the draft's widths included
+(recipe.draft_width); head_init as draft_model's default). Each trained draft then decodes the
+held-out prompts with training.evaluation's chain speculative decoder (k=4, 120 new tokens) at
+T=0 and T=1, and the
 table reports tau = tokens per target forward, beside the exported epoch's held-out simulated and
 replayed tau (results.json).
 
@@ -264,6 +265,7 @@ def main(argv=None) -> int:
             "tau_t0": tau[0.0], "tau_t1": tau[1.0], "steps": res.steps, "train_s": train_s,
             "batch_tokens": res.config["max_tokens_per_batch"], "epochs": res.config["epochs"],
             "lr": res.config["lr"], "draft_vocab": n_vocab, "final_loss": res.final_loss,
+            "draft_width": [draft.cfg.hidden_size, draft.cfg.intermediate_size],
             # the exported (best) epoch's held-out figures: simulated over K steps, replayed at k=4
             "heldout_sim_tau": res.best["simulated_acceptance_length"] if res.best else None,
             "heldout_replayed_tau_k4": (res.best.get("replayed_acceptance_length") or [None] * 4)[3] if res.best else None,
