@@ -230,9 +230,10 @@ def draft_model(
         with tempfile.TemporaryDirectory() as tmp:
             job.export_dir = str(Path(tmp) / "export")
             result = train_main.launch(job, config.nproc, log=context.log.info)
-            for name in EXPORT_FILES:
-                writer.write_bytes(f"export/{name}", (Path(job.export_dir) / name).read_bytes())
-            exported = json.loads((Path(job.export_dir) / "config.json").read_text())
+            files = {name: (Path(job.export_dir) / name).read_bytes() for name in EXPORT_FILES}
+            for name, data in files.items():
+                writer.write_bytes(f"export/{name}", data)
+            exported = json.loads(files["config.json"])
         writer.summary = {**training_summary(result, config.mode, len(refs)),
                           # the resolved draft shape (recipe.draft_width unless configured)
                           "draft_width": {k: exported[k] for k in ("hidden_size", "intermediate_size",

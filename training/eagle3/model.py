@@ -377,9 +377,9 @@ class Eagle3Draft(nn.Module):
 
         hidden [n, 3 H_t] = the target's concatenated aux states (fc is applied), or [n, H] = this
         draft's previous pre-norm output (told apart by width, as SGLang does); input_ids [n] = the
-        token after each position (x_{t+1}); positions [n] absolute, as vLLM numbers them (the k-th draft token of a chain ending at t
-        sits at t+k). New queries see every cached entry and the new ones up to themselves; the
-        cache is extended in place. Returns (draft-vocab logits [n, Vd], output hidden [n, H]);
+        token after each position (x_{t+1}); positions [n] absolute, as vLLM numbers them (the k-th
+        draft token of a chain ending at t sits at t+k). New queries see every cached entry and the
+        new ones up to themselves; the cache is extended in place. Returns (draft-vocab logits [n, Vd], output hidden [n, H]);
         map draft ids to target ids with `id + d2t[id]`.
         """
         attn = self.midlayer.self_attn
