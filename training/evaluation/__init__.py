@@ -52,6 +52,9 @@ class EvalConfig:
     argmax_draft: bool = False  # sampled runs: propose the draft argmax (vLLM's way) instead of sampling q
     ignore_eos: bool = False  # generate max_new_tokens whatever the target says (fixed-length timing)
     warmup: bool = True  # one short untimed run first, so lazy init does not land in the first prompt
+    # Also decode the prompts in real vLLM with the export (method eagle3) at every k and temperature,
+    # when vLLM is installed: tau from vLLM's counters beside the simulated one (training/evaluation/served.py).
+    served: bool = True
 
     def __post_init__(self):
         self.ks = sorted({int(k) for k in self.ks})
@@ -217,7 +220,50 @@ def evaluate(
         "prompt_tokens": sum(len(ids) for _, _, ids in encoded),
         "stop_token_ids": sorted(stops),
     }
-    return EvalResult(config=config, rows=ordered).finalize()
+    result = EvalResult(config=config, rows=ordered)
+    if cfg.served:
+        from training.evaluation.served import vllm_missing_reason
+
+        reason = None if isinstance(draft, (str, os.PathLike)) else "the draft is not an export directory"
+        reason = reason or vllm_missing_reason()
+        if reason:
+            say(f"served measurement skipped: {reason}")
+            config["served"] = f"skipped: {reason}"
+        else:
+            result.served = served_rows(target, str(draft), [ids for _, _, ids in encoded], cfg, stops,
+                                        config["dtype"], rows, say)
+            config["served"] = "vLLM"
+    return result.finalize()
+
+
+def served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, dtype: str, rows: dict, say) -> list[dict]:
+    """The export decoded by vLLM on the simulator's prompt ids, one row per (temperature, k), beside the
+    simulated tau. vLLM drafts the argmax at every temperature, so a sampled row is like-for-like only
+    when the simulator ran with argmax_draft; greedy rows must reproduce vLLM's plain decoding."""
+    from training.evaluation.served import serve
+
+    runs = serve(target.name_or_path, export, prompt_ids, cfg.ks, cfg.temperatures,
+                 max_new_tokens=cfg.max_new_tokens, stop_token_ids=sorted(stops), ignore_eos=cfg.ignore_eos,
+                 seed=cfg.seed, dtype=dtype, log=say)
+    plain = {r.temperature: r for r in runs if r.k == 0}
+    out = []
+    for r in runs:
+        if r.k == 0:
+            continue
+        simulated = rows[("eagle3", r.k, r.temperature, ALL)].tau
+        base = plain[r.temperature]
+        out.append({
+            "temperature": r.temperature, "k": r.k, "served_tau": r.tau, "simulated_tau": simulated,
+            "ratio": r.tau / simulated if r.tau and simulated else None,
+            "like_for_like": r.temperature == 0.0 or cfg.argmax_draft,
+            "exact_match": (f"{sum(a == b for a, b in zip(r.tokens, base.tokens))}/{len(r.tokens)}"
+                            if r.temperature == 0.0 else None),
+            "drafts": r.drafts, "accepted": r.accepted,
+            "accepted_per_pos": [a / r.drafts for a in r.accepted_per_pos] if r.drafts else [],
+            "tokens_per_s": r.tokens_per_s, "speedup": r.tokens_per_s / base.tokens_per_s if base.tokens_per_s else None,
+        })
+        say(f"served T={r.temperature:g} k={r.k}: tau {r.tau or 0:.3f} (simulated {simulated:.3f})")
+    return out
 
 
 __all__ = [

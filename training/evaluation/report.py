@@ -122,6 +122,9 @@ class EvalResult:
 
     config: dict[str, Any]
     rows: list[MethodStats]
+    # The export decoded by real vLLM (evaluate's served_rows): one dict per (temperature, k) with
+    # served_tau, simulated_tau, ratio, like_for_like, exact_match, tokens_per_s, speedup; empty without vLLM.
+    served: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self, method: str, k: int, temperature: float = 0.0, domain: str = ALL) -> MethodStats | None:
         k = 0 if method == "plain" else k
@@ -169,6 +172,13 @@ class EvalResult:
                 out["greedy_exact_match"] = f"{e.exact_match}/{e.n_prompts}"
         if p is not None:
             out.update(prompt_lookup_tau=p.tau, prompt_lookup_wall_speedup=p.wall_speedup)
+        if (s := self.served_row(k, t)) is not None:
+            out.update(served_tau=s["served_tau"], served_over_simulated=s["ratio"])
+            if s["exact_match"] is not None:
+                out["served_greedy_exact_match"] = s["exact_match"]
+        if self.served:
+            out["served_by_k"] = [{c: r[c] for c in ("temperature", "k", "served_tau", "simulated_tau", "ratio",
+                                                     "like_for_like", "tokens_per_s", "speedup")} for r in self.served]
         out["tau_by_k"] = [
             {"temperature": tt, "k": kk, "tau": self.tau("eagle3", kk, tt),
              "prompt_lookup_tau": self.tau("prompt_lookup", kk, tt), "ceiling": kk + 1,
@@ -183,11 +193,15 @@ class EvalResult:
         return _clean(out)
 
     def to_json(self) -> dict[str, Any]:
-        return {"config": _clean(self.config), "rows": [r.to_json() for r in self.rows]}
+        return {"config": _clean(self.config), "rows": [r.to_json() for r in self.rows], "served": _clean(self.served)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "EvalResult":
-        return cls(config=d["config"], rows=[MethodStats.from_json(r) for r in d["rows"]]).finalize()
+        rows = [MethodStats.from_json(r) for r in d["rows"]]
+        return cls(config=d["config"], rows=rows, served=list(d.get("served") or [])).finalize()
+
+    def served_row(self, k: int, temperature: float) -> dict[str, Any] | None:
+        return next((r for r in self.served if r["k"] == k and abs(r["temperature"] - temperature) < 1e-9), None)
 
 
 # -- gate ------------------------------------------------------------------------------------------
@@ -359,6 +373,18 @@ def report_markdown(result: EvalResult, embed_png: dict[str, bytes] | None = Non
                 n = e.n_prompts if e is not None else 0
                 lines.append(f"| {d} | {t:g} | {n} | {_f(e and e.tau)} | {_f(p and p.tau)} | "
                              f"{_f(e and e.wall_speedup)} |")
+    if result.served:
+        lines += ["", "## Served by vLLM", ""]
+        lines.append("The export decoded by real vLLM (`method: eagle3`) on the same prompt ids; tau = 1 + accepted / "
+                     "drafts from vLLM's counters. vLLM drafts the argmax at every temperature, so a sampled row is "
+                     "like-for-like with the simulator only when it ran with `argmax_draft`. Speedup: vLLM's "
+                     "tokens/s with the draft over without, every prompt in one batch.")
+        lines += ["", "| T | k | served tau | simulated tau | served / simulated | like-for-like | "
+                  "greedy exact (vs vLLM without draft) | tokens/s | speedup |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in result.served:
+            lines.append(f"| {r['temperature']:g} | {r['k']} | {_f(r['served_tau'], 3)} | {_f(r['simulated_tau'], 3)} | "
+                         f"{_f(r['ratio'], 3)} | {'yes' if r['like_for_like'] else 'no'} | {r['exact_match'] or '–'} | "
+                         f"{_f(r['tokens_per_s'], 1)} | {_f(r['speedup'])} |")
     plain = [result.row("plain", 0, t) for t in result.temperatures]
     timing = [f"T={r.temperature:g}: {1e3 * r.time_per_token:.2f} ms/token"
               for r in plain if r is not None and r.tokens]

@@ -1,7 +1,8 @@
-"""vLLM backend (GPU): generation with LLM.chat, features with vLLM's `extract_hidden_states` method.
+"""vLLM backend (GPU or vLLM's CPU build): generation with LLM.chat, features with `extract_hidden_states`.
 
-Features use the speculative method "extract_hidden_states" with the ExampleHiddenStatesConnector
-(vLLM >= 0.11; checked against the 0.2x/0.3x docs): a prefill-only request (max_tokens=1) stores,
+Features use the speculative method "extract_hidden_states" with vLLM's hidden-state connector, in
+the device-agnostic subclass of training/targets/vllm_connector.py (vLLM's own copies through CUDA
+streams and pinned memory, which its CPU build lacks): a prefill-only request (max_tokens=1) stores,
 per prompt token, the residual stream at `eagle_aux_hidden_state_layer_ids` into a safetensors
 file named in `output.kv_transfer_params["hidden_states_path"]`, shaped [n, k, H]. vLLM's layer
 id i is the input of decoder layer i, HF's hidden_states[i]; id L is the last layer's output
@@ -10,7 +11,8 @@ id i is the input of decoder layer i, HF's hidden_states[i]; id L is the last la
 An engine is built for one mode at a time (generation, or features for one set of layer ids):
 feature extraction needs prefix caching and chunked prefill off, which generation wants on, and
 two engines would not share one GPU's memory. Switching mode releases the previous engine.
-Nothing here runs without a GPU and `pip install specdraft[gpu]`.
+`make install` installs vLLM (its CPU build where no GPU is visible); tests/training/targets/test_vllm.py
+runs both modes on the CPU build against the hf backend.
 """
 
 from __future__ import annotations
@@ -32,13 +34,31 @@ from training.targets.base import (
 )
 
 
+def engine_defaults() -> dict:
+    """LLM(...) settings every specdraft engine starts with where vLLM runs on the CPU build.
+
+    There `gpu_memory_utilization` is the share of *host* memory the KV cache may take (85% of the
+    machine by default, refused when that much is not free), so the cache gets a fixed size instead:
+    VLLM_CPU_KVCACHE_SPACE GiB when set, else 2 GiB, plenty for the targets a CPU serves. Eager mode:
+    torch.compile's CPU kernels cost minutes per engine start for models this small. On a GPU: none.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return {}
+    out = {"enforce_eager": True}
+    if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        out["kv_cache_memory_bytes"] = 2 << 30
+    return out
+
+
 def import_vllm():
     try:
         import vllm
     except ImportError as exc:
         raise TargetError(
-            "the 'vllm' target backend needs vLLM on a CUDA machine: pip install 'specdraft[gpu]' "
-            f"(import failed: {exc}); on CPU use backend='hf'"
+            "the 'vllm' target backend needs vLLM: `make install` adds it (pip install 'specdraft[cpu]' "
+            f"for its CPU build, 'specdraft[gpu]' on CUDA machines; import failed: {exc}), or use backend='hf'"
         ) from None
     return vllm
 
@@ -93,6 +113,7 @@ class VLLMTarget(TargetModel):
         )
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
+        kwargs.update(engine_defaults())
         if mode[0] == "features":
             self._scratch = tempfile.mkdtemp(prefix="specdraft-hs-", dir=self.scratch_root)
             kwargs.update(
@@ -209,15 +230,15 @@ class VLLMTarget(TargetModel):
 
 
 def _kv_transfer_config(path: str):
-    extra = {"shared_storage_path": path, "use_synchronization_lock": True}
-    try:
-        from vllm.config.kv_transfer import KVTransferConfig
+    """vLLM's hidden-state writer as our device-agnostic subclass, loaded by module path."""
+    from vllm.config.kv_transfer import KVTransferConfig
 
-        return KVTransferConfig(kv_connector="ExampleHiddenStatesConnector", kv_role="kv_producer",
-                                kv_connector_extra_config=extra)
-    except ImportError:  # older releases take the plain dict
-        return {"kv_connector": "ExampleHiddenStatesConnector", "kv_role": "kv_producer",
-                "kv_connector_extra_config": extra}
+    from training.targets.vllm_connector import CONNECTOR
+
+    return KVTransferConfig(
+        kv_connector=CONNECTOR, kv_connector_module_path="training.targets.vllm_connector", kv_role="kv_producer",
+        kv_connector_extra_config={"shared_storage_path": path, "use_synchronization_lock": True},
+    )
 
 
 def _load_hidden_states(path: str):
