@@ -14,30 +14,34 @@ class GenerationBackendResource(dg.ConfigurableResource):
     applies); `return_token_ids` asks the openai server for the reply's ids (vLLM >= 0.10.2), without
     which tokenization re-encodes the text and says so in its metadata."""
 
-    backend: str = "hf"
+    backend: str = ""  # empty: the target resource's backend (hf, or vllm with SPECDRAFT_BACKEND)
     base_url: str = ""          # openai: e.g. http://127.0.0.1:8000/v1 (or OPENAI_BASE_URL)
     model: str = ""             # openai: served model name (default: the target's name or path)
     max_concurrency: int = 8
     return_token_ids: bool = True
     target: dg.ResourceDependency[TargetModelResource]
 
+    def effective_backend(self) -> str:
+        return self.backend or self.target.backend
+
     def identity(self) -> str:
-        if self.backend == "openai":
+        if self.effective_backend() == "openai":
             kwargs = self.target.template_kwargs()
             suffix = f"+chat_template_kwargs={json.dumps(kwargs, sort_keys=True)}" if kwargs else ""
             return f"openai:{self._base_url()}#{self.model or 'served model'}{suffix}"
-        return f"{self.backend}:{self.target.identity()}"
+        return f"{self.effective_backend()}:{self.target.identity()}"
 
     def _base_url(self) -> str:
         return self.base_url or os.environ.get("OPENAI_BASE_URL", "")
 
     def load(self):
-        if self.backend == "hf" and self.target.backend == "hf":
-            return self.target.load()  # share the loaded model with the other stages
+        backend = self.effective_backend()
+        if backend == self.target.backend:
+            return self.target.load()  # share the loaded model (or engine) with the other stages
         from training.targets import load_target
 
         kwargs = self.target.template_kwargs() or None
-        if self.backend == "openai":
+        if backend == "openai":
             if not self._base_url():
                 raise dg.Failure("generation backend 'openai' needs base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
             return load_target(
@@ -45,4 +49,4 @@ class GenerationBackendResource(dg.ConfigurableResource):
                 tokenizer=self.target.model_path(), max_concurrency=self.max_concurrency,
                 chat_template_kwargs=kwargs, return_token_ids=self.return_token_ids,
             )
-        return load_target(self.target.model_path(), backend=self.backend, chat_template_kwargs=kwargs)
+        return load_target(self.target.model_path(), backend=backend, chat_template_kwargs=kwargs)

@@ -53,7 +53,7 @@ class RayClusterResource(dg.ConfigurableResource):
         from training import resample
         from training.ray_pool import RayPoolError, resample_on_pool
 
-        if not self.enabled() or generator.backend == "openai":
+        if not self.enabled() or generator.effective_backend() == "openai":
             return resample.resample_conversations(generator.load(), rows, cfg, progress=progress, log=log)
         try:
             return resample_on_pool(self._pool(generator.target, log), rows, cfg, progress=progress, log=log)

@@ -37,6 +37,8 @@ class TargetModelResource(dg.ConfigurableResource):
     """
 
     target: str = ""
+    # hf (transformers) or vllm (features through vLLM's hidden-state capture; SPECDRAFT_BACKEND);
+    # evaluation's simulator always runs the HF model (eval_report measures vLLM separately).
     backend: str = "hf"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -71,7 +73,7 @@ class TargetModelResource(dg.ConfigurableResource):
         base = model_identity(self.model_path())
         return f"{base}+chat_template_kwargs={json.dumps(kwargs, sort_keys=True)}" if kwargs else base
 
-    def load(self):
-        """The loaded TargetModel, shared by the steps of one process."""
-        return _load(self.model_path(), self.backend, self.device, self.trust_remote_code,
+    def load(self, backend: str | None = None):
+        """The loaded TargetModel (on `backend`, default the resource's), shared by the steps of one process."""
+        return _load(self.model_path(), backend or self.backend, self.device, self.trust_remote_code,
                      json.dumps(self.template_kwargs(), sort_keys=True))

@@ -19,7 +19,7 @@ def _from_env(name: str):
 
 
 object_store = ObjectStoreResource(root=_from_env("SPECDRAFT_ROOT"))
-target = TargetModelResource(target=_from_env("SPECDRAFT_TARGET"))
+target = TargetModelResource(target=_from_env("SPECDRAFT_TARGET"), backend=_from_env("SPECDRAFT_BACKEND") or "hf")
 
 per_shard_assets = [corpus.source_corpus, resample.resampled_corpus, tokenize.tokenized_shards,
                     hidden_states.hidden_states]

@@ -108,7 +108,8 @@ def eval_report(
 
     def build(writer):
         with tempfile.TemporaryDirectory() as tmp:
-            result = evaluate(target.load(), str(_local_export(store, draft_model, Path(tmp))), prompts,
+            # The simulator runs the HF model whatever the pipeline's backend; vLLM is measured by `served`.
+            result = evaluate(target.load(backend="hf"), str(_local_export(store, draft_model, Path(tmp))), prompts,
                               log=context.log.info, **config.model_dump(exclude={"prompts_url"}))
         # Name the draft by where it lives in the store, not by the temporary download folder.
         config_key = store.manifest(draft_model.prefix).key("export/config.json")

@@ -60,8 +60,10 @@ def draft_summary(results, defs) -> list[str]:
     k = report.summary["k"]
     lines = [f"draft vs prompt lookup at k={k} (tau: tokens per target forward; ceiling {k + 1}):"]
     for t in result.temperatures:
+        served = result.served_row(k, t)
         lines.append(f"  T={t:g}: EAGLE-3 tau {_fmt(result.tau('eagle3', k, t))}, "
-                     f"prompt lookup {_fmt(result.tau('prompt_lookup', k, t))}")
+                     f"prompt lookup {_fmt(result.tau('prompt_lookup', k, t))}"
+                     + (f"; served by vLLM {_fmt(served['served_tau'])}" if served else ""))
     checks = _gate_evaluations(run)
     passed = bool(checks) and checks[-1].passed
     detail = checks[-1].metadata.get("detail") if checks else None

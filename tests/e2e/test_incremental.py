@@ -37,7 +37,7 @@ SMALL = {
         "draft_model": {"config": {"epochs": 1, "max_steps": 2, "ttt_length": 2, "max_tokens_per_batch": 1024}},
         "eval_report": {"config": {"ks": [1, 2], "temperatures": [0.0], "max_new_tokens": 4, "max_prompts": 2,
                                    # above the ceiling k+1 = 3: the gate fails whatever the draft
-                                   "gate_k": 2, "min_tau": 4.0}},
+                                   "gate_k": 2, "min_tau": 4.0, "served": False}},
     }
 }
 

@@ -27,7 +27,7 @@ SMALL = {
         "draft_model": {"config": {"epochs": 1, "max_steps": 3, "ttt_length": 2, "max_tokens_per_batch": 2048,
                                    "checkpoint_every": 2}},
         "eval_report": {"config": {"ks": [1, 2], "temperatures": [0.0], "max_new_tokens": 6, "max_prompts": 2,
-                                   "gate_k": 2, "min_tau": 4.0}},
+                                   "gate_k": 2, "min_tau": 4.0, "served": False}},
     }
 }
 

@@ -52,7 +52,7 @@ SMALL = {
     "hidden_states": {"max_tokens_per_batch": 2048},
     "draft_model": {"epochs": 1, "max_steps": 2, "ttt_length": 2, "max_tokens_per_batch": 2048, "checkpoint_every": 1},
     "eval_report": {"ks": [1, 2], "temperatures": [0.0], "max_new_tokens": 4, "max_prompts": 2, "gate_k": 2,
-                    "min_tau": 1.0},
+                    "min_tau": 1.0, "served": False},
 }
 PER_SHARD = ["source_corpus", "resampled_corpus", "tokenized_shards", "hidden_states"]
 FAN_IN = ["vocab_map", "draft_model", "eval_report", "released_draft"]

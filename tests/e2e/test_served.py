@@ -54,7 +54,7 @@ def test_vllm_serves_the_draft_as_simulated(demo_features, hf_target, tmp_path, 
     prompts = [{"id": c["id"], "domain": c.get("source"), "messages": c["messages"]}
                for c in heldout_conversations(N_PROMPTS)]
     result = evaluate(hf_target, str(export), prompts, ks=KS, temperatures=[0.0], max_new_tokens=48, warmup=False)
-    assert result.config["served"] == "vLLM"
+    assert result.config["served_by"] == "vLLM"
     for k in KS:
         row = result.served_row(k, 0.0)
         assert row["exact_match"] == f"{N_PROMPTS}/{N_PROMPTS}", row

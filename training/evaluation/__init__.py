@@ -228,11 +228,11 @@ def evaluate(
         reason = reason or vllm_missing_reason()
         if reason:
             say(f"served measurement skipped: {reason}")
-            config["served"] = f"skipped: {reason}"
+            config["served_by"] = f"skipped: {reason}"
         else:
             result.served = served_rows(target, str(draft), [ids for _, _, ids in encoded], cfg, stops,
                                         config["dtype"], rows, say)
-            config["served"] = "vLLM"
+            config["served_by"] = "vLLM"
     return result.finalize()
 
 

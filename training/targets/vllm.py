@@ -34,6 +34,16 @@ from training.targets.base import (
 )
 
 
+def _check_device(device: str) -> str:
+    import torch
+
+    kind = str(device).split(":")[0]
+    have = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind not in ("auto", have):
+        raise TargetError(f"the vllm backend runs on this machine's {have}, not on device {device!r}")
+    return str(device)
+
+
 def engine_defaults() -> dict:
     """LLM(...) settings every specdraft engine starts with where vLLM runs on the CPU build.
 
@@ -75,6 +85,7 @@ class VLLMTarget(TargetModel):
         revision: str | None = None,
         trust_remote_code: bool = False,
         dtype: str = "auto",
+        device: str = "auto",
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
@@ -84,6 +95,9 @@ class VLLMTarget(TargetModel):
     ):
         super().__init__(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         self.dtype = dtype
+        # vLLM runs on the platform its build is for (CUDA, or the CPU build) and places the model
+        # itself; a device that build cannot serve is an error here, not a surprise at engine start.
+        self.device = _check_device(device)
         self.tensor_parallel_size = int(tensor_parallel_size)
         self.gpu_memory_utilization = gpu_memory_utilization
         self.max_model_len = max_model_len
@@ -147,11 +161,15 @@ class VLLMTarget(TargetModel):
         self._mode = None
 
     # -- generation -------------------------------------------------------------------------
+    def generation_engine(self):
+        """The vllm.LLM that `generate` uses (started on first call), e.g. to measure it bare."""
+        return self._engine(("generate",))
+
     def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
         if len(conversations) != len(sampling):
             raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
         vllm = import_vllm()
-        llm = self._engine(("generate",))
+        llm = self.generation_engine()
         params = [
             vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed)
             for s in sampling

@@ -38,7 +38,7 @@ def test_prompt_ids_drop_the_reply_and_keep_the_tail(target):
 def test_evaluate_end_to_end(target, export_dir):
     lines = []
     res = evaluate(target, export_dir, PROMPTS, ks=[1, 3], temperatures=[0.0, 0.9], max_new_tokens=12,
-                   seed=0, log=lines.append, ignore_eos=True)
+                   seed=0, log=lines.append, ignore_eos=True, served=False)  # vLLM's half: tests/e2e/test_served.py
     assert res.ks == [1, 3] and res.temperatures == [0.0, 0.9] and res.domains == ["chat", "code"]
     assert res.config["n_prompts"] == 3 and res.config["draft"] == str(export_dir)
     assert any("tau" in line for line in lines)
@@ -82,7 +82,7 @@ def test_evaluate_end_to_end(target, export_dir):
 
 
 def test_sampled_runs_are_reproducible(target, export_dir):
-    kw = dict(ks=[2], temperatures=[1.0], max_new_tokens=8, seed=3, warmup=False)
+    kw = dict(ks=[2], temperatures=[1.0], max_new_tokens=8, seed=3, warmup=False, served=False)
     a = evaluate(target, export_dir, PROMPTS[:1], **kw)
     b = evaluate(target, export_dir, PROMPTS[:1], **kw)
     for method in ("eagle3", "prompt_lookup", "plain"):

@@ -40,6 +40,14 @@ def test_registered_and_lazy():
     assert t._llm is None  # no engine until first use
 
 
+def test_device_is_the_builds_platform():
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    other = "cpu" if here == "cuda" else "cuda:0"
+    assert load_target("some/model", backend="vllm", device=here).device == here  # as the resources pass it
+    with pytest.raises(TargetError, match=f"runs on this machine's {here}"):
+        load_target("some/model", backend="vllm", device=other)
+
+
 def test_clear_error_without_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
     t = load_target("some/model", backend="vllm")
