@@ -46,6 +46,7 @@ def hf_target(demo_features):  # noqa: F811
     return load_target(str(demo_features["target_dir"]), backend="hf", device="cpu", dtype="float32")
 
 
+@pytest.mark.timeout(1800)  # training, 4 simulated ks and 5 vLLM engines: minutes on 2 shared cores
 @pytest.mark.parametrize("width", [(None, None), (256, 2048)], ids=["target-width", "wider"])
 def test_vllm_serves_the_draft_as_simulated(demo_features, hf_target, tmp_path, width):  # noqa: F811
     from training.evaluation import evaluate
@@ -53,7 +54,8 @@ def test_vllm_serves_the_draft_as_simulated(demo_features, hf_target, tmp_path, 
     export = _trained_export(demo_features, tmp_path, *width)
     prompts = [{"id": c["id"], "domain": c.get("source"), "messages": c["messages"]}
                for c in heldout_conversations(N_PROMPTS)]
-    result = evaluate(hf_target, str(export), prompts, ks=KS, temperatures=[0.0], max_new_tokens=48, warmup=False)
+    result = evaluate(hf_target, str(export), prompts, ks=KS, temperatures=[0.0], max_new_tokens=48, warmup=False,
+                      log=print)
     assert result.config["served_by"] == "vLLM"
     for k in KS:
         row = result.served_row(k, 0.0)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -99,12 +101,20 @@ def _run_child(request: dict) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="specdraft-served-") as tmp:
         req, out = Path(tmp, "request.json"), Path(tmp, "result.json")
         req.write_text(json.dumps(request))
-        proc = subprocess.run([sys.executable, "-m", "training.evaluation.served", str(req), str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its own process group: vLLM's engine processes go with it, even when this caller is interrupted.
+        proc = subprocess.Popen([sys.executable, "-m", "training.evaluation.served", str(req), str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            log_text = proc.communicate()[0]
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the child and every engine process already ended
+                pass
         if proc.returncode != 0 or not out.is_file():
             what = f"k={request['k']}" if request["k"] else "without a draft"
             raise RuntimeError(f"vLLM run {what} failed (exit {proc.returncode}); its log ends:\n"
-                               + "\n".join(proc.stdout.splitlines()[-40:]))
+                               + "\n".join((log_text or "").splitlines()[-40:]))
         return json.loads(out.read_text())
 
 

@@ -8,9 +8,11 @@ file named in `output.kv_transfer_params["hidden_states_path"]`, shaped [n, k, H
 id i is the input of decoder layer i, HF's hidden_states[i]; id L is the last layer's output
 *before* the final norm, so `last` applies the target's final RMSNorm here, in float32 like HF.
 
-An engine is built for one mode at a time (generation, or features for one set of layer ids):
-feature extraction needs prefix caching and chunked prefill off, which generation wants on, and
-two engines would not share one GPU's memory. Switching mode releases the previous engine.
+An engine serves one mode (generation, or features for one set of layer ids): feature extraction
+needs prefix caching and chunked prefill off, which generation wants on. On a GPU two engines would
+not share its memory, so switching mode releases the previous engine; on the CPU build each mode
+keeps its engine (1 GiB of KV cache each), so a run that alternates resampling and features shard
+after shard starts each engine once.
 `make install` installs vLLM (its CPU build where no GPU is visible); tests/training/targets/test_vllm.py
 runs both modes on the CPU build against the hf backend.
 """
@@ -49,7 +51,7 @@ def engine_defaults() -> dict:
 
     There `gpu_memory_utilization` is the share of *host* memory the KV cache may take (85% of the
     machine by default, refused when that much is not free), so the cache gets a fixed size instead:
-    VLLM_CPU_KVCACHE_SPACE GiB when set, else 2 GiB, plenty for the targets a CPU serves. Eager mode:
+    VLLM_CPU_KVCACHE_SPACE GiB when set, else 1 GiB (tens of thousands of tokens of a 135M model). Eager mode:
     torch.compile's CPU kernels cost minutes per engine start for models this small. On a GPU: none.
     """
     import torch
@@ -58,7 +60,7 @@ def engine_defaults() -> dict:
         return {}
     out = {"enforce_eager": True}
     if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-        out["kv_cache_memory_bytes"] = 2 << 30
+        out["kv_cache_memory_bytes"] = 1 << 30
     return out
 
 
@@ -105,18 +107,19 @@ class VLLMTarget(TargetModel):
         self.engine_kwargs = dict(engine_kwargs or {})
         # vLLM's docs recommend a RAM-backed folder: each file is read once and deleted at once.
         self.scratch_root = scratch_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
-        self._llm = None
-        self._mode: tuple | None = None
-        self._scratch: str | None = None
+        self._engines: dict[tuple, tuple] = {}  # mode -> (vllm.LLM, its hidden-state folder or None)
         self._norm = None
         self._head = None
 
     # -- engines ----------------------------------------------------------------------------
     def _engine(self, mode: tuple):
-        if self._llm is not None and self._mode == mode:
-            return self._llm
-        self.close()
+        if mode in self._engines:
+            return self._engines[mode][0]
         vllm = import_vllm()
+        import torch
+
+        if torch.cuda.is_available():
+            self.close()  # one engine per GPU at a time
         kwargs = dict(
             model=self.name_or_path,
             revision=self.revision,
@@ -128,8 +131,9 @@ class VLLMTarget(TargetModel):
         if self.max_model_len:
             kwargs["max_model_len"] = self.max_model_len
         kwargs.update(engine_defaults())
+        scratch = None
         if mode[0] == "features":
-            self._scratch = tempfile.mkdtemp(prefix="specdraft-hs-", dir=self.scratch_root)
+            scratch = tempfile.mkdtemp(prefix="specdraft-hs-", dir=self.scratch_root)
             kwargs.update(
                 enable_chunked_prefill=False,  # required by the connector
                 enable_prefix_caching=False,  # every prompt token must be computed, and stored, by its own request
@@ -138,27 +142,24 @@ class VLLMTarget(TargetModel):
                     "num_speculative_tokens": 1,
                     "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(mode[1])}},
                 },
-                kv_transfer_config=_kv_transfer_config(self._scratch),
+                kv_transfer_config=_kv_transfer_config(scratch),
             )
         kwargs.update(self.engine_kwargs)
-        self._llm = vllm.LLM(**kwargs)
-        self._mode = mode
-        return self._llm
+        self._engines[mode] = (vllm.LLM(**kwargs), scratch)
+        return self._engines[mode][0]
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm = None
-            gc.collect()
-            try:
-                import torch
+        folders = [scratch for _, scratch in self._engines.values() if scratch]
+        had_engines = bool(self._engines)
+        self._engines = {}
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        if had_engines:
+            gc.collect()  # an LLM's engine process shuts down when the object goes
+            import torch
 
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            except Exception:
-                pass
-        if self._scratch:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
-        self._mode = None
 
     # -- generation -------------------------------------------------------------------------
     def generation_engine(self):

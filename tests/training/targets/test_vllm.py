@@ -1,7 +1,7 @@
 """The vllm backend on real vLLM (the CPU build here, the same code path on a GPU), against the hf backend.
 
-One engine per mode and dtype: generation, features in float32 and features in bfloat16, on a tiny
-random Llama with head_dim 32 (a size vLLM's CPU attention supports).
+Three engines in all: generation and features in float32 on one VLLMTarget (the CPU build keeps both),
+features in bfloat16 on another; a tiny random Llama with head_dim 32 (a size vLLM's CPU attention supports).
 """
 
 import sys
@@ -37,7 +37,7 @@ def hf(target_dir):
 def test_registered_and_lazy():
     t = load_target("some/model", backend="vllm", tensor_parallel_size=2)
     assert isinstance(t, VLLMTarget) and t.tensor_parallel_size == 2 and t.trust_remote_code is False
-    assert t._llm is None  # no engine until first use
+    assert t._engines == {}  # no engine until first use
 
 
 def test_device_is_the_builds_platform():
@@ -57,32 +57,29 @@ def test_clear_error_without_vllm(monkeypatch):
         t.features([[1, 2, 3]], (0,))
 
 
-def test_generation_keeps_the_engines_token_ids_and_equals_hf_greedy(target_dir, hf):
+@pytest.fixture(scope="module")
+def vllm_fp32(target_dir):
     target = load_target(str(target_dir), backend="vllm", dtype="float32")
-    try:
-        sampling = [SamplingParams(temperature=0.0, max_new_tokens=12)] * len(CONVERSATIONS)
-        served = target.generate(CONVERSATIONS, sampling)
-        reference = hf.generate(CONVERSATIONS, sampling)
-        # sampled with a seed: reproducible, and the ids still decode to the text
-        again = target.generate(CONVERSATIONS[:1], [SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)] * 1)
-        twice = target.generate(CONVERSATIONS[:1], [SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)] * 1)
-    finally:
-        target.close()
+    yield target
+    target.close()
+    assert target._engines == {}
+
+
+def test_generation_keeps_the_engines_token_ids_and_equals_hf_greedy(vllm_fp32, hf):
+    sampling = [SamplingParams(temperature=0.0, max_new_tokens=12)] * len(CONVERSATIONS)
+    served = vllm_fp32.generate(CONVERSATIONS, sampling)
+    reference = hf.generate(CONVERSATIONS, sampling)
     for conv, s, r in zip(CONVERSATIONS, served, reference):
         assert s.prompt_token_ids == tuple(render_prompt(hf.tokenizer, conv))  # the prompt tokenization trains on
         assert s.token_ids == r.token_ids and s.finish_reason == r.finish_reason == "length"
         assert s.n_tokens == 12 and hf.tokenizer.decode(list(s.token_ids)) == s.text
-    assert again[0].token_ids == twice[0].token_ids
+    # sampled with a seed: reproducible
+    seeded = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)]
+    assert vllm_fp32.generate(CONVERSATIONS[:1], seeded)[0].token_ids == vllm_fp32.generate(CONVERSATIONS[:1], seeded)[0].token_ids
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 2e-2)])
-def test_features_equal_hf_per_layer(target_dir, hf, dtype, tol):
-    target = load_target(str(target_dir), backend="vllm", dtype=dtype)
-    try:
-        got = target.features(SEQUENCES, AUX)
-    finally:
-        target.close()
-    want = hf.features(SEQUENCES, AUX)
+def _check_features(target, hf, tol: float) -> None:
+    got, want = target.features(SEQUENCES, AUX), hf.features(SEQUENCES, AUX)
     assert torch.equal(got["cu_seqlens"], want["cu_seqlens"])
     H = hf.facts.hidden_size
     layers = {f"aux layer {i}": (got["aux"][:, j * H:(j + 1) * H], want["aux"][:, j * H:(j + 1) * H])
@@ -91,4 +88,20 @@ def test_features_equal_hf_per_layer(target_dir, hf, dtype, tol):
     for name, (g, w) in layers.items():
         assert g.shape == w.shape, name
         rel = ((g.float() - w.float()).abs().max() / w.float().abs().max()).item()
-        assert rel < tol, f"{name}: max relative error {rel:.2e} in {dtype}"
+        assert rel < tol, f"{name}: max relative error {rel:.2e} ({target.dtype})"
+
+
+def test_features_equal_hf_per_layer_and_the_cpu_keeps_an_engine_per_mode(vllm_fp32, hf):
+    generation = vllm_fp32.generation_engine()
+    _check_features(vllm_fp32, hf, 1e-4)
+    # Resampling and features alternate shard after shard: on the CPU build neither engine restarts.
+    if not torch.cuda.is_available():
+        assert vllm_fp32.generation_engine() is generation and len(vllm_fp32._engines) == 2
+
+
+def test_features_in_bfloat16_within_its_precision(target_dir, hf):
+    target = load_target(str(target_dir), backend="vllm", dtype="bfloat16")
+    try:
+        _check_features(target, hf, 2e-2)
+    finally:
+        target.close()
