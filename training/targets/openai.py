@@ -154,11 +154,14 @@ class OpenAITarget(TargetModel):
         usage = data.get("usage") or {}
         finish = str(choices[0].get("finish_reason") or "stop")
         ids, prompt_ids = choices[0].get("token_ids"), data.get("prompt_token_ids")
-        if ids is not None and prompt_ids is not None:
+        stop_reason = choices[0].get("stop_reason")
+        # A stop string (from the request or the server's generation config) cuts the text inside
+        # the sampled ids, which vLLM returns whole: they no longer stand for the text, so none.
+        if ids is not None and prompt_ids is not None and not (finish == "stop" and isinstance(stop_reason, str)):
             ids = [int(t) for t in ids]
             # vLLM's ids end with the stop token when an EOS (stop_reason null) or a stop token id
-            # (an int) ended the reply; a stop string's tokens are not the reply's either way.
-            if finish == "stop" and ids and (choices[0].get("stop_reason") is None or isinstance(choices[0].get("stop_reason"), int)):
+            # (an int) ended the reply; the text never holds it.
+            if finish == "stop" and ids:
                 ids = ids[:-1]
             token_ids, prompt_token_ids = tuple(ids), tuple(int(t) for t in prompt_ids)
         else:
