@@ -245,6 +245,9 @@ def served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, d
     runs = serve(target.name_or_path, export, prompt_ids, cfg.ks, cfg.temperatures,
                  max_new_tokens=cfg.max_new_tokens, stop_token_ids=sorted(stops), ignore_eos=cfg.ignore_eos,
                  seed=cfg.seed, dtype=dtype, log=say)
+    import torch
+
+    cuda = torch.cuda.is_available()
     plain = {r.temperature: r for r in runs if r.k == 0}
     out = []
     for r in runs:
@@ -255,7 +258,10 @@ def served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, d
         out.append({
             "temperature": r.temperature, "k": r.k, "served_tau": r.tau, "simulated_tau": simulated,
             "ratio": r.tau / simulated if r.tau and simulated else None,
-            "like_for_like": r.temperature == 0.0 or cfg.argmax_draft,
+            # vLLM drafts the argmax: a sampled row compares with the simulator under argmax_draft, and
+            # only on a GPU: vLLM 0.32's CPU build accepts almost nothing in a batch holding a sampled
+            # request (README "Serving the draft"); each temperature is decoded as a batch of its own.
+            "like_for_like": r.temperature == 0.0 or (cfg.argmax_draft and cuda),
             "exact_match": (f"{sum(a == b for a, b in zip(r.tokens, base.tokens))}/{len(r.tokens)}"
                             if r.temperature == 0.0 else None),
             "drafts": r.drafts, "accepted": r.accepted,

@@ -21,6 +21,8 @@ from training.targets import OpenAIError, load_target
 from training.targets.base import SamplingParams, render_prompt
 from training.targets.tiny import CHAT_TEMPLATE
 
+pytestmark = pytest.mark.slow  # one `vllm serve` start: tens of seconds on 2 cores
+
 SERVED = "tiny-served"
 # The tiny template, plus Qwen3's empty think block after the generation prompt when thinking is off.
 THINK_TEMPLATE = CHAT_TEMPLATE.replace(
@@ -93,6 +95,7 @@ class VLLMServer:
 
     def log_tail(self, lines=40):
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
 
 
 @pytest.fixture(scope="module")

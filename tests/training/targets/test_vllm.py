@@ -65,6 +65,7 @@ def vllm_fp32(target_dir):
     assert target._engines == {}
 
 
+@pytest.mark.slow  # a vLLM engine start: tens of seconds on 2 cores
 def test_generation_keeps_the_engines_token_ids_and_equals_hf_greedy(vllm_fp32, hf):
     sampling = [SamplingParams(temperature=0.0, max_new_tokens=12)] * len(CONVERSATIONS)
     served = vllm_fp32.generate(CONVERSATIONS, sampling)
@@ -91,6 +92,7 @@ def _check_features(target, hf, tol: float) -> None:
         assert rel < tol, f"{name}: max relative error {rel:.2e} ({target.dtype})"
 
 
+@pytest.mark.slow  # a vLLM engine start: tens of seconds on 2 cores
 def test_features_equal_hf_per_layer_and_the_cpu_keeps_an_engine_per_mode(vllm_fp32, hf):
     generation = vllm_fp32.generation_engine()
     _check_features(vllm_fp32, hf, 1e-4)
@@ -99,6 +101,7 @@ def test_features_equal_hf_per_layer_and_the_cpu_keeps_an_engine_per_mode(vllm_f
         assert vllm_fp32.generation_engine() is generation and len(vllm_fp32._engines) == 2
 
 
+@pytest.mark.slow  # a vLLM engine start: tens of seconds on 2 cores
 def test_features_in_bfloat16_within_its_precision(target_dir, hf):
     target = load_target(str(target_dir), backend="vllm", dtype="bfloat16")
     try:
