@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from training.liveness import maybe_alive, this_process
 
 PG_ENV = "SPECDRAFT_PG_URL"
 MARKER = "# written by specdraft (spec_assets/instance.py); edit freely, then remove this line to keep it\n"
@@ -216,21 +217,8 @@ def preflight(home: Path) -> Path:
 
 def runner_tags() -> dict[str, str]:
     """The RUNNER_TAG of a run this process executes."""
-    return {RUNNER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:  # a zombie is dead, only not yet reaped by its parent
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    host, pid = this_process()
+    return {RUNNER_TAG: f"{host}:{pid}"}
 
 
 def release_dead_runs(instance, log=print) -> list[str]:
@@ -245,13 +233,13 @@ def release_dead_runs(instance, log=print) -> list[str]:
     """
     import dagster as dg
 
-    host = socket.gethostname()
+    host = this_process()[0]
     released = []
     active = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=active)):
         run = record.dagster_run
         runner_host, _, pid = run.tags.get(RUNNER_TAG, "").rpartition(":")
-        if runner_host != host or not pid.isdigit() or _alive(int(pid)):
+        if runner_host != host or not pid.isdigit() or maybe_alive(runner_host, int(pid)):
             continue
         free_pool_slots(run.run_id, instance_home())
         instance.report_run_failed(run, f"its process ({host}:{pid}) is gone: killed before the run ended")
