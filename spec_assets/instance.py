@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from training.liveness import maybe_alive, this_process
+from training.liveness import pid_alive, this_process
 
 PG_ENV = "SPECDRAFT_PG_URL"
 MARKER = "# written by specdraft (spec_assets/instance.py); edit freely, then remove this line to keep it\n"
@@ -185,7 +185,10 @@ def free_pool_slots(run_id: str, home: Path | str) -> None:
 
 def instance_home() -> Path:
     """The home of the instance `specdraft` opened (cli.ensure_dagster_home set DAGSTER_HOME)."""
-    return Path(os.environ["DAGSTER_HOME"])
+    home = os.environ.get("DAGSTER_HOME", "").strip()
+    if not home:
+        raise InstanceConfigError("DAGSTER_HOME is not set: the Dagster commands specdraft runs need the instance's folder")
+    return Path(home)
 
 
 def require_concurrent_writers(home: Path) -> None:
@@ -239,7 +242,7 @@ def release_dead_runs(instance, log=print) -> list[str]:
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=active)):
         run = record.dagster_run
         runner_host, _, pid = run.tags.get(RUNNER_TAG, "").rpartition(":")
-        if runner_host != host or not pid.isdigit() or maybe_alive(runner_host, int(pid)):
+        if runner_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         free_pool_slots(run.run_id, instance_home())
         instance.report_run_failed(run, f"its process ({host}:{pid}) is gone: killed before the run ended")
