@@ -4,8 +4,9 @@ It is a real HF model directory (config.json, model.safetensors, tokenizer with 
 chat template, generation_config.json), so every backend and export path treats it exactly like a
 downloaded checkpoint. Training is a fixed, seeded schedule of `max_steps` optimizer steps (about
 2 minutes on the idle 2-core dev machine, longer on a busy one), never a wall-clock budget: a
-busy machine must not leave an undertrained target cached for good. The whole directory appears at once (temp folder, completion marker last, rename), so a killed
-run never leaves something that looks like a finished target.
+busy machine must not leave an undertrained target cached for good. The whole directory appears
+at once (temp folder, completion marker last, rename), so a killed run never leaves something
+that looks like a finished target.
 """
 
 import fcntl
