@@ -5,7 +5,8 @@ shard), then the fan-ins (one run), so the runs and their lineage show in `dagst
 by saying what it made (spec_assets/run_summary.py). Unchanged steps are cache hits, so running it
 again costs little; `--only-stale-or-missing` does not even launch the runs whose assets are
 current, and `--resume` finishes what the last `specdraft run` left failed or never started.
-Dagster's public API only: no `dagster._...` import.
+Dagster's public API only: no private module, no storage internal
+(tests/spec_assets/test_definitions.py scans every module for them).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from spec_assets.plan import (
 )
 from training.paths import default_dagster_home
 
-# Every run of one `specdraft run` carries its invocation id.
+# Every run of one `specdraft run` carries its invocation id and the invocation's plan (selection,
+# run config, units, start time) as JSON: the runs are the record `--resume` reads back, through
+# Dagster's public run and materialization records (as a backfill's runs carry its id).
 INVOCATION_TAG = "specdraft/invocation"
-# The plan of the last invocation and the steps it finished, in the instance's key-value store.
-LAST_INVOCATION_KEY = "specdraft/last_invocation"
+PLAN_TAG = "specdraft/plan"
+COMMAND_TAG = "specdraft/command"  # "run" on every run `specdraft run` launches: the last one is found by it
 
 
 def ensure_dagster_home() -> Path:
@@ -99,20 +102,38 @@ def _uses_target(units: list[Unit]) -> bool:
     return any(k.to_user_string() not in TARGETLESS for u in units for k in u.assets)
 
 
-def _save_invocation(instance, record: dict) -> None:
-    instance.run_storage.set_cursor_values({LAST_INVOCATION_KEY: json.dumps(record, sort_keys=True)})
+def _invocation_tags(record: dict) -> dict[str, str]:
+    plan = {k: record[k] for k in ("select", "run_config", "started", "units")}
+    return {COMMAND_TAG: "run", INVOCATION_TAG: record["id"], PLAN_TAG: json.dumps(plan, sort_keys=True)}
 
 
 def load_last_invocation(instance) -> dict | None:
-    """The last `specdraft run` on this instance: id, selection, run config, units, and `done`,
-    the [asset, partition] pairs whose step succeeded in one of its runs."""
-    raw = instance.run_storage.get_cursor_values({LAST_INVOCATION_KEY}).get(LAST_INVOCATION_KEY)
-    return json.loads(raw) if raw else None
+    """The last `specdraft run` on this instance that launched a run: id, selection, run config,
+    units, and `done`, the [asset, partition] pairs one of its runs materialized."""
+    import dagster as dg
+
+    latest = instance.get_run_records(filters=dg.RunsFilter(tags={COMMAND_TAG: "run"}), limit=1)
+    if not latest:
+        return None
+    tags = latest[0].dagster_run.tags
+    record = {"id": tags[INVOCATION_TAG], **json.loads(tags[PLAN_TAG])}
+    run_ids = {r.dagster_run.run_id for r in instance.get_run_records(
+        filters=dg.RunsFilter(tags={INVOCATION_TAG: record["id"]}))}
+    done = set()
+    for unit in record["units"]:
+        for asset in unit["assets"]:
+            recs = instance.fetch_materializations(dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey.from_user_string(asset), after_timestamp=record["started"],
+                asset_partitions=[unit["partition"]] if unit["partition"] is not None else None), limit=1000).records
+            if any(r.run_id in run_ids for r in recs):
+                done.add((asset, unit["partition"]))
+    record["done"] = sorted(done, key=str)
+    return record
 
 
 def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list:
-    """One in-process run per unit; the fan-in unit only when every shard unit succeeded. After
-    each run the invocation record gains the steps it finished, so `--resume` skips them."""
+    """One in-process run per unit; the fan-in unit only when every shard unit succeeded. Every run
+    carries the invocation's tags, so `--resume` finds what its runs materialized."""
     import dagster as dg
 
     from spec_assets.definitions import all_assets, defs
@@ -125,8 +146,6 @@ def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list
     source_asset = dg.AssetKey("source_corpus")
     reads_sources = any(u.partition is not None and source_asset in u.assets for u in units)
     sources = _current_sources(defs) if reads_sources else {}
-    graph = AssetGraph(all_assets)
-    op_to_asset = {graph.op_name(k): k.to_user_string() for k in graph.keys()}
     results = []
     shards_ok = True
 
@@ -161,9 +180,6 @@ def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list
             resources=defs.resources, run_config=_config_for(record["run_config"], unit.assets),
             tags=unit_tags_for(unit), raise_on_error=False)
         results.append(result)
-        done = [[op_to_asset[e.step_key], unit.partition] for e in result.all_events if e.is_step_success]
-        record["done"] = sorted({tuple(d) for d in record.get("done", []) + done}, key=str)
-        _save_invocation(instance, record)
         if unit.partition is not None:
             shards_ok = shards_ok and result.success
         where = f"shard {unit.partition}: " if unit.partition else ""
@@ -217,9 +233,8 @@ def run_pipeline(select: str = "*", run_config: dict | None = None, instance=Non
         return []
 
     record = {"id": str(uuid.uuid4()), "select": select, "run_config": run_config, "started": time.time(),
-              "units": [u.to_json() for u in units], "done": []}
-    _save_invocation(instance, record)
-    tags = {INVOCATION_TAG: record["id"], **({TARGET_TAG: target_identity} if target_identity else {})}
+              "units": [u.to_json() for u in units]}
+    tags = {**_invocation_tags(record), **({TARGET_TAG: target_identity} if target_identity else {})}
     return _execute(units, record, instance, tags, log)
 
 
@@ -246,7 +261,7 @@ def resume_pipeline(instance=None, log=print):
     log(f"resuming invocation {record['id']}: " + "; ".join(
         f"{u.partition or 'fan-in'}: {', '.join(k.to_user_string() for k in u.assets)}" for u in units))
     target_identity = _target_identity(defs) if _uses_target(units) else None
-    tags = {INVOCATION_TAG: record["id"], **({TARGET_TAG: target_identity} if target_identity else {})}
+    tags = {**_invocation_tags(record), **({TARGET_TAG: target_identity} if target_identity else {})}
     return _execute(units, record, instance, tags, log)
 
 

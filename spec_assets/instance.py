@@ -16,10 +16,13 @@ Environment:
 
 from __future__ import annotations
 
+import json
 import os
-import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from training.liveness import pid_alive, this_process
 
 PG_ENV = "SPECDRAFT_PG_URL"
 MARKER = "# written by specdraft (spec_assets/instance.py); edit freely, then remove this line to keep it\n"
@@ -118,33 +121,83 @@ def ensure_instance(home: Path) -> Path:
     wanted = instance_yaml(pg=bool(url))
     current = config.read_text() if config.exists() else None
     ours = current is None or current.startswith(MARKER) or current in _LEGACY
-    if ours and current != wanted:
-        config.write_text(wanted)
-    elif not ours and url and "postgres" not in current:
+    if not ours and url and "postgres" not in current:
         raise InstanceConfigError(
             f"{PG_ENV} is set but {config} was written by hand and has no postgres storage: add "
             f"`storage: postgres: postgres_url: {{env: {PG_ENV}}}` to it, or remove the file"
         )
+    rewrite = ours and current != wanted
+    if rewrite:
+        config.write_text(wanted)
     if url:
         check_postgres(url)
-    set_pool_limit(home)
+    if rewrite or not ours:  # ours unchanged: the limit was set when it was written
+        try:
+            set_pool_limit(home)
+        except InstanceConfigError:
+            if rewrite:
+                config.unlink()  # the next `specdraft` writes it again and sets the limit then
+            raise
     return config
 
 
+def dagster_cli(args: list[str], home: Path | str, what: str) -> str:
+    """Run one of Dagster's public command lines on the instance in `home`; its stdout. The pool
+    limit and the slots of a dead run have no public Python API in Dagster 1.13.27 (only the
+    storage internals), but `dagster instance concurrency` and the GraphQL API the UI uses do."""
+    import subprocess
+
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_DISABLE_TELEMETRY": "yes"}
+    out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        tail = " ".join((out.stderr or out.stdout).split())[-600:]
+        url = os.environ.get(PG_ENV, "")
+        raise InstanceConfigError(f"{what} failed on the instance in {home}: {_scrub(tail, url) if url else tail}")
+    return out.stdout
+
+
+_DAGSTER = ["-m", "dagster"]
+_DAGSTER_GRAPHQL = ["-c", "import sys; from dagster_graphql.cli import main; sys.exit(main())"]  # `dagster-graphql`
+
+
 def set_pool_limit(home: Path) -> None:
-    """Give the target pool its limit explicitly in the instance (SPECDRAFT_TARGET_SLOTS).
+    """Give the target pool its limit explicitly in the instance (SPECDRAFT_TARGET_SLOTS), with
+    `dagster instance concurrency set`.
 
     dagster.yaml's `default_limit` only seeds pools; when it changes, Dagster 1.13.27 updates the
     seeded limit in the middle of a step's claim, and on PostgreSQL that update fails the run
-    (InFailedSqlTransaction). An explicit limit is never re-seeded."""
-    import dagster as dg
+    (InFailedSqlTransaction). An explicit limit is never re-seeded. ensure_instance calls this
+    whenever it writes dagster.yaml (whose default_limit is the same number), so the two agree."""
+    dagster_cli([*_DAGSTER, "instance", "concurrency", "set", target_pool(), str(target_slots())], home,
+                f"setting the {target_pool()} pool's limit")
 
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        storage = instance.event_log_storage
-        if storage.supports_global_concurrency_limits:
-            info = storage.get_concurrency_info(target_pool())
-            if info.slot_count != target_slots() or getattr(info, "from_default", False):
-                storage.set_concurrency_slots(target_pool(), target_slots())
+
+def free_pool_slots(run_id: str, home: Path | str) -> None:
+    """Free the pool slots (claimed and pending) of run `run_id`, through Dagster's GraphQL API
+    (the UI's "free concurrency slots" action), run in process by the `dagster-graphql` command."""
+    query = "mutation($runId: String!) { freeConcurrencySlotsForRun(runId: $runId) }"
+    out = dagster_cli([*_DAGSTER_GRAPHQL, "--empty-workspace", "-t", query, "-v", json.dumps({"runId": run_id})],
+                      home, f"freeing the pool slots of run {run_id}")
+    answer = json.loads(out.strip().splitlines()[-1])
+    if answer.get("data", {}).get("freeConcurrencySlotsForRun") is not True:
+        raise InstanceConfigError(f"freeing the pool slots of run {run_id} failed: {answer.get('errors')}")
+
+
+def instance_home() -> Path:
+    """The home of the instance `specdraft` opened (cli.ensure_dagster_home set DAGSTER_HOME)."""
+    home = os.environ.get("DAGSTER_HOME", "").strip()
+    if not home:
+        raise InstanceConfigError("DAGSTER_HOME is not set: the Dagster commands specdraft runs need the instance's folder")
+    return Path(home)
+
+
+def require_concurrent_writers(home: Path) -> None:
+    """Refuse parallel shard runs on an instance that is not on PostgreSQL (SQLite locks)."""
+    config = home / "dagster.yaml"
+    if not config.exists() or "postgres" not in config.read_text():
+        raise InstanceConfigError(
+            f"SPECDRAFT_PARALLEL={shard_parallelism()} needs an instance that takes concurrent writers: set "
+            f"{PG_ENV} (the SQLite instance in {home} locks under parallel runs)")
 
 
 def preflight(home: Path) -> Path:
@@ -152,10 +205,8 @@ def preflight(home: Path) -> Path:
     database, and the Ray cluster when SPECDRAFT_RAY_ADDRESS is set (a bad address fails here, at
     once, instead of in the first resample step)."""
     config = ensure_instance(home)
-    if shard_parallelism() > 1 and "postgres" not in config.read_text():
-        raise InstanceConfigError(
-            f"SPECDRAFT_PARALLEL={shard_parallelism()} needs an instance that takes concurrent writers: set "
-            f"{PG_ENV} (the SQLite instance in {home} locks under parallel runs)")
+    if shard_parallelism() > 1:
+        require_concurrent_writers(home)
     address = os.environ.get("SPECDRAFT_RAY_ADDRESS", "").strip()
     if address:
         from training.ray_pool import RayPoolError, check_ray_address
@@ -169,21 +220,8 @@ def preflight(home: Path) -> Path:
 
 def runner_tags() -> dict[str, str]:
     """The RUNNER_TAG of a run this process executes."""
-    return {RUNNER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    try:  # a zombie is dead, only not yet reaped by its parent
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    host, pid = this_process()
+    return {RUNNER_TAG: f"{host}:{pid}"}
 
 
 def release_dead_runs(instance, log=print) -> list[str]:
@@ -192,26 +230,22 @@ def release_dead_runs(instance, log=print) -> list[str]:
     A run whose process is SIGKILLed (or OOM-killed) stays STARTED in the instance and keeps the
     target-pool slot its step claimed; with one slot per device, every later target-loading step
     would wait for it forever (Dagster's daemon frees slots only of runs that ended, and
-    `specdraft run` has no daemon). Runs on other hosts are left to their own host. Slots still
-    held by runs that did end are freed too. Returns the ids of the runs marked failed.
+    `specdraft run` has no daemon). Runs on other hosts are left to their own host. The slots are
+    freed first, so a `specdraft` killed in between finds the run still STARTED and frees it again.
+    Returns the ids of the runs marked failed.
     """
     import dagster as dg
 
-    host = socket.gethostname()
+    host = this_process()[0]
     released = []
     active = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=active)):
         run = record.dagster_run
         runner_host, _, pid = run.tags.get(RUNNER_TAG, "").rpartition(":")
-        if runner_host != host or not pid.isdigit() or _alive(int(pid)):
+        if runner_host != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
+        free_pool_slots(run.run_id, instance_home())
         instance.report_run_failed(run, f"its process ({host}:{pid}) is gone: killed before the run ended")
         log(f"run {run.run_id}: its process {host}:{pid} is gone; marked failed, pool slots freed")
         released.append(run.run_id)
-    storage = instance.event_log_storage
-    if storage.supports_global_concurrency_limits:
-        for run_id in storage.get_concurrency_run_ids():
-            run = instance.get_run_by_id(run_id)
-            if run is None or run.is_finished:
-                storage.free_concurrency_slots_for_run(run_id)
     return released

@@ -10,7 +10,8 @@ the other steps (source_corpus, tokenized_shards) overlap freely.
 Needs an instance that takes concurrent writers: PostgreSQL (SPECDRAFT_PG_URL). SQLite locks.
 
 Child: `python -m spec_assets.parallel SPEC.json` runs one unit (assets, partition, run config,
-tags) and writes {"run_id", "success"} to the spec's `result` path.
+tags) of the definitions' `shard_job` and writes {"run_id", "success", "events"} to the spec's
+`result` path (the events as Dagster's public `serialize_value` writes them).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 @dataclass
 class RunOutcome:
     """What an ExecuteInProcessResult tells `specdraft run`, for a run executed in another process:
-    `success`, `run_id`, `dagster_run` and `all_events` (the run's DagsterEvents from the instance)."""
+    `success`, `run_id`, `dagster_run` and `all_events` (the run's DagsterEvents, as the child's
+    ExecuteJobResult had them)."""
 
     run_id: str | None
     success: bool
@@ -37,11 +39,13 @@ class RunOutcome:
     error: str | None = None  # the child died before Dagster recorded the failure
 
 
-def _outcome(instance, run_id: str | None, success: bool, error: str | None) -> RunOutcome:
-    if run_id is None:
+def _outcome(instance, result: dict, error: str | None) -> RunOutcome:
+    import dagster as dg
+
+    if result.get("run_id") is None:
         return RunOutcome(None, False, error=error)
-    events = [e.dagster_event for e in instance.all_logs(run_id) if e.is_dagster_event]
-    return RunOutcome(run_id, success, instance.get_run_by_id(run_id), events, error)
+    events = dg.deserialize_value(result["events"], list)
+    return RunOutcome(result["run_id"], bool(result["success"]), instance.get_run_by_id(result["run_id"]), events, error)
 
 
 def execute_parallel(units: list, run_config_for, tags_for, instance, log, parallel: int) -> list[RunOutcome]:
@@ -49,13 +53,9 @@ def execute_parallel(units: list, run_config_for, tags_for, instance, log, paral
 
     `run_config_for(unit)` and `tags_for(unit)` give each run's config and tags.
     """
-    from spec_assets.instance import InstanceConfigError
+    from spec_assets.instance import instance_home, require_concurrent_writers
 
-    if not instance.event_log_storage.supports_global_concurrency_limits or "sqlite" in type(instance.run_storage).__name__.lower():
-        raise InstanceConfigError(
-            "SPECDRAFT_PARALLEL > 1 needs an instance that takes concurrent writers: set SPECDRAFT_PG_URL "
-            "(SQLite locks under parallel runs)"
-        )
+    require_concurrent_writers(instance_home())
     lock = threading.Lock()
 
     def one(unit) -> RunOutcome:
@@ -69,7 +69,7 @@ def execute_parallel(units: list, run_config_for, tags_for, instance, log, paral
             proc = subprocess.run([sys.executable, "-m", "spec_assets.parallel", spec_path], start_new_session=True)
             result = json.load(open(result_path)) if os.path.exists(result_path) else {}
         error = None if result else f"run process exited with {proc.returncode} before Dagster recorded a result"
-        outcome = _outcome(instance, result.get("run_id"), bool(result.get("success")), error)
+        outcome = _outcome(instance, result, error)
         with lock:
             log(f"shard {unit.partition}: run {outcome.run_id} {'ok' if outcome.success else 'FAILED'}")
         return outcome
@@ -78,14 +78,22 @@ def execute_parallel(units: list, run_config_for, tags_for, instance, log, paral
         return list(pool.map(one, units))
 
 
+def shard_job():
+    """The definitions' per-shard asset job, for `dg.reconstructable`: every step process of the
+    multiprocess executor rebuilds the job by importing this module and calling this function."""
+    from spec_assets.definitions import defs
+
+    return defs.resolve_job_def("shard_job")
+
+
 def _child(spec_path: str) -> int:
     import dagster as dg
-    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    from spec_assets.instance import runner_tags
+    from spec_assets.parallel import shard_job as importable  # not __main__'s copy: the step processes import it
 
     spec = json.load(open(spec_path))
-    # The code location's implicit asset job; every step process rebuilds it from this pointer.
-    job = ReconstructableRepository.for_module("spec_assets.definitions", "defs", os.getcwd()).get_reconstructable_job("__ASSET_JOB")
-    from spec_assets.instance import runner_tags
+    job = dg.reconstructable(importable)
 
     tags = {**spec["tags"], **runner_tags()}  # this process executes the run (release_dead_runs)
     if spec["partition"] is not None:
@@ -99,7 +107,8 @@ def _child(spec_path: str) -> int:
         with dg.execute_job(job, instance, run_config=run_config, tags=tags,
                             asset_selection=[dg.AssetKey.from_user_string(a) for a in spec["assets"]]) as result:
             with open(spec["result"], "w") as f:
-                json.dump({"run_id": result.run_id, "success": result.success}, f)
+                json.dump({"run_id": result.run_id, "success": result.success,
+                           "events": dg.serialize_value(list(result.all_events))}, f)
     return 0
 
 

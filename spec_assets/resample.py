@@ -65,12 +65,12 @@ def resampled_corpus(
                 max_new_tokens=config.max_new_tokens, top_p=config.top_p, on_length=config.on_length,
                 keep_reasoning=config.keep_reasoning, batch_size=config.batch_size, seed=config.seed,
             )
-            # Progress lives beside the artifact, keyed by the same fingerprint: a killed run resumes there.
-            progress = resample.ResampleProgress(store, f"{writer.prefix}/_progress")
+            # Progress lives beside the artifact, keyed by the same fingerprint: a killed run resumes
+            # there; the last writer of this fingerprint to commit deletes it (ArtifactWriter.scratch).
+            progress = resample.ResampleProgress(store, writer.scratch("_progress"))
             # Local, or batches spread over Ray actors holding the target (SPECDRAFT_RAY_ADDRESS): same rows.
             result = ray_cluster.resample(generator, rows, cfg, progress=progress, log=context.log.info)
         else:
-            progress = None
             result = resample.passthrough(rows)
         assert result.n_in == result.n_ok + result.n_rejected, "resampling counts do not reconcile"
         with writer.open("data.parquet") as f:
@@ -91,8 +91,6 @@ def resampled_corpus(
         }
         if result.rejects.num_rows:
             writer.summary["reject_reasons"] = dict(Counter(result.rejects["reason"].to_pylist()).most_common(20))
-        if progress is not None:
-            progress.clear()  # the outputs hold every row now; the manifest follows
 
     return materialize_artifact(
         context, store, build=build, upstream={"source_corpus": source_corpus.fingerprint},

@@ -10,7 +10,8 @@ target, the shard's batches split across them.
 Identical output: the unit of work sent to an actor is exactly the unit the local path computes
 (a resampling batch of `batch_size` rows; a packed feature batch from `pack_stream`), so every
 actor runs the same forward the local process would; on CPU the rows and hidden states are
-bitwise those of the local path (tests/training/test_ray_pool.py).
+bitwise those of the local path (tests/e2e/test_ray_cluster.py,
+test_ray_path_equals_local_path_bitwise).
 
 Failures: an actor whose process or node dies is dropped, named with its node, and the calls it
 held are sent again to a surviving actor; when none survives the step fails with RayPoolError

@@ -228,9 +228,6 @@ class ResampleProgress:
         self.store.write_bytes(key, buf.getvalue())
         return key
 
-    def clear(self) -> None:
-        self.store.delete(self.prefix)
-
 
 # ---------------------------------------------------------------------------------------------
 # resampling

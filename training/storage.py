@@ -5,6 +5,14 @@ a fresh `attempt-<id>/` folder inside the artifact prefix and writes `manifest.j
 manifest names the files with their sizes and sha256, so a reader that trusts only a manifest never
 sees a partial artifact, and a killed writer leaves nothing a reader would pick up.
 
+Writers of one prefix at once (the automation sensor and a `specdraft run` on the same fingerprint)
+are safe: a writer's first object is its record `attempt-<id>/_writer.json` (host and pid), removed
+when it commits, and a committer deletes only attempts that are neither named by the manifest nor
+of a live writer (record of a process on this host that is gone, or no record at all). A writer
+that finds a manifest of its own fingerprint already there keeps it and drops its own attempt (same
+fingerprint, same content), so no manifest ever names deleted files. Scratch state beside the
+artifact (`writer.scratch(name)`: resampling progress) is deleted by the last writer to finish.
+
 Transient faults of a remote store (5xx answers, throttling, refused, reset or timed-out
 connections) are retried at two levels, each bounded and with exponential backoff:
   - every S3 request by botocore ("standard" retry mode, `S3_MAX_ATTEMPTS` attempts; AWS_MAX_ATTEMPTS /
@@ -31,8 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from training.liveness import maybe_alive, this_process
+
 MANIFEST = "manifest.json"
 ATTEMPT_PREFIX = "attempt-"
+WRITER_RECORD = "_writer.json"  # inside a live writer's attempt folder: {"host", "pid"}
 
 S3_MAX_ATTEMPTS = 3  # botocore attempts per S3 request (standard retry mode)
 S3_CONNECT_TIMEOUT_S = 5  # a refused or unroutable endpoint fails in seconds, then is retried
@@ -411,14 +422,31 @@ class ArtifactWriter:
         self.files: dict[str, dict[str, Any]] = {}
         self.summary: dict[str, Any] = {}
         self._open: dict[str, _HashingWriter] = {}
+        self._scratch: list[str] = []
+        self._registered = False
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{self.attempt}/{_check_key(name)}"
+
+    def _register(self) -> None:
+        """Write this writer's record before any file, so no other committer takes the attempt for dead."""
+        if not self._registered:
+            host, pid = this_process()
+            self.store.write_json(self.key(WRITER_RECORD), {"host": host, "pid": pid})
+            self._registered = True
+
+    def scratch(self, name: str) -> str:
+        """A prefix beside the artifact for state a killed writer resumes from (resampling progress):
+        deleted after the commit by the last writer of this prefix to finish, never under a live one."""
+        key = f"{self.prefix}/{safe_component(name)}"
+        self._scratch.append(key)
+        return key
 
     def open(self, name: str) -> _HashingWriter:
         _relative_name(name)
         if name in self.files or name in self._open:
             raise StoreError(f"artifact {self.prefix}: file {name!r} written twice")
+        self._register()
         w = self.store._writer(self.key(name))
         w._on_close = lambda w: self._record(name, w)
         self._open[name] = w
@@ -434,6 +462,7 @@ class ArtifactWriter:
         _relative_name(name)
         if name in self.files or name in self._open:
             raise StoreError(f"artifact {self.prefix}: file {name!r} written twice")
+        self._register()
         data = bytes(data)
         self.store.write_bytes(self.key(name), data)
         self.files[name] = {"path": f"{self.attempt}/{name}", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -442,6 +471,7 @@ class ArtifactWriter:
         self.write_bytes(name, json.dumps(obj, indent=1).encode())
 
     def __enter__(self) -> ArtifactWriter:
+        self._register()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -458,19 +488,57 @@ class ArtifactWriter:
             return
         for w in list(self._open.values()):
             w.close()
-        manifest = {
-            "fingerprint": self.fingerprint,
-            "files": self.files,
-            "summary": self.summary,
-            "created": time.time(),
-        }
-        self.store.write_json(f"{self.prefix}/{MANIFEST}", manifest)
-        # Earlier attempts that died before their manifest are now unreachable: drop them.
+        try:
+            current = self.store.manifest(self.prefix)
+        except StoreError:
+            current = None  # a corrupt manifest is replaced
+        if current is not None and current.fingerprint == self.fingerprint:
+            # Another writer committed this fingerprint first: its files are what readers use now.
+            self.store.delete(f"{self.prefix}/{self.attempt}")
+        else:
+            self.store.write_json(f"{self.prefix}/{MANIFEST}", {
+                "fingerprint": self.fingerprint,
+                "files": self.files,
+                "summary": self.summary,
+                "created": time.time(),
+            })
+            self.store.delete(self.key(WRITER_RECORD))  # committed: no longer a live writer
+        self._collect()
+
+    def _collect(self) -> None:
+        """Delete the attempts of dead writers that no manifest names, then, when no other writer
+        is live, the scratch prefixes."""
+        try:
+            current = self.store.manifest(self.prefix)
+        except StoreError:
+            current = None
+        named = {e["path"].split("/", 1)[0] for e in current.files.values()} if current else set()
+        live = False
         for key in self.store.list(self.prefix):
             name = key.rsplit("/", 1)[-1]
-            if name.startswith(ATTEMPT_PREFIX) and name != self.attempt:
+            if not name.startswith(ATTEMPT_PREFIX) or name == self.attempt or name in named:
+                continue
+            if _writer_live(self.store, key):
+                live = True
+            else:
+                self.store.delete(key)
+        if not live:
+            for key in self._scratch:
                 self.store.delete(key)
 
+
+def _writer_live(store: ObjectStore, attempt_key: str) -> bool:
+    """Whether the attempt folder `attempt_key` may still be written: its record names a process
+    that is not known to be gone, or its record is being written (a local temp file, or an empty
+    folder). An attempt with files but no record is finished (committed, then replaced) or dead."""
+    try:
+        record = store.read_json(f"{attempt_key}/{WRITER_RECORD}")
+    except FileNotFoundError:
+        names = [k.rsplit("/", 1)[-1] for k in store.list(attempt_key, recursive=True)]
+        return not names or any(n.startswith(WRITER_RECORD) for n in names)
+    except ValueError:
+        return True  # unreadable record: keep the attempt rather than guess
+    return maybe_alive(str(record.get("host")), int(record.get("pid", -1)))
 
 
 @dataclass(frozen=True)

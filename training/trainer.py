@@ -38,85 +38,27 @@ Helpers in training/distributed.py.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from training.checkpoint import clear_run, load_best, load_checkpoint, save_best, save_checkpoint
+from training.checkpoint import clear_run, load_best, load_checkpoint, save_checkpoint
 from training.distributed import all_reduce, comm_device, rank_world, rng_state, set_rng_state
 from training.metrics import MetricsWindow, acceptance_length, measure_acceptance  # noqa: F401 (re-exported)
+from training.nonfinite import nonfinite_error, nonfinite_inputs  # noqa: F401 (re-exported)
 from training.online import OnlineBatchSource  # noqa: F401 (re-exported)
 from training.recipe import RESUME_FREE_FIELDS, TrainConfig, corpus_stats, derived_fields, resolve
 from training.schedule import lr_at, warmup_steps_for
-from training.sources import BatchSource, describe_batch, split_validation
+from training.sources import BatchSource, split_validation
 from training.storage import ObjectStore
+from training.train_metrics import flush_metrics, log_metrics, sync_tokens, validate
+from training.train_state import TrainResult, TrainRun, TrainState
 
 __all__ = ["TrainConfig", "TrainResult", "train", "measure_acceptance", "acceptance_length", "OnlineBatchSource",
            "BatchSource", "RESUME_FREE_FIELDS"]
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    tokens_seen: int
-    final_loss: float
-    acc: list[float]               # top-1 agreement per TTT step over the final log window
-    cond_acc: list[float]          # conditional acceptance per step over the same window
-    simulated_acceptance_length: float
-    wall_seconds: float
-    draft: torch.nn.Module
-    step_losses: list[float] = field(default_factory=list)
-    resumed_from: int | None = None
-    metrics: list[dict] = field(default_factory=list)  # every logged record, as in metrics.jsonl
-    config: dict = field(default_factory=dict)         # the resolved TrainConfig
-    recipe_fields: list[str] = field(default_factory=list)  # fields the recipe filled (None in the given config)
-    validation: list[dict] = field(default_factory=list)  # one held-out record per epoch end
-    exported_step: int | None = None  # the step whose weights the returned draft holds
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready view (no model), what the asset returns as metadata."""
-        # Not asdict(): it would deep-copy the draft and every metrics record.
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("draft", "metrics")}
-        return out | {"log_records": len(self.metrics)}
-
-    @property
-    def best(self) -> dict | None:
-        """The held-out record with the highest simulated acceptance length (None without validation)."""
-        return max(self.validation, key=lambda r: r["simulated_acceptance_length"], default=None)
-
-
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def nonfinite_inputs(batch: dict) -> list[dict]:
-    """Which input features of a micro-batch are not finite, one dict per tensor (aux per aux
-    layer slot, last): {"tensor", "values" (count), "tokens", "documents" (indices in the packed
-    row), "first_position"}. Empty when every feature is finite."""
-    cu = batch["cu_seqlens"].tolist()
-    found = []
-    for name, n_blocks in (("aux", 3), ("last", 1)):
-        bad = ~torch.isfinite(batch[name].float())
-        if not bool(bad.any()):
-            continue
-        T, width = bad.shape
-        bad = bad.reshape(T, n_blocks, width // n_blocks)
-        for b in range(n_blocks):
-            rows = torch.nonzero(bad[:, b].any(-1)).flatten().tolist()
-            if rows:
-                docs = sorted({next(i for i in range(len(cu) - 1) if cu[i] <= t < cu[i + 1]) for t in rows})
-                found.append({"tensor": f"aux (aux layer slot {b})" if name == "aux" else "last",
-                              "values": int(bad[:, b].sum()), "tokens": len(rows), "documents": docs,
-                              "first_position": rows[0]})
-    return found
 
 
 def train(
@@ -143,18 +85,67 @@ def train(
     Raises FloatingPointError on a non-finite loss, naming non-finite input features when they are
     the cause.
     """
-    loss_fn = loss_fn or _default_loss_fn()
-    rank, world = rank_world()
-    is_main = rank == 0
-    run_prefix = run_prefix.strip("/")
-    device = next(draft.parameters()).device
-    target_head = target_head.to(device)
-    t2d = t2d.to(device)
-    named = [(n, p) for n, p in draft.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    if not params:
-        raise ValueError("the draft has no trainable parameters")
+    run = _setup(cfg, source, draft, target_head, t2d, store, run_prefix.strip("/"), log, loss_fn or _default_loss_fn())
+    cfg = run.cfg
+    state, ck_step = _restore(run, resume)
+    if run.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
+        # DDP broadcasts rank 0's parameters at construction (one starting point whatever each
+        # rank built) and averages gradients in buckets overlapped with backward.
+        device = next(draft.parameters()).device
+        run.model = DDP(draft, device_ids=[device.index] if device.type == "cuda" else None)
+    state.t_start = state.last_flush = time.perf_counter()
+    window = MetricsWindow(cfg.ttt_length)
+
+    draft.train()
+    while state.step < run.total:
+        end = run.epoch_steps[state.epoch] * cfg.grad_accum  # micro-batches this epoch uses
+        if state.pos >= end:  # an epoch too small for one step
+            state.epoch, state.pos = state.epoch + 1, 0
+            continue
+        it = run.source.batches(cfg.max_tokens_per_batch, epoch=state.epoch, seed=cfg.seed, rank=run.rank,
+                                world_size=run.world, skip=state.pos)
+        while state.step < run.total:
+            lr = train_step(run, state, it, window)
+            wrapped = state.pos >= end
+            finished = state.epoch
+            if wrapped:  # a checkpoint taken now points at the start of the next epoch
+                state.epoch, state.pos = state.epoch + 1, 0
+            if run.heldout is not None and (wrapped or state.step == run.total):
+                validate(run, state, finished)
+            save_now = (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or state.step == run.total
+            # A checkpoint step is also a log step: the window then never straddles a checkpoint,
+            # so a resumed run logs exactly the records the uninterrupted one does.
+            if state.step % cfg.log_every == 0 or save_now:
+                log_metrics(run, state, window, lr)
+            if save_now:
+                _checkpoint(run, state)
+            if wrapped:
+                break  # the next epoch needs its own iterator
+
+    if ck_step is not None and ck_step >= run.total and run.is_main:
+        log(f"{run.prefix}: already trained to step {run.total}")
+    exported = _load_export_weights(run, state)
+    draft.eval()
+    final = state.last_record or {}
+    return TrainResult(
+        steps=state.step, tokens_seen=state.tokens_seen, final_loss=final.get("loss", float("nan")),
+        acc=final.get("acc", []), cond_acc=final.get("cond_acc", []),
+        simulated_acceptance_length=final.get("simulated_acceptance_length", float("nan")),
+        wall_seconds=state.wall_seconds(), draft=draft, step_losses=final.get("step_losses", []),
+        resumed_from=state.resumed_from, metrics=state.history, config=cfg.to_dict(), recipe_fields=run.recipe_fields,
+        validation=state.validation, exported_step=exported,
+    )
+
+
+def _setup(cfg, source, draft, target_head, t2d, store, prefix, log, loss_fn) -> TrainRun:
+    """Resolve the recipe, hold out the validation rows, count the steps, build the optimizer."""
+    rank, world = rank_world()
+    device = next(draft.parameters()).device
+    named = [(n, p) for n, p in draft.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the draft has no trainable parameters")
     from_recipe = derived_fields(cfg)
     hidden = getattr(getattr(draft, "cfg", None), "hidden_size", None)
     cfg = resolve(cfg, corpus_stats(source), world_size=world, hidden_size=hidden)
@@ -173,245 +164,143 @@ def train(
                          f"grad_accum={cfg.grad_accum}; lower grad_accum or max_tokens_per_batch")
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    warmup = warmup_steps_for(total, cfg.warmup_steps, cfg.warmup_ratio)
-    if is_main:
+    if rank == 0:
         shown = ", ".join(f"{k}={getattr(cfg, k)}" for k in from_recipe)
         log(f"training {total} steps over {cfg.epochs} epoch(s) of {source.num_sequences} rows"
             + (f", {heldout.num_sequences} held out" if heldout is not None else "")
             + (f"; from the recipe: {shown}" if shown else ""))
 
     # Decay matrices only: weight decay on RMSNorm gains pulls them toward zero for no benefit.
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    ordered = decay + no_decay
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
     name_of = {id(p): n for n, p in named}
-    opt_names = [name_of[id(p)] for p in ordered]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda",
     )
+    return TrainRun(
+        cfg=cfg, recipe_fields=from_recipe, source=source, heldout=heldout, draft=draft, model=draft, named=named,
+        opt=opt, opt_names=[name_of[id(p)] for p in decay + no_decay], target_head=target_head.to(device),
+        t2d=t2d.to(device), store=store, prefix=prefix, loss_fn=loss_fn, log=log, rank=rank, world=world,
+        micro=micro, epoch_steps=epoch_steps, total=total,
+        warmup=warmup_steps_for(total, cfg.warmup_steps, cfg.warmup_ratio))
 
-    step, epoch, pos, tokens_seen, wall_before = 0, 0, 0, 0, 0.0
-    history: list[dict] = []
-    validation: list[dict] = []
-    resumed_from = None
-    metrics_key = f"{run_prefix}/metrics.jsonl"
-    ck = load_checkpoint(store, run_prefix) if resume else None
-    if not resume and is_main:
-        clear_run(store, run_prefix)
-        store.delete(metrics_key)
-    if ck is not None:
-        _check_resumable(ck, cfg, world, total, epoch_steps, opt_names)
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(ck.model[n].to(p.device, p.dtype))
-        opt.load_state_dict(ck.optimizer)
-        set_rng_state(ck.rng, rank)
-        s = ck.state
-        step, epoch, pos = s["step"], s["epoch"], s["batch_in_epoch"]
-        tokens_seen, wall_before = s["tokens_seen"], s["wall_seconds"]
-        validation = list(s.get("validation", []))
-        resumed_from = step
-        if store.exists(metrics_key):  # the killed run may have flushed records past its checkpoint
-            lines = store.read_bytes(metrics_key).decode().splitlines()
-            history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= step]
-        if is_main:
-            log(f"resumed {run_prefix} from step {step}/{total} (epoch {epoch}, batch {pos})")
-    model = draft
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # DDP broadcasts rank 0's parameters at construction (one starting point whatever each
-        # rank built) and averages gradients in buckets overlapped with backward.
-        model = DDP(draft, device_ids=[device.index] if device.type == "cuda" else None)
+def _restore(run: TrainRun, resume: bool) -> tuple[TrainState, int | None]:
+    """The state to start from: the run's last checkpoint (weights, optimizer and generators
+    restored in place), or a fresh one (resume=False first deletes the run's checkpoints)."""
+    state = TrainState()
+    ck = load_checkpoint(run.store, run.prefix) if resume else None
+    if not resume and run.is_main:
+        clear_run(run.store, run.prefix)
+        run.store.delete(run.metrics_key)
+    if ck is None:
+        return state, None
+    _check_resumable(ck, run.cfg, run.world, run.total, run.epoch_steps, run.opt_names)
+    with torch.no_grad():
+        for n, p in run.named:
+            p.copy_(ck.model[n].to(p.device, p.dtype))
+    run.opt.load_state_dict(ck.optimizer)
+    set_rng_state(ck.rng, run.rank)
+    s = ck.state
+    state.step, state.epoch, state.pos = s["step"], s["epoch"], s["batch_in_epoch"]
+    state.tokens_seen, state.wall_before = s["tokens_seen"], s["wall_seconds"]
+    state.validation = list(s.get("validation", []))
+    state.resumed_from = state.step
+    if run.store.exists(run.metrics_key):  # the killed run may have flushed records past its checkpoint
+        lines = run.store.read_bytes(run.metrics_key).decode().splitlines()
+        state.history = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= state.step]
+    state.last_record = state.history[-1] if state.history else s.get("metrics")
+    if run.is_main:
+        run.log(f"resumed {run.prefix} from step {state.step}/{run.total} (epoch {state.epoch}, batch {state.pos})")
+    return state, ck.step
 
-    t_start = time.perf_counter()
-    last_flush = t_start
-    window = MetricsWindow(cfg.ttt_length)
-    last_record = history[-1] if history else (ck.state.get("metrics") if ck is not None else None)
-    tokens_pending = 0
-    grad_norm = 0.0
+
+def train_step(run: TrainRun, state: TrainState, batches, window: MetricsWindow) -> float:
+    """One optimizer step over `grad_accum` micro-batches from `batches`; returns its lr."""
+    cfg = run.cfg
+    device = run.target_head.device
+    lr = lr_at(state.step, base_lr=cfg.lr, warmup=run.warmup, total=run.total, min_lr_ratio=cfg.min_lr_ratio)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for j in range(cfg.grad_accum):
+        batch = next(batches, None)
+        if batch is None:
+            raise RuntimeError(f"batch source ended at micro-batch {state.pos} of epoch {state.epoch}, "
+                               f"but num_batches promised {run.micro[state.epoch]}")
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        # Gradients are all-reduced only on the last micro-batch of the step.
+        sync = run.world == 1 or j == cfg.grad_accum - 1
+        with (nullcontext() if sync else run.model.no_sync()):
+            with autocast:
+                out = run.loss_fn(run.model, batch, run.target_head, run.t2d, ttt_length=cfg.ttt_length,
+                                  step_weight=cfg.step_weight)
+            if not torch.isfinite(out.loss.detach()):
+                raise nonfinite_error(out, batch, run.source, cfg, step=state.step, epoch=state.epoch,
+                                      pos=state.pos, rank=run.rank, world=run.world)
+            (out.loss / cfg.grad_accum).backward()
+        n_tok = int(batch["input_ids"].numel())
+        window.add(out, n_tok)
+        state.tokens_pending += n_tok
+        state.pos += 1
+    if cfg.grad_clip > 0:
+        state.grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in run.named], cfg.grad_clip))
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    state.step += 1
+    window.steps += 1
+    return lr
 
-    def flush_metrics():
-        if is_main:
-            store.write_bytes(metrics_key, "".join(json.dumps(r) + "\n" for r in history).encode())
 
-    def sync_tokens():
-        # Token counts are summed over ranks only here (log and checkpoint), not every step.
-        nonlocal tokens_seen, tokens_pending
-        t = torch.tensor([tokens_pending], dtype=torch.int64)
-        tokens_seen += int(all_reduce(t).item()) if world > 1 else tokens_pending
-        tokens_pending = 0
+def _checkpoint(run: TrainRun, state: TrainState) -> None:
+    """Save weights, optimizer, every rank's generators and the data position (rank 0 writes)."""
+    sync_tokens(run, state)
+    rng = rng_state(run.world)  # collective: every rank takes part
+    if not run.is_main:
+        return
+    cfg, total, warmup = run.cfg, run.total, run.warmup
+    saved = {
+        "step": state.step, "epoch": state.epoch, "batch_in_epoch": state.pos, "tokens_seen": state.tokens_seen,
+        "wall_seconds": state.wall_seconds(), "total_steps": total, "epoch_steps": run.epoch_steps,
+        "warmup_steps": warmup, "world_size": run.world, "config": cfg.to_dict(), "metrics": state.last_record,
+        "validation": state.validation,
+        "scheduler": {"kind": "warmup_cosine", "step": state.step, "base_lr": cfg.lr, "warmup": warmup,
+                      "total": total, "min_lr_ratio": cfg.min_lr_ratio},
+    }
+    # Metrics first: once the pointer moves, the records up to this step must be stored
+    # (a resume keeps the file's records <= its step and recomputes the rest).
+    flush_metrics(run, state)
+    save_checkpoint(run.store, run.prefix, step=state.step, model_state=dict(run.named),
+                    optimizer_state=run.opt.state_dict(), param_names=run.opt_names, rng=rng,
+                    state=saved, keep=cfg.keep_checkpoints)
 
-    def checkpoint():
-        sync_tokens()
-        rng = rng_state(world)  # collective: every rank takes part
-        if not is_main:
-            return
-        state = {
-            "step": step, "epoch": epoch, "batch_in_epoch": pos, "tokens_seen": tokens_seen,
-            "wall_seconds": wall_before + time.perf_counter() - t_start,
-            "total_steps": total, "epoch_steps": epoch_steps, "warmup_steps": warmup,
-            "world_size": world, "config": cfg.to_dict(), "metrics": last_record, "validation": validation,
-            "scheduler": {"kind": "warmup_cosine", "step": step, "base_lr": cfg.lr, "warmup": warmup,
-                          "total": total, "min_lr_ratio": cfg.min_lr_ratio},
-        }
-        # Metrics first: once the pointer moves, the records up to this step must be stored
-        # (a resume keeps the file's records <= its step and recomputes the rest).
-        flush_metrics()
-        save_checkpoint(store, run_prefix, step=step, model_state=dict(named),
-                        optimizer_state=opt.state_dict(), param_names=opt_names, rng=rng,
-                        state=state, keep=cfg.keep_checkpoints)
 
-    def validate(finished_epoch: int):
-        # Every rank measures the whole held-out set: identical numbers, no collective.
-        m = measure_acceptance(draft, heldout, target_head, t2d, ttt_length=cfg.ttt_length,
-                               max_tokens_per_batch=cfg.max_tokens_per_batch, loss_fn=loss_fn)
-        record = {"step": step, "epoch": finished_epoch, "loss": m["loss"], "acc": m["acc"],
-                  "cond_acc": m["cond_acc"], "simulated_acceptance_length": m["simulated_acceptance_length"],
-                  "replayed_acceptance_length": m.get("replayed_acceptance_length"), "tokens": m["tokens"]}
-        best = max((r["simulated_acceptance_length"] for r in validation), default=-math.inf)
-        validation.append(record)
-        if is_main:
-            acc = " ".join(f"{a:.2f}" for a in m["acc"])
-            log(f"held-out after epoch {finished_epoch} (step {step}): loss {m['loss']:.4f} acc [{acc}] "
-                f"tau {m['simulated_acceptance_length']:.3f}"
-                + (f" replayed {m['replayed_acceptance_length'][-1]:.3f}" if m.get("replayed_acceptance_length") else "")
-                + (" (best)" if m["simulated_acceptance_length"] > best else ""))
-            if m["simulated_acceptance_length"] > best:
-                save_best(store, run_prefix, step=step, model_state=dict(named), record=record)
-
-    draft.train()
-    while step < total:
-        end = epoch_steps[epoch] * cfg.grad_accum  # micro-batches this epoch uses
-        if pos >= end:  # an epoch too small for one step
-            epoch, pos = epoch + 1, 0
-            continue
-        it = source.batches(cfg.max_tokens_per_batch, epoch=epoch, seed=cfg.seed, rank=rank,
-                            world_size=world, skip=pos)
-        while step < total:
-            lr = lr_at(step, base_lr=cfg.lr, warmup=warmup, total=total, min_lr_ratio=cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            for j in range(cfg.grad_accum):
-                batch = next(it, None)
-                if batch is None:
-                    raise RuntimeError(f"batch source ended at micro-batch {pos} of epoch {epoch}, "
-                                       f"but num_batches promised {micro[epoch]}")
-                batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                # Gradients are all-reduced only on the last micro-batch of the step.
-                sync = world == 1 or j == cfg.grad_accum - 1
-                with (nullcontext() if sync else model.no_sync()):
-                    with autocast:
-                        out = loss_fn(model, batch, target_head, t2d, ttt_length=cfg.ttt_length,
-                                      step_weight=cfg.step_weight)
-                    if not torch.isfinite(out.loss.detach()):
-                        raise _nonfinite_error(out, batch, source, cfg, step=step, epoch=epoch, pos=pos,
-                                               rank=rank, world=world)
-                    (out.loss / cfg.grad_accum).backward()
-                n_tok = int(batch["input_ids"].numel())
-                window.add(out, n_tok)
-                tokens_pending += n_tok
-                pos += 1
-            if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            window.steps += 1
-            wrapped = pos >= end
-            finished = epoch
-            if wrapped:  # a checkpoint taken now points at the start of the next epoch
-                epoch, pos = epoch + 1, 0
-            if heldout is not None and (wrapped or step == total):
-                validate(finished)
-
-            save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total
-            # A checkpoint step is also a log step: the window then never straddles a checkpoint,
-            # so a resumed run logs exactly the records the uninterrupted one does.
-            if step % cfg.log_every == 0 or save_now:
-                m = window.summary(world)
-                sync_tokens()
-                dt = time.perf_counter() - window.t0
-                eta = (total - step) * dt / max(window.steps, 1)
-                last_record = {"step": step, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **m,
-                               "tokens_per_s": m["tokens"] / max(dt, 1e-9), "tokens_seen": tokens_seen,
-                               "elapsed_s": wall_before + time.perf_counter() - t_start, "eta_s": eta}
-                history.append(last_record)
-                if is_main:
-                    acc = " ".join(f"{a:.2f}" for a in m["acc"])
-                    log(f"step {step}/{total} ep {epoch} loss {m['loss']:.4f} acc [{acc}] "
-                        f"tau {m['simulated_acceptance_length']:.2f} lr {lr:.2e} gnorm {grad_norm:.2f} "
-                        f"tok/s {last_record['tokens_per_s']:.0f} eta {_fmt_eta(eta)}")
-                window.reset()
-                if time.perf_counter() - last_flush > cfg.metrics_flush_seconds:
-                    flush_metrics()
-                    last_flush = time.perf_counter()
-            if save_now:
-                checkpoint()
-            if wrapped:
-                break  # the next epoch needs its own iterator
-
-    if ck is not None and ck.step >= total and is_main:
-        log(f"{run_prefix}: already trained to step {total}")
-    if world > 1:
+def _load_export_weights(run: TrainRun, state: TrainState) -> int:
+    """With export_checkpoint="best", put the best held-out epoch's weights back into the draft;
+    returns the step whose weights the draft holds."""
+    if run.world > 1:
         dist.barrier()  # rank 0's best weights are stored before any rank reads them
-    exported = step
-    if cfg.export_checkpoint == "best" and validation:
-        best = max(validation, key=lambda r: r["simulated_acceptance_length"])
-        if best["step"] != step:
-            saved = load_best(store, run_prefix)
-            if saved is None or saved[1]["step"] != best["step"]:
-                raise RuntimeError(f"{run_prefix}: the best held-out weights (step {best['step']}) are not in the store")
-            with torch.no_grad():
-                for n, p in named:
-                    p.copy_(saved[0][n].to(p.device, p.dtype))
-            if is_main:
-                log(f"exporting the best held-out epoch: step {best['step']} (tau "
-                    f"{best['simulated_acceptance_length']:.3f}) instead of the last (step {step})")
-        exported = best["step"]
-    draft.eval()
-    final = last_record or {}
-    return TrainResult(
-        steps=step, tokens_seen=tokens_seen, final_loss=final.get("loss", float("nan")),
-        acc=final.get("acc", []), cond_acc=final.get("cond_acc", []),
-        simulated_acceptance_length=final.get("simulated_acceptance_length", float("nan")),
-        wall_seconds=wall_before + time.perf_counter() - t_start, draft=draft,
-        step_losses=final.get("step_losses", []), resumed_from=resumed_from, metrics=history,
-        config=cfg.to_dict(), recipe_fields=from_recipe, validation=validation, exported_step=exported,
-    )
+    if run.cfg.export_checkpoint != "best" or not state.validation:
+        return state.step
+    best = max(state.validation, key=lambda r: r["simulated_acceptance_length"])
+    if best["step"] != state.step:
+        saved = load_best(run.store, run.prefix)
+        if saved is None or saved[1]["step"] != best["step"]:
+            raise RuntimeError(f"{run.prefix}: the best held-out weights (step {best['step']}) are not in the store")
+        with torch.no_grad():
+            for n, p in run.named:
+                p.copy_(saved[0][n].to(p.device, p.dtype))
+        if run.is_main:
+            run.log(f"exporting the best held-out epoch: step {best['step']} (tau "
+                    f"{best['simulated_acceptance_length']:.3f}) instead of the last (step {state.step})")
+    return best["step"]
 
 
 def _default_loss_fn():
     from training.eagle3.loss import ttt_forward
 
     return ttt_forward
-
-
-def _nonfinite_error(out, batch: dict, source, cfg: TrainConfig, *, step: int, epoch: int, pos: int,
-                     rank: int, world: int) -> FloatingPointError:
-    """The error for a non-finite loss: the input features when they are not finite (a target or
-    feature-store fault: a lower lr cannot help), else the optimization (lr)."""
-    where = f"step {step}, epoch {epoch}, micro-batch {pos}" + (f" of rank {rank}" if world > 1 else "")
-    bad = nonfinite_inputs(batch)
-    if not bad:
-        return FloatingPointError(f"non-finite loss {float(out.loss.detach())} at {where} with finite input features; "
-                                  "resume from the last checkpoint with a lower lr")
-    try:
-        rows = describe_batch(source, cfg.max_tokens_per_batch, epoch=epoch, seed=cfg.seed, rank=rank,
-                              world_size=world, index=pos)
-    except Exception:  # naming rows is a courtesy; the tensor report below stands without it
-        rows = []
-    tensors = "; ".join(f"{b['tensor']}: {b['values']} non-finite values in {b['tokens']} tokens of document(s) "
-                        f"{b['documents']}, first at packed position {b['first_position']}" for b in bad)
-    docs = sorted({d for b in bad for d in b["documents"]})
-    named_rows = "; ".join(f"document {d} = {rows[d]}" for d in docs if d < len(rows))
-    return FloatingPointError(
-        f"non-finite loss {float(out.loss.detach())} at {where}: the input features are not finite ({tensors})"
-        + (f"; {named_rows}" if named_rows else "")
-        + ". The target produced inf/NaN hidden states for these rows (or the stored features are corrupt): "
-        "fix or drop them and rewrite the features; lowering the lr will not help")
 
 
 def _check_resumable(ck, cfg: TrainConfig, world: int, total: int, epoch_steps: list[int],

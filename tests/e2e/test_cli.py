@@ -269,14 +269,3 @@ def test_shards_follow_the_source_files(tmp_path, monkeypatch):
         (folder / "demo-00000.jsonl").unlink()
         assert sync_shards(defs, instance).shards == ["demo-00001"]
         assert instance.get_dynamic_partitions(corpus_shards.name) == ["demo-00001"]
-
-
-def test_cli_plans_with_public_dagster_apis_only():
-    """No `dagster._...` import in the command line and its planning (the internals change between releases)."""
-    import ast
-
-    for name in ("cli.py", "plan.py", "run_summary.py", "corpus.py"):
-        tree = parse_module(ROOT / "spec_assets" / name)
-        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        assert [m for m in modules if m.startswith("dagster._")] == [], name

@@ -58,6 +58,9 @@ def test_full_graph_then_everything_is_a_cache_hit(env):
             assert len(_materializations(instance, asset)) == 2, asset  # one per shard
         for asset in ("vocab_map", "draft_model", "eval_report"):
             assert len(_materializations(instance, asset)) == 1, asset
+        # Each writer committed as the last one of its prefix: no writer record, no resampling progress left.
+        left = store.list("resampled_corpus", recursive=True)
+        assert left and [k for k in left if "/_progress/" in k or k.endswith("/_writer.json")] == []
         assert _materializations(instance, "released_draft") == []  # the gate blocked it
 
         src = {m.partition: m.metadata for m in _materializations(instance, "source_corpus")}

@@ -84,3 +84,24 @@ def test_environment_is_read_in_definitions_only():
     env = {**os.environ, "SPECDRAFT_EVAL_PROMPTS": "/tmp/prompts.jsonl"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     assert out.stdout.split() == ["EnvVar", "SPECDRAFT_EVAL_PROMPTS"]
+
+
+# Dagster storage internals and the implicit job's internal name: none of them is public API.
+NON_PUBLIC = ("run_storage", "event_log_storage", "__ASSET_JOB", "all_logs", "get_cursor_values",
+              "set_cursor_values", "concurrency_slots", "get_concurrency_info", "dagster._")
+
+
+def test_public_dagster_apis_only():
+    """No `dagster._...` import and no storage internal anywhere in the packages that run the
+    pipeline (the internals change between releases)."""
+    import ast
+
+    files = sorted(p for package in ("spec_assets", "resources", "training") for p in (ROOT / package).rglob("*.py"))
+    assert len(files) > 50  # the whole packages, not a list of files
+    for path in files:
+        tree = parse_module(path)
+        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert [m for m in modules if m.startswith("dagster._")] == [], path
+        text = path.read_text()
+        assert [name for name in NON_PUBLIC if name in text] == [], path

@@ -395,8 +395,6 @@ def test_progress_chunks_roundtrip_and_dedupe(store):
     assert sorted(loaded) == ["r0", "r1", "r2"]
     assert loaded["r1"]["reject_reason"] == "empty_reply" and loaded["r2"]["n_tokens"] == 2
     assert progress.append([rec(3)]).endswith("/chunk-000004.parquet")
-    progress.clear()
-    assert set(progress.load()) == set()
 
 
 def _kill_at_batch(n_batches_done):

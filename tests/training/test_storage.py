@@ -2,6 +2,10 @@
 
 import hashlib
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,6 +74,76 @@ def test_rewrite_replaces_orphaned_attempts(store):
     m = store.manifest(prefix)
     assert store.read_bytes(m.key("part-0")) == b"complete"
     assert not any("attempt-dead" in k for k in store.list(prefix, recursive=True))
+
+
+# A second writer of the same fingerprint, in its own process: it saves resampling progress and one
+# file, says so, waits for `go`, then writes another file, commits and reads back what readers see.
+_SECOND_WRITER = r"""
+import json, sys, time
+from pathlib import Path
+from training.storage import ObjectStore
+
+root, prefix, go = sys.argv[1:4]
+store = ObjectStore(root)
+with store.artifact(prefix, "fp") as w:
+    store.write_bytes(w.scratch("_progress") + "/chunk-000001.parquet", b"rows")
+    w.write_bytes("part-0", b"0" * 1000)
+    Path(go + ".started").touch()
+    while not Path(go).exists():
+        time.sleep(0.05)
+    w.write_bytes("part-1", b"1" * 1000)
+m = store.manifest(prefix)
+print(json.dumps({name: store.read_bytes(m.key(name))[:1].decode() for name in m.names()}))
+"""
+
+
+def test_two_writers_of_one_fingerprint_at_once_both_read_a_complete_manifest(store, tmp_path):
+    """Two processes write the same artifact at once and this one commits first, half-way through
+    the other's attempt: neither deletes the other's files, both read a complete manifest, and the
+    resampling progress stays until the last of them finishes."""
+    prefix, go = "x/_/fp", tmp_path / "go"
+    other = subprocess.Popen([sys.executable, "-c", _SECOND_WRITER, store.root, prefix, str(go)],
+                             cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not Path(f"{go}.started").exists():
+            assert other.poll() is None and time.time() < deadline, "the second writer did not start"
+            time.sleep(0.05)
+        with store.artifact(prefix, "fp") as w:
+            progress = w.scratch("_progress")
+            w.write_bytes("part-0", b"0" * 1000)
+            w.write_bytes("part-1", b"1" * 1000)
+        verify_manifest(store, store.manifest(prefix))
+        assert store.list(progress), "progress cleared under a live writer"
+        go.touch()
+        out, _ = other.communicate(timeout=60)
+    finally:
+        if other.poll() is None:
+            other.kill()
+    assert other.returncode == 0
+    assert json.loads(out) == {"part-0": "0", "part-1": "1"}
+    verify_manifest(store, store.manifest(prefix))
+    assert store.list(progress) == []  # the last writer to finish deleted it
+    assert len([k for k in store.list(prefix) if "/attempt-" in k]) == 1
+
+
+def test_a_commit_deletes_dead_writers_attempts_only(store):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = "x/_/fp"
+    records = {"attempt-dead": {"host": __import__("socket").gethostname(), "pid": dead.pid},
+               "attempt-elsewhere": {"host": "other-host", "pid": dead.pid}}
+    for attempt, record in records.items():
+        store.write_json(f"{prefix}/{attempt}/_writer.json", record)
+        store.write_bytes(f"{prefix}/{attempt}/part-0", b"partial")
+    with store.artifact(prefix, "fp") as art:
+        art.write_bytes("part-0", b"complete")
+        progress = art.scratch("_progress")
+        store.write_bytes(f"{progress}/chunk-000001.parquet", b"rows")
+    names = {k.split("/")[3] for k in store.list(prefix, recursive=True)}
+    # Another host's writer cannot be told dead from here: its attempt and the progress stay.
+    assert "attempt-dead" not in names and "attempt-elsewhere" in names and "_progress" in names
+    assert not any(k.endswith("_writer.json") and "elsewhere" not in k for k in store.list(prefix, recursive=True))
 
 
 def test_verify_detects_corruption(store):

@@ -21,25 +21,20 @@ from training.demo.target import (
     train_demo_target,
 )
 
-# Held-out quality of targets that got their step budget on the idle 2-core dev machine
-# (bench/bench_demo_target.py): 571 steps: exact match facts 0.42, units 0.04, lists 0.07,
-# arithmetic 0.00, teacher-forced token accuracy 0.87 overall (facts 0.93, arithmetic 0.79);
-# 618 steps: facts 0.67, units 0.13. The replies have the right template and wording; the numbers
-# copied from the prompt are what a 3-minute budget does not get right yet, and one wrong digit
-# fails an exact match. The floors sit below those figures.
+# Held-out quality of demo targets measured on the 2-core dev machine (bench/bench_demo_target.py):
+# 571 steps: exact match facts 0.42, units 0.04, lists 0.07, arithmetic 0.00, teacher-forced token
+# accuracy 0.87 overall (facts 0.93, arithmetic 0.79); 618 steps: facts 0.67, units 0.13; the
+# schedule's 700 steps: facts 0.67, units 0.30, lists 0.10. The replies have the right template and
+# wording; the numbers copied from the prompt are what the short schedule does not get right yet,
+# and one wrong digit fails an exact match. The floors sit below those figures. The schedule counts
+# steps, not seconds, so a busy machine takes longer but trains the same target.
 MIN_EXACT_MATCH = {"facts": 0.3}
 MIN_TOKEN_ACCURACY = 0.8
-# A run that the wall-clock budget stopped well before the step cap (a busy machine: the budget
-# is 3 minutes whatever else runs) is undertrained by construction, not by a regression.
-MIN_STEP_FRACTION = 0.8
 
 
 def _quality(target_dir):
     q = json.loads((target_dir / QUALITY_FILE).read_text())
-    if q["steps"] < MIN_STEP_FRACTION * q["config"]["max_steps"]:
-        pytest.skip(f"demo target trained on a busy machine: {q['steps']} of "
-                    f"{q['config']['max_steps']} steps in {q['train_seconds']:.0f}s; delete "
-                    f"{target_dir} and rerun on an idle machine to check its quality")
+    assert q["steps"] == q["config"]["max_steps"], "the cached demo target did not get its whole schedule"
     return q
 
 
@@ -83,10 +78,10 @@ def test_chat_template_and_assistant_mask(demo_target_dir):
     assert tok.decode(ids, skip_special_tokens=False) == text  # byte-level BPE round-trips
 
 
-def test_quality_file_is_complete_and_within_budget(demo_target_dir):
-    q = json.loads((demo_target_dir / QUALITY_FILE).read_text())
+def test_quality_file_is_complete_and_the_whole_schedule_ran(demo_target_dir):
+    q = _quality(demo_target_dir)
     assert set(q["exact_match"]) == set(FAMILIES) and sum(q["n_turns"].values()) > 64
-    assert q["steps"] > 0 and 0 < q["train_seconds"] <= q["total_seconds"] < 180
+    assert q["steps"] > 0 and 0 < q["train_seconds"] <= q["total_seconds"]
     assert q["config"]["n_layers"] >= 8 and q["config"]["hidden"] >= 128
 
 
@@ -121,8 +116,7 @@ TINY = DemoTargetConfig(n_eval=4, eval_max_new_tokens=16)
 def test_train_writes_complete_directory_atomically(tmp_path):
     out = tmp_path / "target"
     rows = generate_conversations(48, seed=0)
-    assert train_demo_target(out, rows, max_seconds=120, max_steps=3, seed=0,
-                             log=lambda s: None, config=TINY) == out
+    assert train_demo_target(out, rows, max_steps=3, seed=0, log=lambda s: None, config=TINY) == out
     assert is_complete(out)
     q = json.loads((out / QUALITY_FILE).read_text())
     assert q["steps"] == 3 and q["train_rows"] == 48
@@ -130,6 +124,11 @@ def test_train_writes_complete_directory_atomically(tmp_path):
     assert (out / COMPLETE_MARKER).read_text().strip() == RECIPE_VERSION
     # Reused as-is, even though it is far from the quality of the real one.
     assert ensure_demo_target(out, log=lambda s: pytest.fail("retrained")) == out
+    # A target cut short (what the wall-clock budget of earlier recipes left on a busy machine)
+    # is not complete: ensure_demo_target trains it again instead of keeping it for good.
+    q["steps"] = 2
+    (out / QUALITY_FILE).write_text(json.dumps(q))
+    assert not is_complete(out)
 
 
 def test_killed_training_leaves_nothing_that_looks_complete(tmp_path):
@@ -141,7 +140,7 @@ def test_killed_training_leaves_nothing_that_looks_complete(tmp_path):
 
     rows = generate_conversations(48, seed=0)
     with pytest.raises(KeyboardInterrupt):
-        train_demo_target(out, rows, max_seconds=120, max_steps=3, seed=0, log=die, config=TINY)
+        train_demo_target(out, rows, max_steps=3, seed=0, log=die, config=TINY)
     assert not out.exists() and not is_complete(out)
     assert os.listdir(tmp_path) == []
 
