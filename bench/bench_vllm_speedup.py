@@ -40,9 +40,10 @@ BUILTIN = [
 
 
 # -- prompts ------------------------------------------------------------------------------------------
-def load_conversations(url: str | None, n: int) -> list[list[dict]]:
+def load_conversations(url: str | None, n: int, default: list[list[dict]] | None = None) -> list[list[dict]]:
+    """The prompt file's conversations, else `default`, else the built-in mix."""
     if url is None:
-        base = [text if isinstance(text, list) else [{"role": "user", "content": text}] for _, text in BUILTIN]
+        base = default or [[{"role": "user", "content": text}] for _, text in BUILTIN]
         return [base[i % len(base)] for i in range(n)]
     from training.corpus.formats import normalize_record
     from training.corpus.readers import iter_records
@@ -114,16 +115,17 @@ def main() -> None:
     reason = vllm_missing_reason()
     if reason:
         raise SystemExit(f"bench_vllm_speedup: {reason}")
+    default = None
     if args.target is None:
         from training.demo.corpus import heldout_conversations
         from training.demo.target import ensure_demo_target
 
         args.target = str(ensure_demo_target())
-        if args.prompts is None:  # the demo's held-out conversations, their last reply dropped
-            BUILTIN[:] = [(c["source"], c["messages"][:-1]) for c in heldout_conversations(args.num_prompts)]
+        # the demo's held-out conversations, their last reply dropped
+        default = [c["messages"][:-1] for c in heldout_conversations(args.num_prompts)]
     draft = args.draft or default_draft()
     check_export(draft)
-    ids = render(args.target, load_conversations(args.prompts, args.num_prompts), args.max_prompt_tokens)
+    ids = render(args.target, load_conversations(args.prompts, args.num_prompts, default), args.max_prompt_tokens)
 
     print(f"target {args.target}\ndraft  {draft}\n{len(ids)} prompts, max {args.max_tokens} new tokens, "
           f"T={args.temperature:g}")
