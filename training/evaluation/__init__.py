@@ -230,23 +230,22 @@ def evaluate(
             say(f"served measurement skipped: {reason}")
             config["served_by"] = f"skipped: {reason}"
         else:
-            result.served = served_rows(target, str(draft), [ids for _, _, ids in encoded], cfg, stops,
+            result.served = _served_rows(target, str(draft), [ids for _, _, ids in encoded], cfg, stops,
                                         config["dtype"], rows, say)
             config["served_by"] = "vLLM"
     return result.finalize()
 
 
-def served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, dtype: str, rows: dict, say) -> list[dict]:
+def _served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, dtype: str, rows: dict, say) -> list[dict]:
     """The export decoded by vLLM on the simulator's prompt ids, one row per (temperature, k), beside the
-    simulated tau. vLLM drafts the argmax at every temperature, so a sampled row is like-for-like only
-    when the simulator ran with argmax_draft; greedy rows must reproduce vLLM's plain decoding."""
+    simulated tau; greedy rows must reproduce vLLM's plain decoding token for token."""
+    import torch
+
     from training.evaluation.served import serve
 
     runs = serve(target.name_or_path, export, prompt_ids, cfg.ks, cfg.temperatures,
                  max_new_tokens=cfg.max_new_tokens, stop_token_ids=sorted(stops), ignore_eos=cfg.ignore_eos,
                  seed=cfg.seed, dtype=dtype, log=say)
-    import torch
-
     cuda = torch.cuda.is_available()
     plain = {r.temperature: r for r in runs if r.k == 0}
     out = []

@@ -122,7 +122,7 @@ class EvalResult:
 
     config: dict[str, Any]
     rows: list[MethodStats]
-    # The export decoded by real vLLM (evaluate's served_rows): one dict per (temperature, k) with
+    # The export decoded by real vLLM (evaluate's _served_rows): one dict per (temperature, k) with
     # served_tau, simulated_tau, ratio, like_for_like, exact_match, tokens_per_s, speedup; empty without vLLM.
     served: list[dict[str, Any]] = field(default_factory=list)
 
