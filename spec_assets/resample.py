@@ -23,7 +23,7 @@ class ResampledCorpusConfig(dg.Config):
     top_p: float = 1.0
     on_length: str = "flag"  # rows cut at max_new_tokens: "flag" keeps them, "drop" rejects them
     keep_reasoning: bool = True
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the generation backend's own (hf, openai 32; vllm 256)
     seed: int = 0
 
 

@@ -97,7 +97,7 @@ class TargetActor:
         from training.resample import _generator_name
 
         return {**self.node, "identity": self.target.identity, "generator": _generator_name(self.target),
-                "facts": asdict(self.target.facts)}
+                "facts": asdict(self.target.facts), "generation_batch_size": self.target.generation_batch_size}
 
     def resample_batch(self, batch: list[dict], cfg, generator: str, batch_no: int) -> list[dict]:
         from training.resample import _resample_batch
@@ -301,7 +301,8 @@ def resample_on_pool(pool: TargetPool, rows, cfg, progress=None, log: Callable[[
         pending = [r for r in pending if r["id"] not in saved]
         log(f"resample: {n_resumed} rows resumed from {progress}, {len(pending)} to generate on {len(pool.live())} Ray actors")
 
-    batches = deque((b + 1, pending[i:i + cfg.batch_size]) for b, i in enumerate(range(0, len(pending), cfg.batch_size)))
+    size = resample.batch_size(cfg, pool.info().get("generation_batch_size"))
+    batches = deque((b + 1, pending[i:i + size]) for b, i in enumerate(range(0, len(pending), size)))
     n_batches, t0 = len(batches), time.perf_counter()
 
     def refill():

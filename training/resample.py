@@ -65,6 +65,11 @@ _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE
 _CHUNK_NAME = re.compile(r"chunk-(\d+)\.parquet$")
 
 
+def batch_size(cfg: "ResampleConfig", backend_default: int | None) -> int:
+    """Rows per resampling batch: the config's, else the backend's generation_batch_size, else 32."""
+    return int(cfg.batch_size or backend_default or 32)
+
+
 def prompt_digest(ids) -> str:
     """`{n}:{sha256 of the int32 little-endian ids, 16 hex}`: lets tokenization check that the prompt
     it puts before a generated reply is, token for token, the one the target saw."""
@@ -88,7 +93,7 @@ class ResampleConfig:
     # A row with a turn cut at max_new_tokens: "flag" keeps it (finish_reason "length"), "drop" rejects it.
     on_length: str = "flag"
     keep_reasoning: bool = True  # False strips <think>...</think> from replies (and drops their token ids)
-    batch_size: int = 32
+    batch_size: int | None = None  # rows per batch (the unit progress is saved in); None: the backend's own
     seed: int = 0
 
     def __post_init__(self):
@@ -96,7 +101,7 @@ class ResampleConfig:
         self.temperatures = check_mixture(self.temperatures)
         if self.on_length not in ("drop", "flag"):
             raise ResampleError(f"on_length must be 'drop' or 'flag', got {self.on_length!r}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
+        if self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise ResampleError("max_new_tokens and batch_size must be at least 1")
         if not 0.0 < self.top_p <= 1.0:
             raise ResampleError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -405,9 +410,10 @@ def resample_conversations(
         pending = [r for r in pending if r["id"] not in saved]
         log(f"resample: {n_resumed} rows resumed from {progress}, {len(pending)} to generate")
 
-    n_batches = -(-len(pending) // cfg.batch_size)
+    size = batch_size(cfg, getattr(target, "generation_batch_size", None))
+    n_batches = -(-len(pending) // size)
     for b in range(n_batches):
-        batch = pending[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        batch = pending[b * size:(b + 1) * size]
         t0 = time.perf_counter()
         out = _resample_batch(target, batch, cfg, generator, b + 1)
         if progress is not None:

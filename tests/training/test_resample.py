@@ -219,6 +219,20 @@ def test_strip_reasoning():
 # generation semantics
 
 
+def test_batch_size_left_unset_is_the_backends_own(target, rows):
+    from training.targets import HFTarget, VLLMTarget
+
+    assert VLLMTarget.generation_batch_size > HFTarget.generation_batch_size == 32  # vLLM schedules its own batch
+    spy = Spy(target, rows)
+    spy.generation_batch_size = 5
+    check_counts(resample_conversations(spy, rows, ResampleConfig(max_new_tokens=4), log=lambda _: None))
+    assert max(len(convs) for convs, _, _ in spy.calls) == 5 == len(spy.calls[0][0])
+    explicit = Spy(target, rows)
+    explicit.generation_batch_size = 5
+    resample_conversations(explicit, rows, ResampleConfig(max_new_tokens=4, batch_size=len(rows)), log=lambda _: None)
+    assert max(len(convs) for convs, _, _ in explicit.calls) == len(rows)  # the config's wins
+
+
 def test_multiturn_replay_uses_own_replies_and_keeps_system(target, rows):
     cfg = ResampleConfig(max_new_tokens=12, batch_size=8)
     spy = Spy(target, rows)

@@ -67,6 +67,9 @@ class TargetModel(ABC):
     """A target LLM. Construct through `load_target(name_or_path, backend)`; heavy state loads lazily."""
 
     backend: ClassVar[str]
+    # Rows per resampling batch when ResampleConfig leaves batch_size unset. A batch is the unit that
+    # resampling saves its progress in; a backend that schedules requests itself wants more of them.
+    generation_batch_size: ClassVar[int] = 32
 
     def __init__(self, name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
         self.name_or_path = str(name_or_path)
