@@ -9,7 +9,8 @@ The same conversations are resampled three ways, greedy, every assistant turn in
            every conversation at once: the engine with nothing of ours around it.
 Output tokens per second of each, and the ratios vllm/hf and vllm/bare (goal: vllm within 10% of bare).
 Defaults: the demo target (trained on first use) on demo conversations; --corpus takes any corpus file.
-The vLLM engine starts once, untimed (a warm-up call), and is shared by `vllm` and `bare`.
+The vLLM engine starts once, untimed (a warm-up call), and is shared by `vllm` and `bare`, which run
+interleaved `--repeats` times from an empty prefix cache each (the best of each is kept).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=None, help="resample batch size (default: ResampleConfig's)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of bare and vllm, interleaved (best kept)")
     args = ap.parse_args()
 
     from training.resample import ResampleConfig, resample_conversations
@@ -75,7 +77,8 @@ def main() -> None:
         t0 = time.perf_counter()
         tokens = fn()
         wall = time.perf_counter() - t0
-        results[name] = (tokens, wall)
+        if name not in results or tokens / wall > results[name][0] / results[name][1]:
+            results[name] = (tokens, wall)
         print(f"{name:5} {tokens:7d} tokens in {wall:6.1f}s: {tokens / wall:7.1f} tok/s", flush=True)
 
     def resample(target) -> int:
@@ -88,8 +91,10 @@ def main() -> None:
     vllm = load_target(args.target, "vllm", dtype=args.dtype)
     engine = vllm.generation_engine()  # started here, untimed
     bare_chat(engine, rows[:2], 8)  # warm-up
-    timed("vllm", lambda: resample(vllm))
-    timed("bare", lambda: bare_chat(engine, rows, args.max_new_tokens))
+    for _ in range(args.repeats):  # interleaved, each from an empty prefix cache; the best of each kept
+        for name, fn in (("bare", lambda: bare_chat(engine, rows, args.max_new_tokens)), ("vllm", lambda: resample(vllm))):
+            engine.reset_prefix_cache()
+            timed(name, fn)
     vllm.close()
 
     rate = {name: tokens / wall for name, (tokens, wall) in results.items()}
