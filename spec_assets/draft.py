@@ -145,13 +145,14 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
 
 def target_spec(target: TargetModelResource):
     """The resource as the TrainJob's TargetSpec: online training loads this very target (its
-    backend, device, dtype, trust_remote_code and chat settings), not a hard-coded hf one."""
+    backend, device, trust_remote_code and chat settings, parsed as the resource parses them, from its
+    field or SPECDRAFT_CHAT_TEMPLATE_KWARGS), not a hard-coded hf one. The resource sets no dtype:
+    the job's "auto" is what the resource's own load uses."""
     from training.job import TargetSpec
 
     return TargetSpec(
         target.model_path(), backend=target.backend, device=target.device,
-        trust_remote_code=target.trust_remote_code, dtype=getattr(target, "dtype", "auto"),
-        chat_template_kwargs=getattr(target, "chat_template_kwargs", None) or None,
+        trust_remote_code=target.trust_remote_code, chat_template_kwargs=target.template_kwargs() or None,
     )
 
 
