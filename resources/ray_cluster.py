@@ -32,10 +32,15 @@ class RayClusterResource(dg.ConfigurableResource):
     def enabled(self) -> bool:
         return bool(self.ray_address())
 
-    def _pool(self, target: TargetModelResource, log: Callable[[str], Any]):
+    def _pool(self, target: TargetModelResource, log: Callable[[str], Any], backend: str | None = None):
+        """Actors holding `target` on `backend` (default the target resource's), rendering with its chat settings."""
+        import json
+
         from training.ray_pool import RayPoolError, TargetPool, TargetSpec
 
-        spec = TargetSpec(target.model_path(), target.backend, target.device, target.trust_remote_code)
+        kwargs = target.template_kwargs()
+        spec = TargetSpec(target.model_path(), backend or target.backend, target.device, target.trust_remote_code,
+                          json.dumps(kwargs, sort_keys=True) if kwargs else "")
         pool = self._pools.get(spec)
         if pool is not None and pool.live():
             pool.log = log  # this step's log
@@ -56,7 +61,9 @@ class RayClusterResource(dg.ConfigurableResource):
         if not self.enabled() or generator.effective_backend() == "openai":
             return resample.resample_conversations(generator.load(), rows, cfg, progress=progress, log=log)
         try:
-            return resample_on_pool(self._pool(generator.target, log), rows, cfg, progress=progress, log=log)
+            # The generation backend's, which the fingerprint names, not necessarily the target resource's.
+            pool = self._pool(generator.target, log, backend=generator.effective_backend())
+            return resample_on_pool(pool, rows, cfg, progress=progress, log=log)
         except RayPoolError as exc:
             raise dg.Failure(str(exc)) from None
 

@@ -27,6 +27,7 @@ is Ray's core actor API (a few calls), and no Dagster import belongs in training
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -76,6 +77,7 @@ class TargetSpec:
     backend: str = "hf"
     device: str = "auto"
     trust_remote_code: bool = False
+    chat_template_kwargs: str = ""  # JSON object (hashable, as the pool cache keys on the spec); "" for none
 
 
 class TargetActor:
@@ -90,8 +92,9 @@ class TargetActor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        kwargs = {"chat_template_kwargs": json.loads(spec["chat_template_kwargs"])} if spec["chat_template_kwargs"] else {}
         self.target = load_target(spec["path"], backend=spec["backend"], device=spec["device"],
-                                  trust_remote_code=spec["trust_remote_code"])
+                                  trust_remote_code=spec["trust_remote_code"], **kwargs)
 
     def info(self) -> dict:
         from training.resample import _generator_name

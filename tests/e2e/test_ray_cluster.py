@@ -59,11 +59,12 @@ def config(batch_size: int, new_tokens: int) -> dict:
     }}
 
 
-def materialize(env: dict, store: Path, ray_address: str, run_config: dict, selection=PER_SHARD, instance=None):
+def materialize(env: dict, store: Path, ray_address: str, run_config: dict, selection=PER_SHARD, instance=None,
+                chat_template_kwargs: str = ""):
     from spec_assets.definitions import all_assets
     from spec_assets.partitions import corpus_shards
 
-    target = TargetModelResource(target=env["SPECDRAFT_TARGET"], device="cpu")
+    target = TargetModelResource(target=env["SPECDRAFT_TARGET"], device="cpu", chat_template_kwargs=chat_template_kwargs)
     resources = make_resources(store.as_uri(), env["SPECDRAFT_CORPUS"], target=target,
                                generator=GenerationBackendResource(target=target),
                                ray_cluster=RayClusterResource(address=ray_address))
@@ -90,16 +91,38 @@ def files(store: Path, asset: str) -> dict[str, str]:
     return {name: f["sha256"] for name, f in manifest.files.items()}
 
 
+def preamble_target(tiny_target, folder: Path) -> Path:
+    """The tiny target with a template that reads a chat setting (`preamble`, written before every conversation)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_target, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = tok.chat_template.replace("{{ bos_token }}", "{{ bos_token }}{{ preamble | default('') }}", 1)
+    assert "preamble" in tok.chat_template
+    tok.save_pretrained(folder)
+    return folder
+
+
 @needs_ray
 def test_ray_path_equals_local_path_bitwise(cluster, tiny_target, tmp_path):
-    env = graph_env(tmp_path, tiny_target, n_shards=1)
+    # Chat settings the template reads: the actors must render with them as the local path does.
+    env = graph_env(tmp_path, preamble_target(tiny_target, tmp_path / "preamble"), n_shards=1)
     cfg = config(batch_size=4, new_tokens=12)
-    local, _, local_wall = materialize(env, tmp_path / "local", "", cfg)
+    kwargs = '{"preamble": "Answer briefly."}'
+    local, _, local_wall = materialize(env, tmp_path / "local", "", cfg, chat_template_kwargs=kwargs)
     assert local.success
-    remote, logs, ray_wall = materialize(env, tmp_path / "ray", cluster.address, cfg)
+    remote, logs, ray_wall = materialize(env, tmp_path / "ray", cluster.address, cfg, chat_template_kwargs=kwargs)
     assert remote.success, logs[-20:]
     for asset in ("resampled_corpus", "hidden_states"):
         assert files(tmp_path / "ray", asset) == files(tmp_path / "local", asset), asset
+    from transformers import AutoTokenizer
+
+    s = ObjectStore((tmp_path / "ray").as_uri())
+    (data,) = [p for p in s.list(f"tokenized_shards/{SHARD}", recursive=True) if p.endswith("/data.parquet")]
+    first = s.read_parquet(data).column("input_ids").to_pylist()[0]
+    assert "Answer briefly." in AutoTokenizer.from_pretrained(env["SPECDRAFT_TARGET"]).decode(first)  # it took effect
     # Progress streamed into the step's log, from actors on both nodes.
     text = "\n".join(logs)
     assert "ray: 2 target actors on" in text
