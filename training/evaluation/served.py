@@ -76,7 +76,6 @@ def serve(
     max_num_seqs: int = 256,
     warmup: bool = False,
     dtype: str = "auto",
-    enforce_eager: bool | None = None,
     log=None,
 ) -> list[ServedRun]:
     """ServedRuns for k=0 (no draft) and each k in `ks` (skipped when `export` is None), per temperature."""
@@ -87,7 +86,7 @@ def serve(
             "prompt_ids": [[int(t) for t in p] for p in prompt_ids], "temperatures": [float(t) for t in temperatures],
             "max_new_tokens": int(max_new_tokens), "stop_token_ids": [int(t) for t in stop_token_ids],
             "ignore_eos": bool(ignore_eos), "seed": int(seed), "max_num_seqs": int(max_num_seqs),
-            "warmup": bool(warmup), "dtype": dtype, "enforce_eager": enforce_eager,
+            "warmup": bool(warmup), "dtype": dtype,
         }
         t0 = time.perf_counter()
         runs += [ServedRun(**r) for r in _run_child(request)]
@@ -144,14 +143,11 @@ def _engine_runs(request: dict) -> list[dict]:
     from training.targets.vllm import engine_defaults
 
     k = request["k"]
-    kwargs = engine_defaults()
-    if request["enforce_eager"] is not None:
-        kwargs["enforce_eager"] = request["enforce_eager"]
     llm = LLM(
         model=request["target"], dtype=request["dtype"], seed=request["seed"],
         speculative_config={"method": "eagle3", "model": request["export"], "num_speculative_tokens": k} if k else None,
         disable_log_stats=False,  # the spec-decode counters are kept only with stats on
-        max_num_seqs=request["max_num_seqs"], **kwargs,
+        max_num_seqs=request["max_num_seqs"], **engine_defaults(),
     )
     prompts = [{"prompt_token_ids": p} for p in request["prompt_ids"]]
     if request["warmup"]:
