@@ -30,7 +30,7 @@ class VocabMapConfig(dg.Config):
 
 @dg.asset(
     partitions_def=corpus_shards,
-    code_version="1",
+    code_version="2",
     group_name="tokenize",
     io_manager_key="artifact_refs",
     kinds={"parquet"},

@@ -274,3 +274,21 @@ def test_no_trainable_token_fails_quoting_the_reject_reasons(chatml):
         tokenize_mod.check_trainable(res, "shard 7")
     tokenize_mod.check_trainable(tokenize_conversations(chatml, convs), "shard 7")  # rows: fine
     tokenize_mod.check_trainable(tokenize_conversations(chatml, []), "shard 7")  # nothing in: nothing to say
+
+
+# No special token closes a turn: the mask ends at the reply's last character, whatever its bytes.
+NO_EOT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+          "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.mark.parametrize("reply", ["ok 😀", "4 ✓", "答案是四", "fine 👍🏽", "done é", "plain end."])
+def test_reply_ending_in_a_multi_byte_character_masks_all_its_byte_tokens(reply):
+    from training.targets.tiny import build_tokenizer
+
+    tok = build_tokenizer()  # byte-level without merges: 😀 is four byte tokens over one character
+    tok.chat_template = NO_EOT
+    res = tokenize_conversations(tok, [{"id": "a", "messages": [msg("user", "x"), msg("assistant", reply)]}])
+    (row,) = res.table.to_pylist()
+    masked = [t for t, m in zip(row["input_ids"], row["loss_mask"]) if m]
+    assert tok.decode(masked) == reply
+    assert masked == tok.encode(reply, add_special_tokens=False)
