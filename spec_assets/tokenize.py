@@ -83,6 +83,8 @@ def tokenized_shards(
                           "generated_id_mismatches": result.id_mismatches,
                           # no ids to train on (pass-through, an openai server without return_token_ids)
                           "conversations_retokenized": result.conversations_retokenized}
+        if result.template_date:  # a template that reads the clock renders this fixed date
+            writer.summary["template_date"] = result.template_date
         if result.notes:  # e.g. reply_rendered_differently: the template re-renders a generated reply
             writer.summary["template_notes"] = {k: f"{v} (e.g. {result.note_examples[k][:300]})"
                                                 for k, v in result.notes.items()}

@@ -263,10 +263,40 @@ def _reject(row: dict, reason: str, detail: str, **extra) -> dict:
             "generator": None, "n_tokens": 0, "reject_reason": reason, "reject_detail": detail, **extra}
 
 
+def _template_of(target):
+    """The target's prompt renderer (tokenization/templates.py prompt_renderer), or None for a
+    target without a local tokenizer (an openai server given none): its server is then the only judge."""
+    from training.targets.base import TargetError
+    from training.tokenization.templates import prompt_renderer
+
+    try:
+        tokenizer = target.tokenizer
+    except TargetError:
+        return None
+    return prompt_renderer(tokenizer, getattr(target, "chat_template_kwargs", None))
+
+
+def _refused(renderer, conversation: list[dict]) -> tuple[str, str] | None:
+    """(reason, detail) when the target's template will not render this generation prompt."""
+    from training.tokenization.templates import RowReject
+
+    if renderer is None:
+        return None
+    try:
+        renderer.render(conversation, add_generation_prompt=True)
+    except RowReject as exc:
+        return exc.reason, exc.detail
+    return None
+
+
 def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: str, batch_no: int) -> list[dict]:
-    """Generate every assistant turn of `batch`, one generate call per turn index; returns progress rows."""
+    """Generate every assistant turn of `batch`, one generate call per turn index; returns progress rows.
+
+    A prompt the target's template refuses (raise_exception: a system role it does not support, roles
+    that do not alternate) rejects its row (`template_error`) before the generate call; the rest go on."""
     from training.targets.base import SamplingParams
 
+    renderer = _template_of(target)
     states = []
     for row in batch:
         turns = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
@@ -278,9 +308,16 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
         })
 
     for j in range(max(len(s["turns"]) for s in states)):
-        active = [s for s in states if j < len(s["turns"]) and s["reject"] is None]
+        active = []
+        for s in states:
+            if j < len(s["turns"]) and s["reject"] is None:
+                refused = _refused(renderer, s["messages"][: s["turns"][j]])
+                if refused is not None:
+                    s["reject"] = (refused[0], f"assistant turn {j + 1}: {refused[1]}")
+                else:
+                    active.append(s)
         if not active:
-            break
+            break  # every row is done or rejected: none has a later turn left
         # The conversation so far: corpus system/user turns, the target's own earlier replies.
         convs = [s["messages"][: s["turns"][j]] for s in active]
         params = [

@@ -376,3 +376,15 @@ def test_our_render_is_apply_chat_template(family):
         for gen in (False, True):
             assert renderer.render(messages, gen) == tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=gen)
+
+
+# Gemma-1/2's template with ChatML's turn tokens (the tiny targets have no <start_of_turn>): it raises
+# on a system message and on roles that do not alternate (Mistral v0.x and Llama-2 raise the same way).
+GEMMA_STYLE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>model\n{% endif %}"
+)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.training.test_chat_templates import GEMMA_STYLE
 from training.corpus.schema import CONVERSATION_SCHEMA
 from training.resample import (
     REJECTS_SCHEMA,
@@ -509,3 +510,30 @@ def test_question_rows_need_generation(target):
     assert gen.n_ok == 1
     [out] = gen.table.to_pylist()
     assert all(m["content"].strip() for m in out["messages"]) and len(out["completion_ids"]) == 2
+
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_rows_the_template_refuses_are_rejected_and_the_shard_goes_on(target, rows, batch_size):
+    from training.targets import load_target
+    from training.tokenization import TokenizeConfig, tokenize_conversations
+
+    strict = load_target(target.name_or_path, backend="hf")
+    strict.tokenizer.chat_template = GEMMA_STYLE
+    doubled = {"id": "two-users", "source": "t", "messages": [
+        {"role": "user", "content": "what is it"}, {"role": "assistant", "content": "so"},
+        {"role": "user", "content": "now"}, {"role": "user", "content": "and now"},
+        {"role": "assistant", "content": "so"}]}
+    inp = [*rows, doubled]
+    res = resample_conversations(strict, inp, ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=6,
+                                                             batch_size=batch_size), log=lambda _: None)
+    check_counts(res)
+    with_system = {r["id"] for r in rows if r["messages"][0]["role"] == "system"}
+    rejects = {r["id"]: r for r in res.rejects.to_pylist()}
+    assert set(rejects) == with_system | {"two-users"}
+    assert all(r["reason"] == "template_error" for r in rejects.values())
+    assert "System role not supported" in rejects[next(iter(with_system))]["detail"]
+    assert rejects["two-users"]["detail"].startswith("assistant turn 2: ") and "must alternate" in rejects["two-users"]["detail"]
+    assert res.n_ok == len(rows) - len(with_system) > 0
+    # what was kept tokenizes under the same strict template, every row
+    tok = tokenize_conversations(strict.tokenizer, res.table, TokenizeConfig())
+    assert tok.n_in == tok.n_ok == res.n_ok and tok.rows_from_generated_ids == tok.table.num_rows

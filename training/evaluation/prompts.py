@@ -43,6 +43,34 @@ def read_prompt_file(url: str, log: Callable[[str], None] | None = None) -> list
     return result.rows.to_pylist()
 
 
+def renderable_prompts(target, prompts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(prompts the target's chat template renders, rejects {id, reason, detail} for the others).
+
+    Every generation prompt a prompt leads to is rendered first (before each assistant turn, and the
+    whole conversation when it ends on another role), so a prompt the template refuses (a system
+    role it does not support, roles that do not alternate: raise_exception) is rejected with the
+    template's reason and the evaluation goes on with the rest. Prompts given as input_ids render nothing.
+    """
+    from training.tokenization.templates import RowReject, prompt_renderer
+
+    renderer = prompt_renderer(target.tokenizer, getattr(target, "chat_template_kwargs", None))
+    kept, rejects = [], []
+    for p in prompts:
+        messages = list(p.get("messages") or []) if p.get("input_ids") is None else []
+        ends = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if messages and messages[-1].get("role") != "assistant":
+            ends.append(len(messages))
+        try:
+            for i in ends:
+                if i:
+                    renderer.render(messages[:i], add_generation_prompt=True)
+        except RowReject as exc:
+            rejects.append({"id": p.get("id"), "reason": exc.reason, "detail": f"{exc.detail} (before message {i})"})
+            continue
+        kept.append(p)
+    return kept, rejects
+
+
 def expand_turns(target, prompts: list[dict], max_new_tokens: int) -> list[dict]:
     """Multi-turn questions as one prompt per turn, later turns asked after the target's OWN replies.
 

@@ -146,16 +146,15 @@ def apply_final_logit_transforms(logits, config: dict):
 def render_prompt(tokenizer, conversation: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt.
 
-    The tokenizer's own chat template renders it (with `chat_template_kwargs`); one without a template
+    The tokenizer's own chat template renders it (with `chat_template_kwargs`, the clock fixed at their
+    `template_date`: tokenization/templates.py template_vars); one without a template
     gets the `plain` rendering of training/tokenization/templates.py, the same text tokenization
     puts before the reply, so a generated reply and its training row share one prompt.
     """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
-        )
-    else:
-        from training.tokenization.templates import PlainRenderer
+    from training.tokenization.templates import prompt_renderer
 
-        text = PlainRenderer(tokenizer).render(conversation, add_generation_prompt=True)
+    # The renderer tokenization uses (apply_chat_template's template and sandbox): same text, and the
+    # clock of a template that reads it fixed at the settings' template_date, which apply_chat_template
+    # cannot do (it passes no callable to a template).
+    text = prompt_renderer(tokenizer, chat_template_kwargs).render(conversation, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -138,8 +138,13 @@ class OpenAITarget(TargetModel):
         }
         if params.seed is not None:
             body["seed"] = params.seed
-        if self.chat_template_kwargs:
-            body["chat_template_kwargs"] = self.chat_template_kwargs
+        from training.tokenization.templates import TEMPLATE_DATE_KEY
+
+        # template_date pins the clock of the templates we render; a server renders on its own clock
+        # (tokenization names that as the cause when a prompt then differs: prompt_mismatch)
+        server_kwargs = {k: v for k, v in self.chat_template_kwargs.items() if k != TEMPLATE_DATE_KEY}
+        if server_kwargs:
+            body["chat_template_kwargs"] = server_kwargs
         if self.return_token_ids:
             body["return_token_ids"] = True
         data = self._request("POST", "/chat/completions", body)

@@ -90,6 +90,7 @@ class TokenizeResult:
     id_mismatches: int = 0  # rows with generated ids whose masked ids differ from them (+ end-of-turn)
     notes: dict = field(default_factory=dict)  # reason -> turns/rows, e.g. reply_rendered_differently
     note_examples: dict = field(default_factory=dict)  # reason -> the first one's detail
+    template_date: str | None = None  # the date strftime_now renders, for a template that reads the clock
 
 
 def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
@@ -175,6 +176,7 @@ def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None 
         id_mismatches=ctx.id_mismatches,
         notes=dict(sorted(ctx.notes.items())),
         note_examples=ctx.note_examples,
+        template_date=renderer.template_date,
     )
 
 
@@ -274,8 +276,7 @@ def _generated_table(ctx: _Context, convs: list[_Frames]) -> pa.Table:
                     raise RowReject(
                         "prompt_mismatch",
                         f"assistant message {i}: the target generated it after a prompt of digest {digest}, "
-                        f"this template renders {prompt_digest(p_ids)}: the chat template or its settings "
-                        "(chat_template_kwargs, template) differ between resampling and tokenization",
+                        f"this template renders {prompt_digest(p_ids)}: {_mismatch_cause(ctx.renderer)}",
                     )
                 if not frame.verbatim:
                     ctx.note("reply_rendered_differently",
@@ -314,6 +315,16 @@ def _generated_table(ctx: _Context, convs: list[_Frames]) -> pa.Table:
                   np.asarray(lens, dtype=np.int64))
     ctx.rows_from_ids += len(owners)
     return _rows_table(ctx, enc, owners)
+
+
+def _mismatch_cause(renderer) -> str:
+    if renderer.template_date is not None:
+        return (f"the chat template reads the clock (strftime_now), which tokenization fixes at template_date "
+                f"{renderer.template_date}; the prompt the target saw was rendered on another date (a server "
+                "backend, vllm or openai, renders on its own clock: set the chat template setting template_date "
+                "to the day it rendered, or resample with the hf backend), or the template or its settings differ")
+    return ("the chat template or its settings (chat_template_kwargs, template) differ between resampling and "
+            "tokenization")
 
 
 def _text_expectations(ctx: _Context, messages, views: list[View], completion_ids) -> list:

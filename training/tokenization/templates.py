@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import date, datetime
 
 from jinja2.runtime import new_context
 
@@ -54,6 +55,35 @@ PROBE = [
     {"role": "user", "content": "Tell me a short joke."},
     {"role": "assistant", "content": "Why did the chicken cross the road? To get to the other side."},
 ]
+
+
+# Templates that read the clock (Llama-3.x, Mistral-Small, Granite: `strftime_now("%d %b %Y")` in the
+# system block) would render another prompt on another day (or in another time zone), so a row
+# resampled before midnight and tokenized after it would no longer match. Every renderer we drive
+# binds strftime_now to one fixed date instead: `template_date` (YYYY-MM-DD) of the chat template
+# settings, else DEFAULT_TEMPLATE_DATE. It sits in chat_template_kwargs, the target identity every
+# fingerprint includes, so changing it re-runs every stage that renders a prompt.
+TEMPLATE_DATE_KEY = "template_date"
+DEFAULT_TEMPLATE_DATE = "2026-01-01"
+
+
+def template_vars(template_kwargs: dict | None) -> dict:
+    """The chat template settings as template variables: `template_date` replaced by the clock it
+    fixes (`strftime_now` formats that date at midnight); ValueError for a date that is not ISO."""
+    kwargs = dict(template_kwargs or {})
+    day = kwargs.pop(TEMPLATE_DATE_KEY, DEFAULT_TEMPLATE_DATE)
+    try:
+        fixed = datetime.combine(date.fromisoformat(str(day)), datetime.min.time())
+    except ValueError:
+        raise ValueError(f"chat template setting {TEMPLATE_DATE_KEY}={day!r} is not a date (YYYY-MM-DD)") from None
+    return {**kwargs, "strftime_now": fixed.strftime}
+
+
+def template_date(source: str | None, template_kwargs: dict | None) -> str | None:
+    """The date a template that reads the clock renders (None for one that does not)."""
+    if not source or "strftime_now" not in source:
+        return None
+    return str((template_kwargs or {}).get(TEMPLATE_DATE_KEY, DEFAULT_TEMPLATE_DATE))
 
 
 class ChatTemplateError(ValueError):
@@ -140,7 +170,8 @@ class ChatRenderer:
 
         self.source = tokenizer.get_chat_template()
         self.template = _compile_jinja_template(self.source)
-        self.base_vars = {**self.template.globals, **tokenizer.special_tokens_map, **(template_kwargs or {})}
+        self.base_vars = {**self.template.globals, **tokenizer.special_tokens_map, **template_vars(template_kwargs)}
+        self.template_date = template_date(self.source, template_kwargs)
         self.markers = bool(GENERATION_MARKER.search(self.source))
         # markers may wrap only the content; then the end-of-turn token right after it joins the span
         self.extend_eot = self.markers
@@ -229,6 +260,7 @@ class PlainRenderer:
 
     markers = False
     extend_eot = False
+    template_date = None
 
     def __init__(self, tokenizer):
         # BOS only if the tokenizer itself puts one in front of text (Llama does, GPT-2 does not)
@@ -266,6 +298,16 @@ class PlainRenderer:
     def frame(self, messages: list[dict], i: int) -> ReplyFrame:
         content = messages[i]["content"]
         return ReplyFrame(self.render(messages[:i], add_generation_prompt=True), self.eos, content, True)
+
+
+def prompt_renderer(tokenizer, template_kwargs: dict | None = None):
+    """What renders generation prompts for this tokenizer (its chat template, else plain), without
+    make_renderer's masking probe: resampling and evaluation render every prompt through it first,
+    so a row the template refuses (raise_exception on a system role, on roles that do not
+    alternate) is that row's RowReject(template_error), not a failed batch."""
+    if getattr(tokenizer, "chat_template", None):
+        return ChatRenderer(tokenizer, template_kwargs)
+    return PlainRenderer(tokenizer)
 
 
 def check_chat_template(renderer: ChatRenderer) -> None:
