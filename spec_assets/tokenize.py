@@ -83,6 +83,8 @@ def tokenized_shards(
                           "generated_id_mismatches": result.id_mismatches,
                           # no ids to train on (pass-through, an openai server without return_token_ids)
                           "conversations_retokenized": result.conversations_retokenized}
+        if result.reasoning_turns:  # assistant turns whose reasoning_content the template renders
+            writer.summary["reasoning_turns"] = result.reasoning_turns
         if result.template_date:  # a template that reads the clock renders this fixed date
             writer.summary["template_date"] = result.template_date
         if result.notes:  # e.g. reply_rendered_differently: the template re-renders a generated reply

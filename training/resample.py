@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from training.schemas import MESSAGE_TYPE, REJECTS_SCHEMA
+from training.schemas import MESSAGE_FIELDS, MESSAGE_TYPE, REJECTS_SCHEMA
 
 RESAMPLED_SCHEMA = pa.schema(
     [
@@ -239,13 +239,14 @@ class ResampleProgress:
 
 
 def _as_rows(rows) -> list[dict]:
-    """Input rows as dicts with id, messages [{role, content}], source (extra fields ignored)."""
+    """Input rows as dicts with id, messages (MESSAGE_TYPE fields), source (other fields ignored)."""
     if isinstance(rows, pa.Table):
         cols = [c for c in ("id", "messages", "source") if c in rows.column_names]
         rows = rows.select(cols).to_pylist()
     out = []
     for r in rows:
-        messages = [{"role": str(m["role"]), "content": m.get("content") or ""} for m in (r.get("messages") or [])]
+        messages = [{**{f: m[f] for f in MESSAGE_FIELDS if m.get(f) is not None},
+                     "role": str(m["role"]), "content": m.get("content") or ""} for m in (r.get("messages") or [])]
         out.append({"id": str(r["id"]), "messages": messages, "source": r.get("source")})
     return out
 
@@ -338,14 +339,20 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
                                 f"for {len(active)} conversations")
 
         for s, gen in zip(active, gens):
-            text = gen.text or ""
+            text, reasoning = gen.text or "", gen.reasoning or None
             if not cfg.keep_reasoning:
-                text = strip_reasoning(text)
+                text, reasoning = strip_reasoning(text), None
             # The ids stand for the reply only while the stored text is the generated text.
-            if gen.token_ids is not None and gen.prompt_token_ids is not None and text == (gen.text or ""):
+            if (gen.token_ids is not None and gen.prompt_token_ids is not None and text == (gen.text or "")
+                    and reasoning == (gen.reasoning or None)):
                 s["ids"][j] = [int(t) for t in gen.token_ids]
                 s["digests"][j] = prompt_digest(gen.prompt_token_ids)
-            s["messages"][s["turns"][j]]["content"] = text  # the next turn sees exactly what we store
+            # The target's reply replaces the corpus's, reasoning included; the next turn sees exactly what we store.
+            reply = s["messages"][s["turns"][j]]
+            reply["content"] = text
+            reply.pop("reasoning_content", None)
+            if reasoning is not None:
+                reply["reasoning_content"] = reasoning
             s["finish"] = str(gen.finish_reason)
             s["n_tokens"] += int(gen.n_tokens or 0)
             if gen.finish_reason == "length":
@@ -353,7 +360,7 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
                 if cfg.on_length == "drop":
                     s["reject"] = ("length_limit", f"assistant turn {j + 1} reached max_new_tokens={cfg.max_new_tokens}")
                     continue  # rejecting: later turns would be wasted work
-            if not text.strip():
+            if not text.strip() and not reasoning:  # reasoning alone (a reply cut while thinking) is kept
                 why = "" if cfg.keep_reasoning else " after stripping reasoning"
                 s["reject"] = ("empty_reply", f"assistant turn {j + 1} is empty{why}")
 

@@ -352,6 +352,28 @@ def test_qwen3_thinking_multi_turn_keeps_each_turns_reasoning():
     assert "Ones first" not in decode(tok, final["input_ids"])
 
 
+def test_qwen3_reasoning_content_kept_apart_is_rendered_and_masked_as_the_target_emits_it():
+    """Reasoning stored apart from the reply (reasoning_content: vLLM/SGLang reasoning parsers, regenerated
+    data sets) renders exactly as the same reasoning inside the content does: masked with its think
+    tags, each turn in the row its template renders it in, and counted."""
+    tok = qwen3()
+    apart = [
+        msg("user", "What is 12 + 30?"),
+        {"role": "assistant", "content": "The sum is 42.", "reasoning_content": "Ones first: 2 + 0 = 2."},
+        msg("user", "And doubled?"),
+        {"role": "assistant", "content": "", "reasoning_content": "42 + 42 = 84, cut by max_tokens"},
+    ]
+    inline = [m if "reasoning_content" not in m else
+              msg("assistant", f"<think>\n{m['reasoning_content']}\n</think>\n\n{m['content']}") for m in apart]
+    res = tokenize_conversations(tok, [{"id": "c", "messages": apart}], TokenizeConfig())
+    assert res.reasoning_turns == 2 and res.n_ok == 1
+    first, final = res.table.to_pylist()
+    assert masked_runs(tok, first) == ["<think>\nOnes first: 2 + 0 = 2.\n</think>\n\nThe sum is 42.<|im_end|>"]
+    assert masked_runs(tok, final) == ["<think>\n42 + 42 = 84, cut by max_tokens\n</think>\n\n<|im_end|>"]
+    assert [first, final] == tokenize_one(tok, inline)
+    assert final["input_ids"] == chat_ids(tok, apart)  # as transformers renders reasoning_content
+
+
 def test_qwen3_without_thinking():
     tok = qwen3()
     messages = [msg("user", "Hi!"), msg("assistant", "Hello."), msg("user", "Bye!"), msg("assistant", "Goodbye.")]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, set_fields
 from training.corpus import (
     CONVERSATION_SCHEMA,
     FORMATS,
@@ -115,7 +115,7 @@ def test_each_format_in_each_container(tmp_path, fmt, container):
     assert (result.n_read, result.n_accepted, result.n_rejected) == (2, 2, 0)
     assert result.formats == {f: (2 if f == fmt else 0) for f in FORMATS}
     rows = result.rows.to_pylist()
-    assert [r["messages"] for r in rows] == EXPECTED.get(fmt, EXPECTED_MESSAGES)
+    assert [set_fields(r["messages"]) for r in rows] == EXPECTED.get(fmt, EXPECTED_MESSAGES)
     assert [r["id"] for r in rows] == ["a1", "a2"]
     assert {r["source"] for r in rows} == {f"part-{fmt}.{container}:{fmt}"}
 
@@ -151,6 +151,22 @@ def test_turn_order_rules():
     assert normalize({"messages": empty_system})[0]["messages"] == empty_system
     trailing_user = msgs(("user", "q"), ("assistant", "a"), ("user", "thanks"))
     assert normalize({"messages": trailing_user})[1] is None
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_is_kept_apart_from_the_reply(key):
+    row, _ = normalize({"messages": [{"role": "user", "content": "2+2?"},
+                                     {"role": "assistant", "content": "4", key: "Two and two."}]})
+    assert row["messages"][1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two."}
+    # a reply cut while reasoning: content null or empty, reasoning only
+    for content in (None, ""):
+        row, _ = normalize({"messages": [{"role": "user", "content": "2+2?"},
+                                         {"role": "assistant", "content": content, key: "Two and"}]})
+        assert row["messages"][1] == {"role": "assistant", "content": "", "reasoning_content": "Two and"}
+    assert reason_of({"messages": [{"role": "user", "content": "q", key: "r"}, {"role": "assistant", "content": "a"}]}) \
+        == "misplaced_reasoning"
+    assert reason_of({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, key: 3}]}) \
+        == "non_string_content"
 
 
 def test_content_is_kept_verbatim():

@@ -124,6 +124,26 @@ def _openai_turns(record: dict) -> list[dict]:
     )
 
 
+# Where an assistant turn's reasoning arrives: vLLM / SGLang reasoning parsers and regenerated data
+# sets (reasoning_content), newer vLLM and OpenRouter (reasoning), gpt-oss templates (thinking).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _reasoning(turn: dict, role: str, where: str) -> str | None:
+    """The assistant turn's reasoning kept apart from its reply, or None."""
+    for key in REASONING_KEYS:
+        value = turn.get(key)
+        if value is None or value == "":
+            continue
+        if role != "assistant":
+            raise _Rejected("misplaced_reasoning", f"{where}.{key} is on a {role} turn; only assistant turns reason")
+        if not isinstance(value, str):
+            raise _Rejected("non_string_content", f"{where}.{key} is {_json_type(value)}, expected a string")
+        _check_encodable(value, f"{where}.{key}")
+        return value
+    return None
+
+
 def _sharegpt_turns(record: dict) -> list[dict]:
     return _turns(
         record["conversations"],
@@ -147,8 +167,17 @@ def _turns(value: Any, *, field: str, role_key: str, content_key: str, roles: di
         role = _map_role(turn[role_key], roles, where)
         if content_key not in turn:
             raise _Rejected("invalid_turn", f"{where} has no {content_key!r}")
-        content = _turn_text(turn[content_key], role, f"{where}.{content_key}")
-        messages.append({"role": role, "content": content})
+        message = {"role": role}
+        reasoning = _reasoning(turn, role, where)
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        # an assistant turn that only reasons (a reply cut while thinking) has a null or empty content
+        content = turn[content_key]
+        if len(message) > 1 and (content is None or (isinstance(content, str) and not content.strip())):
+            message["content"] = "" if content is None else content
+        else:
+            message["content"] = _turn_text(content, role, f"{where}.{content_key}")
+        messages.append(message)
     return messages
 
 

@@ -47,6 +47,7 @@ class Generation:
     n_tokens: int
     token_ids: tuple[int, ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    reasoning: str | None = None  # reasoning the server kept apart from `text` (reasoning parser); token_ids cover both
 
 
 def check_aux_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:

@@ -130,7 +130,7 @@ class OpenAITarget(TargetModel):
     def _complete(self, model: str, index: int, conversation: list[dict], params: SamplingParams) -> Generation:
         body = {
             "model": model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
+            "messages": [_request_message(m) for m in conversation],
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_tokens": params.max_new_tokens,
@@ -151,7 +151,12 @@ class OpenAITarget(TargetModel):
         choices = data.get("choices") or []
         message = (choices[0].get("message") or {}) if choices else {}
         text = message.get("content")
-        if not choices or text is None or (text == "" and not self.allow_empty):
+        # a reasoning parser's field (vLLM: reasoning_content, newer: reasoning); a reply cut by
+        # max_tokens while thinking has reasoning and a null content: a reply, not an error
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or None
+        if reasoning is not None and text is None:
+            text = ""
+        if not choices or text is None or (text == "" and reasoning is None and not self.allow_empty):
             raise OpenAIError(
                 f"{self.base_url}/chat/completions returned an empty reply for conversation {index} "
                 f"(choices={len(choices)}, finish_reason={choices[0].get('finish_reason') if choices else None})"
@@ -173,7 +178,7 @@ class OpenAITarget(TargetModel):
             token_ids = prompt_token_ids = None
         return Generation(
             text=text, finish_reason=finish, n_tokens=int(usage.get("completion_tokens") or 0),
-            token_ids=token_ids, prompt_token_ids=prompt_token_ids,
+            token_ids=token_ids, prompt_token_ids=prompt_token_ids, reasoning=reasoning,
         )
 
     def _request(self, method: str, path: str, body: dict | None) -> dict:
@@ -214,6 +219,12 @@ class OpenAITarget(TargetModel):
             # Jitter keeps many workers from retrying in lockstep against a recovering server.
             time.sleep(self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2))
         raise AssertionError("unreachable")
+
+
+def _request_message(message: dict) -> dict:
+    """A stored message as the chat completions API takes it: its set fields (reasoning_content in
+    history, as vLLM's server hands it to the template)."""
+    return {k: v for k, v in message.items() if v is not None}
 
 
 def _excerpt(raw: bytes, limit: int = 300) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from training.schemas import MESSAGE_FIELDS
 from training.tokenization.masking import Encoded, encode_views, encoder, special_lookup
 from training.tokenization.templates import ChatTemplateError, RowReject, View, make_renderer
 
@@ -91,6 +92,7 @@ class TokenizeResult:
     notes: dict = field(default_factory=dict)  # reason -> turns/rows, e.g. reply_rendered_differently
     note_examples: dict = field(default_factory=dict)  # reason -> the first one's detail
     template_date: str | None = None  # the date strftime_now renders, for a template that reads the clock
+    reasoning_turns: int = 0  # assistant messages with reasoning_content (rendered as the template renders it)
 
 
 def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
@@ -110,7 +112,8 @@ def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
 
 
 def _clean(messages) -> list[dict]:
-    """Plain {role, content} dicts (templates see nothing else), or RowReject for malformed rows."""
+    """The messages' MESSAGE_TYPE fields that are set (templates see nothing else), or RowReject for
+    malformed rows."""
     if not isinstance(messages, list) or not messages:
         raise RowReject("invalid_messages", "messages is not a non-empty list")
     out = []
@@ -119,7 +122,7 @@ def _clean(messages) -> list[dict]:
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise RowReject("invalid_messages", f"message {k} needs a string role and string content, got {m!r:.120}")
-        out.append({"role": role, "content": content})
+        out.append({f: m[f] for f in MESSAGE_FIELDS if m.get(f) is not None})
     return out
 
 
@@ -140,6 +143,7 @@ def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None 
     for n, (conv_id, messages, completion_ids, digests) in enumerate(rows):
         try:
             messages = _clean(messages)
+            ctx.reasoning_turns += sum("reasoning_content" in m for m in messages)
             if cfg.use_generated_ids and completion_ids is not None:
                 gen_convs.append(_generated_frames(renderer, n, conv_id, messages, completion_ids, digests))
                 gen_chars += sum(len(f.prompt) for f in gen_convs[-1].frames)
@@ -177,6 +181,7 @@ def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None 
         notes=dict(sorted(ctx.notes.items())),
         note_examples=ctx.note_examples,
         template_date=renderer.template_date,
+        reasoning_turns=ctx.reasoning_turns,
     )
 
 
@@ -212,6 +217,7 @@ class _Context:
     rows_from_ids: int = 0
     retokenized: int = 0
     id_mismatches: int = 0
+    reasoning_turns: int = 0
     notes: dict = field(default_factory=dict)
     note_examples: dict = field(default_factory=dict)
     _eot: dict = field(default_factory=dict)

@@ -38,6 +38,7 @@ Messages after the last assistant turn are dropped: they carry no loss and would
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -65,6 +66,20 @@ PROBE = [
 # fingerprint includes, so changing it re-runs every stage that renders a prompt.
 TEMPLATE_DATE_KEY = "template_date"
 DEFAULT_TEMPLATE_DATE = "2026-01-01"
+
+
+def template_message(message: dict) -> dict:
+    """A stored message (training.schemas.MESSAGE_TYPE) as chat templates read it, as transformers'
+    apply_chat_template hands it over: null fields left out (a template tests `"thinking" in
+    message`), `tool_calls` parsed from its JSON text, reasoning under both names templates read
+    (`reasoning_content`: Qwen3, DeepSeek; `thinking`: gpt-oss)."""
+    out = {k: v for k, v in message.items() if v is not None}
+    if isinstance(out.get("tool_calls"), str):
+        out["tool_calls"] = json.loads(out["tool_calls"])
+    reasoning = out.get("reasoning_content")
+    if reasoning is not None:
+        out = {"thinking": reasoning, **out}
+    return out
 
 
 def template_vars(template_kwargs: dict | None) -> dict:
@@ -179,9 +194,10 @@ class ChatRenderer:
     def render(self, messages: list[dict], add_generation_prompt: bool = False, spans: list | None = None) -> str:
         """The template's text for `messages`; with `spans`, also collect its {% generation %} spans."""
         t = self.template
-        ctx = new_context(t.environment, t.name, t.blocks, shared=True,
-                          vars={**self.base_vars, "messages": messages, "add_generation_prompt": add_generation_prompt})
         try:
+            ctx = new_context(t.environment, t.name, t.blocks, shared=True,
+                              vars={**self.base_vars, "messages": [template_message(m) for m in messages],
+                                    "add_generation_prompt": add_generation_prompt})
             if spans is None:
                 return "".join(t.root_render_func(ctx))
             blocks: list[str] = []
@@ -251,7 +267,10 @@ class ChatRenderer:
         after = probe[at + len(REPLY_SENTINEL):]
         full = self.render(messages[: i + 1])
         rendered = full[len(prompt):len(full) - len(after)] if full.startswith(prompt) and full.endswith(after) else None
-        verbatim = rendered is not None and rendered.strip() == messages[i]["content"].strip()
+        reply, reasoning = messages[i]["content"].strip(), (messages[i].get("reasoning_content") or "").strip()
+        # with reasoning kept apart, the template renders it (think tags and all) before the reply
+        verbatim = rendered is not None and (rendered.strip() == reply if not reasoning else
+                                             reasoning in rendered and rendered.strip().endswith(reply))
         return ReplyFrame(prompt, after, rendered, verbatim)
 
 
