@@ -85,6 +85,8 @@ def tokenized_shards(
                           "conversations_retokenized": result.conversations_retokenized}
         if result.reasoning_turns:  # assistant turns whose reasoning_content the template renders
             writer.summary["reasoning_turns"] = result.reasoning_turns
+        if result.tool_call_turns:  # assistant turns that call tools (trained on the calls as rendered)
+            writer.summary["tool_call_turns"] = result.tool_call_turns
         if result.template_date:  # a template that reads the clock renders this fixed date
             writer.summary["template_date"] = result.template_date
         if result.notes:  # e.g. reply_rendered_differently: the template re-renders a generated reply

@@ -169,6 +169,29 @@ def test_reasoning_is_kept_apart_from_the_reply(key):
         == "non_string_content"
 
 
+def test_tool_calling_conversations_normalize():
+    """OpenAI tools / tool_calls (arguments as JSON text) / tool results, and ShareGPT function-calling
+    dumps (function_call / observation turns, tools as JSON text), become one shape."""
+    from tests.training.test_chat_templates import ADD_TOOL, TOOL_RECORD
+
+    call = '[{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}'
+    row, _ = normalize(TOOL_RECORD)
+    assert json.loads(row["tools"]) == [ADD_TOOL]
+    assert row["messages"] == [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "", "tool_calls": call + ', "id": "call_1"}]'},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+        {"role": "assistant", "content": "2 + 2 is 4."}]
+    glaive = {"tools": json.dumps([ADD_TOOL["function"]]), "conversations": [
+        {"from": "human", "value": "What is 2 + 2?"},
+        {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 2}}'},
+        {"from": "observation", "value": "4"}, {"from": "gpt", "value": "2 + 2 is 4."}]}
+    row, _ = normalize(glaive)
+    assert json.loads(row["tools"]) == [ADD_TOOL]  # a bare function definition in OpenAI's shape
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert row["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call + "}]"}
+
+
 def test_content_is_kept_verbatim():
     messages = msgs(("user", "  spaced\n"), ("assistant", "\tx  "))
     assert normalize({"messages": messages})[0]["messages"] == messages
@@ -221,8 +244,15 @@ def test_duplicate_ids_keep_the_first_accepted(tmp_path):
         ("text", "not_an_object"),
         ({"text": "hello", "label": 1}, "unrecognised_format"),
         ({"prompt": "only a prompt"}, "unrecognised_format"),
-        ({"messages": msgs(("tool", "{}"), ("user", "q"), ("assistant", "a"))}, "unknown_role:tool"),
-        ({"conversations": sharegpt(("observation", "x"), ("gpt", "y"))}, "unknown_role:observation"),
+        ({"messages": msgs(("critic", "{}"), ("user", "q"), ("assistant", "a"))}, "unknown_role:critic"),
+        ({"conversations": sharegpt(("narrator", "x"), ("gpt", "y"))}, "unknown_role:narrator"),
+        ({"messages": msgs(("user", "q"), ("assistant", "a")), "tools": "not json"}, "invalid_tools"),
+        ({"messages": [{"role": "user", "content": "q"},
+                       {"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+         "invalid_tool_call"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "f", "arguments": "{oops"}}]}]}, "invalid_tool_call"),
+        ({"conversations": sharegpt(("human", "q"), ("function_call", "not json"))}, "invalid_tool_call"),
         ({"messages": msgs((3, "x"))}, "unknown_role:<number>"),
         ({"messages": msgs(("user", "q"), ("assistant", "  \n"))}, "empty_content"),
         ({"messages": msgs(("user", ""), ("assistant", "a"))}, "empty_content"),

@@ -155,11 +155,11 @@ class Spy:
     def keys(self, params):
         return [self.by_seed[p.seed] for p in params]
 
-    def generate(self, conversations, sampling):
+    def generate(self, conversations, sampling, **kw):
         keys = self.keys(sampling)
         if self.fail and self.fail(len(self.calls), {j for _, j in keys}):
             raise RuntimeError("backend went away")
-        gens = self.target.generate(conversations, sampling)
+        gens = self.target.generate(conversations, sampling, **kw)
         self.calls.append((conversations, list(sampling), gens))
         self.generated.update(keys)
         return gens
@@ -197,8 +197,9 @@ def test_temperature_mixture_proportions_and_reproducible():
 
 
 def test_schema_matches_corpus_contract():
-    assert RESAMPLED_SCHEMA.names[:3] == CONVERSATION_SCHEMA.names
-    assert list(RESAMPLED_SCHEMA)[:3] == list(CONVERSATION_SCHEMA)
+    n = len(CONVERSATION_SCHEMA)
+    assert RESAMPLED_SCHEMA.names[:n] == CONVERSATION_SCHEMA.names
+    assert list(RESAMPLED_SCHEMA)[:n] == list(CONVERSATION_SCHEMA)
     assert RESAMPLED_SCHEMA.field("temperature").type == pa.float64() and RESAMPLED_SCHEMA.field("temperature").nullable
 
 
@@ -539,3 +540,41 @@ def test_rows_the_template_refuses_are_rejected_and_the_shard_goes_on(target, ro
     # what was kept tokenizes under the same strict template, every row
     tok = tokenize_conversations(strict.tokenizer, res.table, TokenizeConfig())
     assert tok.n_in == tok.n_ok == res.n_ok and tok.rows_from_generated_ids == tok.table.num_rows
+
+
+# ChatML with a tools block naming each tool (the bigram tokenizer knows "answer")
+TOOLS_CHATML = ("{{ bos_token }}{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }} {% endfor %}"
+                "<|im_end|>\n{% endif %}" + CHATML.replace("{{ bos_token }}", ""))
+
+
+def test_tool_conversations_show_the_target_their_tools_and_keep_the_calls(target):
+    import json
+
+    from training.targets import load_target
+
+    tooled = load_target(target.name_or_path, backend="hf")
+    tooled.tokenizer.chat_template = TOOLS_CHATML
+    tools = json.dumps([{"type": "function", "function": {"name": "answer", "parameters": {}}}])
+    call = json.dumps([{"type": "function", "function": {"name": "answer", "arguments": {}}}])
+    messages = [{"role": "user", "content": "what is it"},
+                {"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "content": "so"}, {"role": "assistant", "content": "it is so"}]
+    rows = [{"id": "with-tools", "source": "t", "tools": tools, "messages": messages},
+            {"id": "without", "source": "t", "tools": None, "messages": messages}]
+    spy = Spy(tooled, rows)
+    res = resample_conversations(spy, rows, ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=4), log=lambda _: None)
+    check_counts(res)
+    assert res.n_ok == 2 and res.table["tools"].to_pylist() == [tools, None]
+    (convs, _, gens), *_ = spy.calls
+    answer = tooled.tokenizer.convert_tokens_to_ids("answer")
+    assert answer in gens[0].prompt_token_ids[:8] and answer not in gens[1].prompt_token_ids[:8]  # the tools block
+    assert convs[0][:1] == messages[:1]
+    # the corpus's call turn is history the target answers after; a backend that cannot show tools rejects the row
+    blind = Spy(tooled, rows)
+    blind.supports_tools = False
+    res = resample_conversations(blind, rows, ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=4), log=lambda _: None)
+    check_counts(res)
+    assert res.rejects.to_pylist()[0]["id"] == "with-tools" and res.rejects["reason"].to_pylist() == ["tools_unsupported"]
+    # without resampling, a turn that only calls a tool is a reply, not an empty turn to generate
+    kept = passthrough(rows)
+    assert kept.n_ok == 2 and kept.table["tools"].to_pylist() == [tools, None]

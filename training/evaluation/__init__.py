@@ -81,7 +81,7 @@ def prompt_ids(target, prompt: dict, max_tokens: int) -> list[int]:
             messages.pop()  # a held-out conversation: its reply is what the models must produce
         if not messages:
             raise ValueError(f"prompt {prompt.get('id')!r} has no non-assistant message")
-        ids = render_prompt(target.tokenizer, messages, getattr(target, "chat_template_kwargs", None))
+        ids = render_prompt(target.tokenizer, messages, getattr(target, "chat_template_kwargs", None), prompt.get("tools"))
     if not ids:
         raise ValueError(f"prompt {prompt.get('id')!r} renders to no tokens")
     return ids[-max_tokens:]

@@ -17,7 +17,8 @@ def stratified_prompts(rows: Iterable[dict], n: int) -> list[dict]:
     by_domain: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_domain[row.get("source") or "all"].append(
-            {"id": row["id"], "domain": row.get("source") or "all", "messages": row["messages"]}
+            {"id": row["id"], "domain": row.get("source") or "all", "messages": row["messages"],
+             "tools": row.get("tools")}
         )
     columns = [sorted(v, key=lambda r: r["id"]) for _, v in sorted(by_domain.items())]
     interleaved = [p for group in zip_longest(*columns) for p in group if p is not None]
@@ -63,7 +64,7 @@ def renderable_prompts(target, prompts: list[dict]) -> tuple[list[dict], list[di
         try:
             for i in ends:
                 if i:
-                    renderer.render(messages[:i], add_generation_prompt=True)
+                    renderer.bind(p.get("tools")).render(messages[:i], add_generation_prompt=True)
         except RowReject as exc:
             rejects.append({"id": p.get("id"), "reason": exc.reason, "detail": f"{exc.detail} (before message {i})"})
             continue
@@ -91,6 +92,8 @@ def expand_turns(target, prompts: list[dict], max_new_tokens: int) -> list[dict]
         for k, i in enumerate(empty):
             out.append({**p, "id": p["id"] if k == 0 else f"{p['id']}#{k + 1}", "messages": messages[:i]})
             if k + 1 < len(empty):  # a later turn follows: the target answers this one first
-                [gen] = target.generate([messages[:i]], [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)])
+                params = [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)]
+                tools = {"tools": [p["tools"]]} if p.get("tools") else {}  # the tools block, as in training
+                [gen] = target.generate([messages[:i]], params, **tools)
                 messages[i]["content"] = gen.text
     return out

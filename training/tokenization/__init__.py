@@ -93,10 +93,11 @@ class TokenizeResult:
     note_examples: dict = field(default_factory=dict)  # reason -> the first one's detail
     template_date: str | None = None  # the date strftime_now renders, for a template that reads the clock
     reasoning_turns: int = 0  # assistant messages with reasoning_content (rendered as the template renders it)
+    tool_call_turns: int = 0  # assistant messages with tool_calls (rendered by the template, masked as replies)
 
 
-def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
-    """(id, messages, completion_ids, prompt_digests) from a list of dicts or a pyarrow Table."""
+def _rows(conversations) -> list[tuple[str, object, list | None, list | None, str | list | None]]:
+    """(id, messages, completion_ids, prompt_digests, tools) from a list of dicts or a pyarrow Table."""
     if isinstance(conversations, pa.Table):
         cols = conversations.column_names
         if "messages" not in cols:
@@ -104,10 +105,10 @@ def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
         messages = conversations.column("messages").to_pylist()
         n = len(messages)
         ids = conversations.column("id").to_pylist() if "id" in cols else range(n)
-        gen = conversations.column("completion_ids").to_pylist() if "completion_ids" in cols else [None] * n
-        dig = conversations.column("prompt_digests").to_pylist() if "prompt_digests" in cols else [None] * n
-        return [(str(i), m, g, d) for i, m, g, d in zip(ids, messages, gen, dig)]
-    return [(str(c.get("id", n)), c.get("messages"), c.get("completion_ids"), c.get("prompt_digests"))
+        gen, dig, tools = (conversations.column(c).to_pylist() if c in cols else [None] * n
+                           for c in ("completion_ids", "prompt_digests", "tools"))
+        return list(zip(map(str, ids), messages, gen, dig, tools))
+    return [(str(c.get("id", n)), c.get("messages"), c.get("completion_ids"), c.get("prompt_digests"), c.get("tools"))
             for n, c in enumerate(conversations)]
 
 
@@ -140,19 +141,21 @@ def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None 
     rows = _rows(conversations)
     views, owners, chars = [], [], 0
     gen_convs, gen_chars = [], 0
-    for n, (conv_id, messages, completion_ids, digests) in enumerate(rows):
+    for n, (conv_id, messages, completion_ids, digests, tools) in enumerate(rows):
         try:
             messages = _clean(messages)
             ctx.reasoning_turns += sum("reasoning_content" in m for m in messages)
+            ctx.tool_call_turns += sum("tool_calls" in m for m in messages)
+            conv_renderer = renderer.bind(tools)  # the template's tools block for this conversation's tools
             if cfg.use_generated_ids and completion_ids is not None:
-                gen_convs.append(_generated_frames(renderer, n, conv_id, messages, completion_ids, digests))
+                gen_convs.append(_generated_frames(conv_renderer, n, conv_id, messages, completion_ids, digests))
                 gen_chars += sum(len(f.prompt) for f in gen_convs[-1].frames)
                 if gen_chars >= BATCH_CHARS:
                     ctx.tables.append(_generated_table(ctx, gen_convs))
                     gen_convs, gen_chars = [], 0
                 continue
-            conv_views = renderer.views(messages)
-            expect = _text_expectations(ctx, messages, conv_views, completion_ids)
+            conv_views = conv_renderer.views(messages)
+            expect = _text_expectations(ctx, conv_renderer, messages, conv_views, completion_ids)
         except RowReject as exc:
             ctx.rejects.append({"id": conv_id, "reason": exc.reason, "detail": exc.detail})
             continue
@@ -182,6 +185,7 @@ def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None 
         note_examples=ctx.note_examples,
         template_date=renderer.template_date,
         reasoning_turns=ctx.reasoning_turns,
+        tool_call_turns=ctx.tool_call_turns,
     )
 
 
@@ -218,6 +222,7 @@ class _Context:
     retokenized: int = 0
     id_mismatches: int = 0
     reasoning_turns: int = 0
+    tool_call_turns: int = 0
     notes: dict = field(default_factory=dict)
     note_examples: dict = field(default_factory=dict)
     _eot: dict = field(default_factory=dict)
@@ -333,7 +338,7 @@ def _mismatch_cause(renderer) -> str:
             "tokenization")
 
 
-def _text_expectations(ctx: _Context, messages, views: list[View], completion_ids) -> list:
+def _text_expectations(ctx: _Context, renderer, messages, views: list[View], completion_ids) -> list:
     """Per view, the masked ids it should hold if the conversation has generated ids (else None):
     what id_mismatches compares re-encoded rows with."""
     if completion_ids is None:
@@ -346,7 +351,7 @@ def _text_expectations(ctx: _Context, messages, views: list[View], completion_id
     for v in views:
         exp = []
         for i in v.turns:
-            after_ids, n_eot = ctx.closing(ctx.renderer.frame(messages, i).after)
+            after_ids, n_eot = ctx.closing(renderer.frame(messages, i).after)
             exp += list(gen[i]) + after_ids[:n_eot]
         out.append(exp if v.turns else None)
     return out

@@ -38,6 +38,7 @@ Messages after the last assistant turn are dropped: they carry no loss and would
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass, field
@@ -191,6 +192,15 @@ class ChatRenderer:
         # markers may wrap only the content; then the end-of-turn token right after it joins the span
         self.extend_eot = self.markers
 
+    def bind(self, tools: str | list | None):
+        """This renderer for a conversation with tool schemas (a list, or its JSON text): the template
+        renders them as its tools block, as apply_chat_template(tools=...) does. No tools: itself."""
+        if not tools:
+            return self
+        bound = copy.copy(self)
+        bound.base_vars = {**self.base_vars, "tools": json.loads(tools) if isinstance(tools, str) else tools}
+        return bound
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False, spans: list | None = None) -> str:
         """The template's text for `messages`; with `spans`, also collect its {% generation %} spans."""
         t = self.template
@@ -255,7 +265,9 @@ class ChatRenderer:
         """The template's framing of assistant message i (RowReject template_mismatch if the
         generation prompt does not start the turn)."""
         prompt = self.render(messages[:i], add_generation_prompt=True)
-        probe = self.render([*messages[:i], {**messages[i], "content": REPLY_SENTINEL}])
+        # the bare reply: what the template writes after it closes the turn, whatever the reply held
+        # (reasoning and tool calls are in the generated ids, not after them)
+        probe = self.render([*messages[:i], {"role": messages[i]["role"], "content": REPLY_SENTINEL}])
         at = probe.rfind(REPLY_SENTINEL)
         if not probe.startswith(prompt) or at < len(prompt):
             k = _first_difference(prompt, probe)
@@ -289,6 +301,13 @@ class PlainRenderer:
         adds_bos = bos_id is not None and len(with_special) > len(without) and with_special[0] == bos_id
         self.bos = tokenizer.bos_token if adds_bos else ""
         self.eos = tokenizer.eos_token or ""
+
+    def bind(self, tools: str | list | None):
+        """No tools block in plain text: a conversation with tools cannot be shown as the data says."""
+        if tools:
+            raise RowReject("tools_unsupported", "the conversation has tool schemas and the plain template "
+                                                 "(a tokenizer without a chat template) has no tools block")
+        return self
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The plain text of `messages`; the generation prompt adds nothing (the reply follows the prompt)."""
