@@ -58,26 +58,27 @@ DEFAULT_NEXT = {"answer": 10.0}  # after any other token (prompt words, specials
 MUTE_CHAIN = {"assistant": {"<|im_end|>": 10.0}}  # replies with nothing
 
 
-def build_bigram_target(out_dir, chain: dict, hidden: int = 64):
+def build_bigram_target(out_dir, chain: dict, hidden: int = 64, *, specials=SPECIALS, words=WORDS,
+                        template: str = CHATML, eos: str = "<|im_end|>"):
     import torch
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab = {t: i for i, t in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(specials)
     tok.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|im_end|>",
-        unk_token="[UNK]", chat_template=CHATML,
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token=eos,
+        unk_token="[UNK]", chat_template=template,
     )
     V = len(vocab)
     assert V <= hidden
     config = LlamaConfig(
         hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, vocab_size=V, max_position_embeddings=2048, tie_word_embeddings=False,
-        rms_norm_eps=1e-6, bos_token_id=vocab["<|bos|>"], eos_token_id=vocab["<|im_end|>"],
+        rms_norm_eps=1e-6, bos_token_id=vocab["<|bos|>"], eos_token_id=vocab[eos],
         pad_token_id=vocab["<|pad|>"],
     )
     torch.manual_seed(0)
@@ -95,7 +96,7 @@ def build_bigram_target(out_dir, chain: dict, hidden: int = 64):
         for layer in model.model.layers:  # real attention/MLP, tiny write-back
             layer.self_attn.o_proj.weight.mul_(0.05)
             layer.mlp.down_proj.weight.mul_(0.05)
-    model.generation_config = GenerationConfig(eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|pad|>"])
+    model.generation_config = GenerationConfig(eos_token_id=vocab[eos], pad_token_id=vocab["<|pad|>"])
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -578,3 +579,54 @@ def test_tool_conversations_show_the_target_their_tools_and_keep_the_calls(targe
     # without resampling, a turn that only calls a tool is a reply, not an empty turn to generate
     kept = passthrough(rows)
     assert kept.n_ok == 2 and kept.table["tools"].to_pylist() == [tools, None]
+
+
+# gpt-oss's harmony format, cut down to its shape: history keeps only the final channel, the last
+# assistant message renders its analysis channel (`thinking`) and ends with <|return|>.
+HARMONY = ("{%- for m in messages %}{%- if m.role == 'assistant' %}"
+           "{%- if m.thinking and loop.last %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>"
+           "{%- endif %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}"
+           "{%- if loop.last and not add_generation_prompt %}<|return|>{%- else %}<|end|>{%- endif %}"
+           "{%- else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{%- endif %}{%- endfor %}"
+           "{%- if add_generation_prompt %}<|start|>assistant{%- endif %}")
+HARMONY_SPECIALS = ["<|pad|>", "<|bos|>", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "[UNK]"]
+# A bigram harmony speaker: analysis or final channel, a message, then the next message or <|return|>
+HARMONY_CHAIN = {
+    "assistant": {"<|channel|>": 10.0},
+    "<|channel|>": {"analysis": 2.0, "final": 2.0},
+    "analysis": {"<|message|>": 10.0},
+    "final": {"<|message|>": 10.0},
+    "<|message|>": {"hmm": 3.0, "answer": 3.0},
+    "hmm": {"<|end|>": 3.0, "hmm": 1.0},
+    "answer": {"<|return|>": 3.0, "<|end|>": 1.0},
+    "<|end|>": {"<|start|>": 10.0},
+    "<|start|>": {"assistant": 10.0},
+}
+
+
+def harmony_target(tmp_path):
+    from training.targets import load_target
+
+    words = [w for w in WORDS if not w.startswith("<")] + ["analysis", "final"]
+    path = build_bigram_target(tmp_path / "harmony", HARMONY_CHAIN, specials=HARMONY_SPECIALS, words=words,
+                               template=HARMONY, eos="<|return|>")
+    return load_target(str(path), backend="hf")
+
+
+def test_harmony_replies_keep_analysis_and_final_channels_apart(rows, tmp_path):
+    from training.tokenization import TokenizeConfig, tokenize_conversations
+
+    target = harmony_target(tmp_path)
+    res = resample_conversations(target, rows, ResampleConfig(temperatures={1.0: 1.0}, max_new_tokens=24),
+                                 log=lambda _: None)
+    check_counts(res)
+    replies = [m for r in res.table.to_pylist() for m in r["messages"] if m["role"] == "assistant"]
+    markers = ("<|", "analysis", "final", "assistant")
+    assert replies and not any(k in m["content"] or k in (m["reasoning_content"] or "") for m in replies for k in markers)
+    both = [m for m in replies if m["reasoning_content"] and m["content"]]
+    assert both and all(set(m["reasoning_content"].split()) <= {"hmm", "answer"} for m in replies if m["reasoning_content"])
+    # trained on exactly the ids the target generated; history is rendered as the template renders it
+    tok = tokenize_conversations(target.tokenizer, res.table, TokenizeConfig(max_length=4096))
+    assert tok.n_in == res.n_ok and tok.n_rejected == 0 and tok.id_mismatches == 0
+    assert tok.rows_from_generated_ids == tok.table.num_rows and tok.reasoning_turns == len(
+        [m for m in replies if m["reasoning_content"]])

@@ -264,11 +264,16 @@ class HFTarget(TargetModel):
                 input_ids = torch.tensor(nxt, device=dev)[:, None]
                 mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
                 positions = positions[:, -1:] + 1
+        from training.targets.harmony import harmony_ids, split_channels
+
+        harmony = harmony_ids(self.tokenizer)  # gpt-oss: channels kept apart, not flattened into the text
         results = []
         for b in range(B):
             toks = tokens[b][:-1] if finish[b] == "stop" else tokens[b]
+            text, reasoning = (split_channels(self.tokenizer, toks, harmony) if harmony else
+                               (reply_text(self.tokenizer, prompts[b], toks), None))
             results.append(Generation(
-                text=reply_text(self.tokenizer, prompts[b], toks), finish_reason=finish[b] or "length",
+                text=text, finish_reason=finish[b] or "length", reasoning=reasoning,
                 n_tokens=len(tokens[b]), token_ids=tuple(toks), prompt_token_ids=tuple(prompts[b]),
             ))
         return results
