@@ -309,9 +309,9 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
             "finish": None, "cut": [], "n_tokens": 0, "reject": None,
             "ids": [None] * len(turns), "digests": [None] * len(turns), "tools": row.get("tools"),
         })
-        if states[-1]["tools"] and not takes_tools:
+        if not takes_tools and (row.get("tools") or any(m.get("tool_calls") for m in row["messages"])):
             states[-1]["reject"] = ("tools_unsupported", f"the {getattr(target, 'backend', type(target).__name__)} "
-                                    "backend cannot show the target this conversation's tool schemas")
+                                    "backend cannot show the target this conversation's tools and calls")
 
     for j in range(max(len(s["turns"]) for s in states)):
         active = []
