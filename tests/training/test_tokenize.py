@@ -347,3 +347,16 @@ def test_a_template_that_reads_the_clock_renders_one_fixed_date_on_every_path(cl
     assert "template_date 2027-01-01" in reject["detail"]
     with pytest.raises(ValueError, match="template_date='tomorrow' is not a date"):
         tokenize_conversations(tok, [row], TokenizeConfig(chat_template_kwargs={"template_date": "tomorrow"}))
+
+
+def test_the_plain_template_rejects_what_it_cannot_render_instead_of_dropping_it():
+    tok = make_tokenizer(None, bos="<s>", eos="</s>", add_bos=True)
+    calls = '[{"type": "function", "function": {"name": "f", "arguments": {}}}]'
+    rows = [{"id": "r", "messages": [msg("user", "q"), {**msg("assistant", "a"), "reasoning_content": "think"}]},
+            {"id": "c", "messages": [msg("user", "q"), {**msg("assistant", ""), "tool_calls": calls}]},
+            {"id": "t", "tools": '[{"type": "function", "function": {"name": "f"}}]', "messages": [msg("user", "q"), msg("assistant", "a")]},
+            {"id": "ok", "messages": [msg("user", "q"), msg("assistant", "a")]}]
+    res = tokenize_conversations(tok, rows, TokenizeConfig(template="plain"))
+    assert (res.n_in, res.n_ok, res.n_rejected) == (4, 1, 3)
+    assert {r["id"]: r["reason"] for r in res.rejects.to_pylist()} == {
+        "r": "reasoning_content_unsupported", "c": "tool_calls_unsupported", "t": "tools_unsupported"}

@@ -317,6 +317,10 @@ class PlainRenderer:
         parts, spans, turns, pos = [self.bos], [], [], len(self.bos)
         prev_prompt = False
         for i, m in enumerate(messages):
+            for key in ("reasoning_content", "tool_calls"):
+                if m.get(key) is not None:  # plain text has no place for them: never drop them silently
+                    raise RowReject(f"{key}_unsupported", f"message {i} has {key} and the plain template (a "
+                                                          "tokenizer without a chat template) renders content only")
             if m["role"] == ASSISTANT:
                 piece = m["content"] + self.eos
                 spans.append((pos, pos + len(piece), pos + len(piece)))
