@@ -118,10 +118,10 @@ def test_prompts_the_template_refuses_are_rejected_with_their_reason(target_dirs
         {"id": "twice", "domain": "chat", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
     ]
     res = evaluate(strict, export_dir, [*PROMPTS, *refused], ks=[1], temperatures=[0.0], max_new_tokens=4,
-                   warmup=False)
+                   warmup=False, served=False)
     assert res.config["n_prompts"] == 3 and res.config["prompts_rejected"] == 2
     why = {r["id"]: (r["reason"], r["detail"]) for r in res.config["prompt_rejects"]}
     assert why["sys"][0] == why["twice"][0] == "template_error"
     assert "System role not supported" in why["sys"][1] and "must alternate" in why["twice"][1]
     with pytest.raises(ValueError, match="refuses all 2 prompts"):
-        evaluate(strict, export_dir, refused, ks=[1], temperatures=[0.0], max_new_tokens=4)
+        evaluate(strict, export_dir, refused, ks=[1], temperatures=[0.0], max_new_tokens=4, served=False)
