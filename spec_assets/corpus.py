@@ -46,7 +46,7 @@ def _preview(table, n: int = PREVIEW_ROWS) -> list[dict]:
 
 @dg.asset(
     partitions_def=corpus_shards,
-    code_version="1",
+    code_version="2",
     group_name="corpus",
     io_manager_key="artifact_refs",
     kinds={"parquet"},

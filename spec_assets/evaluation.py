@@ -70,7 +70,7 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
 
 
 @dg.asset(
-    code_version="1",
+    code_version="2",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="evaluate",
     io_manager_key="artifact_refs",
@@ -115,7 +115,8 @@ def eval_report(
         config_key = store.manifest(draft_model.prefix).key("export/config.json")
         result.config["draft"] = store.url(config_key.rsplit("/", 1)[0])
         report = write_report(result, writer, k=config.gate_k)
-        writer.summary = {"prompts": len(prompts), **report["summary"], "min_tau": config.min_tau,
+        writer.summary = {"prompts": len(prompts), "prompts_rejected": result.config["prompts_rejected"],
+                          **report["summary"], "min_tau": config.min_tau,
                           "report_md": report["markdown"]}
 
     output = materialize_artifact(

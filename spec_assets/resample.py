@@ -29,7 +29,7 @@ class ResampledCorpusConfig(dg.Config):
 
 @dg.asset(
     partitions_def=corpus_shards,
-    code_version="2",  # 2: openai replies a stop string ended carry no ids (their text is cut inside them)
+    code_version="3",  # 2: openai replies a stop string ended carry no ids; 3: rows a template refuses rejected, fixed template_date
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="corpus",
     io_manager_key="artifact_refs",

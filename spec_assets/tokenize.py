@@ -30,7 +30,7 @@ class VocabMapConfig(dg.Config):
 
 @dg.asset(
     partitions_def=corpus_shards,
-    code_version="1",
+    code_version="2",
     group_name="tokenize",
     io_manager_key="artifact_refs",
     kinds={"parquet"},
@@ -83,6 +83,12 @@ def tokenized_shards(
                           "generated_id_mismatches": result.id_mismatches,
                           # no ids to train on (pass-through, an openai server without return_token_ids)
                           "conversations_retokenized": result.conversations_retokenized}
+        if result.reasoning_turns:  # assistant turns whose reasoning_content the template renders
+            writer.summary["reasoning_turns"] = result.reasoning_turns
+        if result.tool_call_turns:  # assistant turns that call tools (trained on the calls as rendered)
+            writer.summary["tool_call_turns"] = result.tool_call_turns
+        if result.template_date:  # a template that reads the clock renders this fixed date
+            writer.summary["template_date"] = result.template_date
         if result.notes:  # e.g. reply_rendered_differently: the template re-renders a generated reply
             writer.summary["template_notes"] = {k: f"{v} (e.g. {result.note_examples[k][:300]})"
                                                 for k, v in result.notes.items()}

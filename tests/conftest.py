@@ -27,6 +27,12 @@ S3_ENV = {
 }
 
 
+def set_fields(messages: list[dict]) -> list[dict]:
+    """Messages read back from Arrow without their null optional fields (MESSAGE_TYPE's
+    reasoning_content, tool_calls, ...), to compare with the dicts a test wrote."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
 def free_port() -> int:
     """A loopback port free now (bound once to get a number, then released): for a server to start
     on, or, as nothing listens on it, an endpoint that refuses connections."""

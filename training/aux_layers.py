@@ -17,12 +17,15 @@ walking the layers in order and testing membership, and each reads its ids from 
 So an engine can feed back HF ids 1..L-1 only (layer 0 has no residual yet and the loops never
 reach the post-norm state L), each layer at most once, in ascending layer order. Any other set
 would be fed as different layers, or crash the engine, so it is refused before hidden states
-are computed (`check_servable`).
+are computed (`check_servable`), as is a list that is not three ids.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
+
+
+N_AUX = 3  # layers an EAGLE-3 draft fuses
 
 
 class AuxLayerError(ValueError):
@@ -47,10 +50,15 @@ def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
 
 def check_servable(ids: Sequence[int], num_layers: int, *, where: str = "") -> tuple[int, ...]:
     """`ids` as a tuple if vLLM and SGLang can both feed exactly these layers, else AuxLayerError
-    saying why: each id in 1..L-1, strictly ascending (no repeats)."""
+    saying why: three ids (EAGLE-3's fc fuses exactly three layers, and the engines build it
+    3 * hidden wide), each in 1..L-1, strictly ascending (no repeats)."""
     ids = tuple(int(i) for i in ids)
     L = int(num_layers)
     at = f"{where}: " if where else ""
+    if len(ids) != N_AUX:
+        raise AuxLayerError(
+            f"{at}aux_layer_ids {list(ids)} hold {len(ids)} ids: EAGLE-3 fuses exactly {N_AUX} target layers "
+            f"(the draft's fc is {N_AUX} x hidden wide in vLLM and SGLang)")
     bad = [i for i in ids if not 1 <= i <= L - 1]
     if bad:
         raise AuxLayerError(

@@ -30,13 +30,14 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from training.schemas import MESSAGE_TYPE, REJECTS_SCHEMA
+from training.schemas import MESSAGE_FIELDS, MESSAGE_TYPE, REJECTS_SCHEMA
 
 RESAMPLED_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("messages", pa.list_(MESSAGE_TYPE)),
         ("source", pa.string()),
+        ("tools", pa.string()),  # the corpus row's tool schemas (JSON text), shown to the target as given
         ("finish_reason", pa.string()),  # "stop" | "length" (any turn cut) | "source" (pass-through)
         ("temperature", pa.float64()),  # null for pass-through
         ("generator", pa.string()),  # target identity, or "corpus" for pass-through
@@ -239,14 +240,15 @@ class ResampleProgress:
 
 
 def _as_rows(rows) -> list[dict]:
-    """Input rows as dicts with id, messages [{role, content}], source (extra fields ignored)."""
+    """Input rows as dicts with id, messages (MESSAGE_TYPE fields), source, tools (other fields ignored)."""
     if isinstance(rows, pa.Table):
-        cols = [c for c in ("id", "messages", "source") if c in rows.column_names]
+        cols = [c for c in ("id", "messages", "source", "tools") if c in rows.column_names]
         rows = rows.select(cols).to_pylist()
     out = []
     for r in rows:
-        messages = [{"role": str(m["role"]), "content": m.get("content") or ""} for m in (r.get("messages") or [])]
-        out.append({"id": str(r["id"]), "messages": messages, "source": r.get("source")})
+        messages = [{**{f: m[f] for f in MESSAGE_FIELDS if m.get(f) is not None},
+                     "role": str(m["role"]), "content": m.get("content") or ""} for m in (r.get("messages") or [])]
+        out.append({"id": str(r["id"]), "messages": messages, "source": r.get("source"), "tools": r.get("tools")})
     return out
 
 
@@ -259,14 +261,45 @@ def _generator_name(target) -> str:
 
 
 def _reject(row: dict, reason: str, detail: str, **extra) -> dict:
-    return {"id": row["id"], "messages": None, "source": row["source"], "finish_reason": None, "temperature": None,
+    return {"id": row["id"], "messages": None, "source": row["source"], "tools": row["tools"], "finish_reason": None, "temperature": None,
             "generator": None, "n_tokens": 0, "reject_reason": reason, "reject_detail": detail, **extra}
 
 
+def _template_of(target):
+    """The target's prompt renderer (tokenization/templates.py prompt_renderer), or None for a
+    target without a local tokenizer (an openai server given none): its server is then the only judge."""
+    from training.targets.base import TargetError
+    from training.tokenization.templates import prompt_renderer
+
+    try:
+        tokenizer = target.tokenizer
+    except TargetError:
+        return None
+    return prompt_renderer(tokenizer, getattr(target, "chat_template_kwargs", None))
+
+
+def _refused(renderer, conversation: list[dict], tools) -> tuple[str, str] | None:
+    """(reason, detail) when the target's template will not render this generation prompt."""
+    from training.tokenization.templates import RowReject
+
+    if renderer is None:
+        return None
+    try:
+        renderer.bind(tools).render(conversation, add_generation_prompt=True)
+    except RowReject as exc:
+        return exc.reason, exc.detail
+    return None
+
+
 def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: str, batch_no: int) -> list[dict]:
-    """Generate every assistant turn of `batch`, one generate call per turn index; returns progress rows."""
+    """Generate every assistant turn of `batch`, one generate call per turn index; returns progress rows.
+
+    A prompt the target's template refuses (raise_exception: a system role it does not support, roles
+    that do not alternate) rejects its row (`template_error`) before the generate call; the rest go on."""
     from training.targets.base import SamplingParams
 
+    renderer = _template_of(target)
+    takes_tools = getattr(target, "supports_tools", False)
     states = []
     for row in batch:
         turns = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
@@ -274,13 +307,23 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
             "row": row, "turns": turns, "messages": [dict(m) for m in row["messages"]],
             "temperature": draw_temperature(row["id"], cfg.temperatures, cfg.seed),
             "finish": None, "cut": [], "n_tokens": 0, "reject": None,
-            "ids": [None] * len(turns), "digests": [None] * len(turns),
+            "ids": [None] * len(turns), "digests": [None] * len(turns), "tools": row.get("tools"),
         })
+        if not takes_tools and (row.get("tools") or any(m.get("tool_calls") for m in row["messages"])):
+            states[-1]["reject"] = ("tools_unsupported", f"the {getattr(target, 'backend', type(target).__name__)} "
+                                    "backend cannot show the target this conversation's tools and calls")
 
     for j in range(max(len(s["turns"]) for s in states)):
-        active = [s for s in states if j < len(s["turns"]) and s["reject"] is None]
+        active = []
+        for s in states:
+            if j < len(s["turns"]) and s["reject"] is None:
+                refused = _refused(renderer, s["messages"][: s["turns"][j]], s["tools"])
+                if refused is not None:
+                    s["reject"] = (refused[0], f"assistant turn {j + 1}: {refused[1]}")
+                else:
+                    active.append(s)
         if not active:
-            break
+            break  # every row is done or rejected: none has a later turn left
         # The conversation so far: corpus system/user turns, the target's own earlier replies.
         convs = [s["messages"][: s["turns"][j]] for s in active]
         params = [
@@ -289,7 +332,10 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
             for s in active
         ]
         try:
-            gens = target.generate(convs, params)
+            if any(s["tools"] for s in active):
+                gens = target.generate(convs, params, tools=[s["tools"] for s in active])
+            else:
+                gens = target.generate(convs, params)
         except Exception as exc:
             ids = [s["row"]["id"] for s in active]
             raise ResampleError(
@@ -301,14 +347,21 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
                                 f"for {len(active)} conversations")
 
         for s, gen in zip(active, gens):
-            text = gen.text or ""
+            text, reasoning = gen.text or "", gen.reasoning or None
             if not cfg.keep_reasoning:
-                text = strip_reasoning(text)
+                text, reasoning = strip_reasoning(text), None
             # The ids stand for the reply only while the stored text is the generated text.
-            if gen.token_ids is not None and gen.prompt_token_ids is not None and text == (gen.text or ""):
+            if (gen.token_ids is not None and gen.prompt_token_ids is not None and text == (gen.text or "")
+                    and reasoning == (gen.reasoning or None)):
                 s["ids"][j] = [int(t) for t in gen.token_ids]
                 s["digests"][j] = prompt_digest(gen.prompt_token_ids)
-            s["messages"][s["turns"][j]]["content"] = text  # the next turn sees exactly what we store
+            # The target's reply replaces the corpus's, reasoning included; the next turn sees exactly what we store.
+            reply = s["messages"][s["turns"][j]]
+            reply["content"] = text
+            for key, value in (("reasoning_content", reasoning), ("tool_calls", gen.tool_calls)):
+                reply.pop(key, None)
+                if value is not None:
+                    reply[key] = value
             s["finish"] = str(gen.finish_reason)
             s["n_tokens"] += int(gen.n_tokens or 0)
             if gen.finish_reason == "length":
@@ -316,7 +369,7 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
                 if cfg.on_length == "drop":
                     s["reject"] = ("length_limit", f"assistant turn {j + 1} reached max_new_tokens={cfg.max_new_tokens}")
                     continue  # rejecting: later turns would be wasted work
-            if not text.strip():
+            if not text.strip() and not reasoning and not gen.tool_calls:  # reasoning or a call alone is a reply
                 why = "" if cfg.keep_reasoning else " after stripping reasoning"
                 s["reject"] = ("empty_reply", f"assistant turn {j + 1} is empty{why}")
 
@@ -329,7 +382,7 @@ def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: s
             out.append(_reject(row, *s["reject"], **common))
         else:
             known = all(d is not None for d in s["digests"])
-            out.append({"id": row["id"], "messages": s["messages"], "source": row["source"], **common,
+            out.append({"id": row["id"], "messages": s["messages"], "source": row["source"], "tools": row["tools"], **common,
                         "completion_ids": s["ids"] if known else None,
                         "prompt_digests": s["digests"] if known else None,
                         "reject_reason": None, "reject_detail": None})
@@ -441,11 +494,14 @@ def passthrough(rows: list[dict] | pa.Table) -> ResampleResult:
     import pyarrow.compute as pc
 
     if not isinstance(rows, pa.Table) or rows.schema.field("messages").type != RESAMPLED_SCHEMA.field("messages").type:
-        rows = pa.Table.from_pylist(_as_rows(rows), schema=pa.schema(list(RESAMPLED_SCHEMA)[:3]))
+        rows = pa.Table.from_pylist(_as_rows(rows), schema=pa.schema(list(RESAMPLED_SCHEMA)[:4]))
     msgs = pc.list_flatten(rows["messages"])
     parent = pc.list_parent_indices(rows["messages"])
+    # an assistant turn with no content, no reasoning and no tool call (reasoning or a call alone is a reply)
     empty = pc.and_(pc.equal(pc.struct_field(msgs, "role"), "assistant"),
-                    pc.equal(pc.utf8_length(pc.fill_null(pc.struct_field(msgs, "content"), "")), 0))
+                    pc.and_(pc.equal(pc.utf8_length(pc.fill_null(pc.struct_field(msgs, "content"), "")), 0),
+                            pc.and_(pc.is_null(pc.struct_field(msgs, "reasoning_content")),
+                                    pc.is_null(pc.struct_field(msgs, "tool_calls")))))
     bad = sorted(set(pc.filter(parent, empty).to_pylist())) if msgs.length() else []
     rejects = [{"id": str(rows["id"][i].as_py()), "reason": "needs_generation",
                 "detail": "an assistant turn is empty (a question file has no answers): set resample: true "
@@ -454,9 +510,10 @@ def passthrough(rows: list[dict] | pa.Table) -> ResampleResult:
         drop = set(bad)
         rows = rows.filter(pa.array([i not in drop for i in range(rows.num_rows)]))
     n = rows.num_rows
-    source = rows["source"].cast(pa.string()) if "source" in rows.column_names else pa.nulls(n, pa.string())
+    source, tools = (rows[c].cast(pa.string()) if c in rows.column_names else pa.nulls(n, pa.string())
+                     for c in ("source", "tools"))
     table = pa.table(
-        [rows["id"].cast(pa.string()), rows["messages"], source, pa.array(["source"] * n, pa.string()),
+        [rows["id"].cast(pa.string()), rows["messages"], source, tools, pa.array(["source"] * n, pa.string()),
          pa.nulls(n, pa.float64()), pa.array(["corpus"] * n, pa.string()),
          pa.nulls(n, RESAMPLED_SCHEMA.field("completion_ids").type), pa.nulls(n, pa.list_(pa.string()))],
         schema=RESAMPLED_SCHEMA,

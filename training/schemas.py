@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+# role system|user|assistant|tool; content always a string ("" for an assistant turn that only
+# reasons or calls tools). The optional fields are null when absent:
+#   reasoning_content  the assistant's reasoning, kept apart from its reply (vLLM/SGLang reasoning
+#                      parsers, regenerated reasoning data sets, gpt-oss's analysis channel)
+#   tool_calls         JSON text of the assistant's calls: [{"id", "type": "function", "function":
+#                      {"name", "arguments": {...}}}] (arguments an object, as chat templates expect)
+#   tool_call_id, name a tool result's call id and tool name
+MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
+MESSAGE_TYPE = pa.struct([(name, pa.string()) for name in MESSAGE_FIELDS])
 
 REJECTS_SCHEMA = pa.schema([("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])

@@ -26,7 +26,7 @@ What is in it (each record's `category`; the reject reason it must get in bracke
   wrong types      non-objects [not_an_object], no known format [unrecognised_format], turns not a
                    list [invalid_turns], turn not an object / no role / no content [invalid_turn],
                    content not a string [non_string_content], float/bool/list ids [invalid_id]
-  unknown roles    tool, function, developer, observation, 7 ... [unknown_role:<name>]
+  unknown roles    critic, developer, narrator, 7 ... [unknown_role:<name>]
   empty turns      "" and whitespace-only user/assistant content, empty alpaca input [empty_content],
                    no turns [empty_conversation]; also [misplaced_system], [no_assistant_turn]
   duplicate ids    a later valid row with an accepted row's id [duplicate_id] (first accepted wins);
@@ -45,8 +45,9 @@ from typing import Any, Callable
 
 BOM = b"\xef\xbb\xbf"
 SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|bos|>", "<|eos|>", "<|pad|>", "<|endoftext|>", "</s>", "[INST]")
-UNKNOWN_OPENAI_ROLES = ("tool", "function", "developer", "Human", "ASSISTANT", "")
-UNKNOWN_SHAREGPT_ROLES = ("observation", "function_call", "tool", "narrator")
+# (tool, function, observation and function_call are tool-calling roles, accepted: training/corpus)
+UNKNOWN_OPENAI_ROLES = ("critic", "ipython", "developer", "Human", "ASSISTANT", "")
+UNKNOWN_SHAREGPT_ROLES = ("moderator", "critic", "developer", "narrator")
 SHAREGPT_USER = ("human", "user")
 SHAREGPT_ASSISTANT = ("gpt", "assistant", "chatgpt", "bing", "bard")
 WORDS = ("alpha", "beta", "gamma", "delta", "convert", "list", "sum", "the", "of", "answer", "why", "how",

@@ -15,6 +15,7 @@ import dagster as dg
 import pytest
 
 from training.corpus import read_source
+from tests.conftest import set_fields
 from tests.e2e.corpus_fuzz import generate_fuzz_corpus, write_fuzz_corpus
 from training.corpus.schema import RAW_CHARS
 from tests.training.manifest_check import verify_manifest
@@ -53,7 +54,7 @@ def test_generator_is_seeded_and_covers_every_kind(fuzz):
     reasons = set(corpus.by_reason)
     assert {"malformed_json", "invalid_utf8", "not_an_object", "unrecognised_format", "invalid_turns",
             "invalid_turn", "non_string_content", "invalid_id", "empty_content", "empty_conversation",
-            "misplaced_system", "no_assistant_turn", "duplicate_id", "unknown_role:tool"} <= reasons
+            "misplaced_system", "no_assistant_turn", "duplicate_id", "unknown_role:critic"} <= reasons
     assert all(n > 0 for n in corpus.formats.values())
     assert corpus.data.startswith(b"\xef\xbb\xbf") and b"\r\n" in corpus.data
     with pytest.raises(UnicodeDecodeError):
@@ -86,7 +87,7 @@ def test_read_source_reconciles_record_by_record(fuzz, ingested):
     rows = r.rows.to_pylist()
     assert [row["id"] for row in rows] == [e.id for e in corpus.accepted]
     for row, e in zip(rows, corpus.accepted):
-        assert row["messages"] == e.messages, (e.line, e.category)
+        assert set_fields(row["messages"]) == e.messages, (e.line, e.category)
         assert row["source"] == e.source, (e.line, e.category)
 
 
@@ -119,7 +120,7 @@ def test_control_characters_and_huge_turns_survive_unchanged(fuzz, ingested):
     controls = [e for e in corpus.accepted if e.category == "valid_control_chars"]
     assert controls
     for e in controls:
-        assert by_id[e.id]["messages"] == e.messages  # NUL, ESC, DEL, U+2028, BOM: data, kept as is
+        assert set_fields(by_id[e.id]["messages"]) == e.messages  # NUL, ESC, DEL, U+2028, BOM: data, kept as is
     huge = [e for e in corpus.accepted if e.category == "huge_valid"]
     assert len(huge) == 2
     for e in huge:

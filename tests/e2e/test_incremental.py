@@ -19,6 +19,7 @@ import dagster as dg
 import pytest
 
 from spec_assets.cli import failure_messages, run_pipeline
+from spec_assets.tokenize import tokenized_shards
 from tests.spec_assets.conftest import graph_env
 from training.demo.corpus import write_demo_corpus
 
@@ -225,7 +226,7 @@ def test_code_version_bump_shows_stale_in_dagster_and_a_run_clears_it(pipeline, 
         for shard in shards:
             status, causes, version = bumped[("tokenized_shards", shard)]
             assert (status, causes) == ("STALE", [("tokenized_shards", shard, "CODE", "has a new code version")])
-            assert version == "2"
+            assert version == str(int(tokenized_shards.code_versions_by_key[tokenized_shards.key]) + 1)
         # Staleness is one step deep: nothing else is stale until the new code runs.
         assert {k for k, v in bumped.items() if v[0] == "STALE"} == {("tokenized_shards", s) for s in shards}
 

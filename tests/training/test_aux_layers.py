@@ -113,6 +113,8 @@ def test_specforge_style_config_reads_as_hf_ids():
     ((1, 3, 6), "1..5"),  # HF 6 = the final post-norm state, never captured
     ((1, 3, 3), "ascending"),  # a repeat: captured once, two states for fc's three
     ((4, 1, 3), "ascending"),  # fed in layer order [1, 3, 4], not as trained
+    ((1, 2, 3, 4), "hold 4 ids"),  # fc fuses three layers: the engines build it 3 x hidden wide
+    ((1, 3), "hold 2 ids"),
 ])
 def test_unservable_ids_are_refused_everywhere(ids, why):
     L = 6

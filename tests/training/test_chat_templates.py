@@ -352,6 +352,28 @@ def test_qwen3_thinking_multi_turn_keeps_each_turns_reasoning():
     assert "Ones first" not in decode(tok, final["input_ids"])
 
 
+def test_qwen3_reasoning_content_kept_apart_is_rendered_and_masked_as_the_target_emits_it():
+    """Reasoning stored apart from the reply (reasoning_content: vLLM/SGLang reasoning parsers, regenerated
+    data sets) renders exactly as the same reasoning inside the content does: masked with its think
+    tags, each turn in the row its template renders it in, and counted."""
+    tok = qwen3()
+    apart = [
+        msg("user", "What is 12 + 30?"),
+        {"role": "assistant", "content": "The sum is 42.", "reasoning_content": "Ones first: 2 + 0 = 2."},
+        msg("user", "And doubled?"),
+        {"role": "assistant", "content": "", "reasoning_content": "42 + 42 = 84, cut by max_tokens"},
+    ]
+    inline = [m if "reasoning_content" not in m else
+              msg("assistant", f"<think>\n{m['reasoning_content']}\n</think>\n\n{m['content']}") for m in apart]
+    res = tokenize_conversations(tok, [{"id": "c", "messages": apart}], TokenizeConfig())
+    assert res.reasoning_turns == 2 and res.n_ok == 1
+    first, final = res.table.to_pylist()
+    assert masked_runs(tok, first) == ["<think>\nOnes first: 2 + 0 = 2.\n</think>\n\nThe sum is 42.<|im_end|>"]
+    assert masked_runs(tok, final) == ["<think>\n42 + 42 = 84, cut by max_tokens\n</think>\n\n<|im_end|>"]
+    assert [first, final] == tokenize_one(tok, inline)
+    assert final["input_ids"] == chat_ids(tok, apart)  # as transformers renders reasoning_content
+
+
 def test_qwen3_without_thinking():
     tok = qwen3()
     messages = [msg("user", "Hi!"), msg("assistant", "Hello."), msg("user", "Bye!"), msg("assistant", "Goodbye.")]
@@ -376,3 +398,101 @@ def test_our_render_is_apply_chat_template(family):
         for gen in (False, True):
             assert renderer.render(messages, gen) == tok.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=gen)
+
+
+# Gemma-1/2's template with ChatML's turn tokens (the tiny targets have no <start_of_turn>): it raises
+# on a system message and on roles that do not alternate (Mistral v0.x and Llama-2 raise the same way).
+GEMMA_STYLE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<|im_start|>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{{ message['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>model\n{% endif %}"
+)
+
+
+# Qwen2.5's template with its tools block, tool calls and tool results, as it ships (system prompt
+# shortened): the shape OpenAI tool-calling conversations render through.
+QWEN25_TOOLS = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object within <tool_call></tool_call> XML tags.<|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "a": {"type": "number"}, "b": {"type": "number"}}}}}
+# An OpenAI tool-calling record: the call (content null), the tool's result, the answer.
+TOOL_RECORD = {"id": "t1", "tools": [ADD_TOOL], "messages": [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 2}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+    {"role": "assistant", "content": "2 + 2 is 4."}]}
+
+
+def test_tool_calls_render_through_the_tools_block_and_train_on_the_calls():
+    from training.corpus import normalize_record
+
+    tok = make_tokenizer(QWEN25_TOOLS, bos=None, eos="<|im_end|>")
+    row, _ = normalize_record(TOOL_RECORD, source="f", row_index=0, shard="s")
+    res = tokenize_conversations(tok, [row], TokenizeConfig())
+    assert (res.n_in, res.n_ok, res.tool_call_turns) == (1, 1, 1)
+    (out,) = res.table.to_pylist()
+    assert masked_runs(tok, out) == ['<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>',
+                                     "2 + 2 is 4.<|im_end|>"]
+    # exactly what apply_chat_template renders with the record's tools and calls, arguments as an object
+    # (transformers' convention; OpenAI sends JSON text), the tool result unmasked
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+    hf_messages = [TOOL_RECORD["messages"][0], {"role": "assistant", "content": "", "tool_calls": [call]},
+                   *TOOL_RECORD["messages"][2:]]
+    expected = tok.apply_chat_template(hf_messages, tools=TOOL_RECORD["tools"], tokenize=False)
+    assert decode(tok, out["input_ids"]) == expected and "# Tools" in expected and "<tool_response>\n4\n" in expected

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, set_fields
 from training.corpus import (
     CONVERSATION_SCHEMA,
     FORMATS,
@@ -115,7 +115,7 @@ def test_each_format_in_each_container(tmp_path, fmt, container):
     assert (result.n_read, result.n_accepted, result.n_rejected) == (2, 2, 0)
     assert result.formats == {f: (2 if f == fmt else 0) for f in FORMATS}
     rows = result.rows.to_pylist()
-    assert [r["messages"] for r in rows] == EXPECTED.get(fmt, EXPECTED_MESSAGES)
+    assert [set_fields(r["messages"]) for r in rows] == EXPECTED.get(fmt, EXPECTED_MESSAGES)
     assert [r["id"] for r in rows] == ["a1", "a2"]
     assert {r["source"] for r in rows} == {f"part-{fmt}.{container}:{fmt}"}
 
@@ -151,6 +151,45 @@ def test_turn_order_rules():
     assert normalize({"messages": empty_system})[0]["messages"] == empty_system
     trailing_user = msgs(("user", "q"), ("assistant", "a"), ("user", "thanks"))
     assert normalize({"messages": trailing_user})[1] is None
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning", "thinking"])
+def test_reasoning_is_kept_apart_from_the_reply(key):
+    row, _ = normalize({"messages": [{"role": "user", "content": "2+2?"},
+                                     {"role": "assistant", "content": "4", key: "Two and two."}]})
+    assert row["messages"][1] == {"role": "assistant", "content": "4", "reasoning_content": "Two and two."}
+    # a reply cut while reasoning: content null or empty, reasoning only
+    for content in (None, ""):
+        row, _ = normalize({"messages": [{"role": "user", "content": "2+2?"},
+                                         {"role": "assistant", "content": content, key: "Two and"}]})
+        assert row["messages"][1] == {"role": "assistant", "content": "", "reasoning_content": "Two and"}
+    assert reason_of({"messages": [{"role": "user", "content": "q", key: "r"}, {"role": "assistant", "content": "a"}]}) \
+        == "misplaced_reasoning"
+    assert reason_of({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, key: 3}]}) \
+        == "non_string_content"
+
+
+def test_tool_calling_conversations_normalize():
+    """OpenAI tools / tool_calls (arguments as JSON text) / tool results, and ShareGPT function-calling
+    dumps (function_call / observation turns, tools as JSON text), become one shape."""
+    from tests.training.test_chat_templates import ADD_TOOL, TOOL_RECORD
+
+    call = '[{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}'
+    row, _ = normalize(TOOL_RECORD)
+    assert json.loads(row["tools"]) == [ADD_TOOL]
+    assert row["messages"] == [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "", "tool_calls": call + ', "id": "call_1"}]'},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+        {"role": "assistant", "content": "2 + 2 is 4."}]
+    glaive = {"tools": json.dumps([ADD_TOOL["function"]]), "conversations": [
+        {"from": "human", "value": "What is 2 + 2?"},
+        {"from": "function_call", "value": '{"name": "add", "arguments": {"a": 2, "b": 2}}'},
+        {"from": "observation", "value": "4"}, {"from": "gpt", "value": "2 + 2 is 4."}]}
+    row, _ = normalize(glaive)
+    assert json.loads(row["tools"]) == [ADD_TOOL]  # a bare function definition in OpenAI's shape
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert row["messages"][1] == {"role": "assistant", "content": "", "tool_calls": call + "}]"}
 
 
 def test_content_is_kept_verbatim():
@@ -205,8 +244,15 @@ def test_duplicate_ids_keep_the_first_accepted(tmp_path):
         ("text", "not_an_object"),
         ({"text": "hello", "label": 1}, "unrecognised_format"),
         ({"prompt": "only a prompt"}, "unrecognised_format"),
-        ({"messages": msgs(("tool", "{}"), ("user", "q"), ("assistant", "a"))}, "unknown_role:tool"),
-        ({"conversations": sharegpt(("observation", "x"), ("gpt", "y"))}, "unknown_role:observation"),
+        ({"messages": msgs(("critic", "{}"), ("user", "q"), ("assistant", "a"))}, "unknown_role:critic"),
+        ({"conversations": sharegpt(("narrator", "x"), ("gpt", "y"))}, "unknown_role:narrator"),
+        ({"messages": msgs(("user", "q"), ("assistant", "a")), "tools": "not json"}, "invalid_tools"),
+        ({"messages": [{"role": "user", "content": "q"},
+                       {"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]}]},
+         "invalid_tool_call"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "f", "arguments": "{oops"}}]}]}, "invalid_tool_call"),
+        ({"conversations": sharegpt(("human", "q"), ("function_call", "not json"))}, "invalid_tool_call"),
         ({"messages": msgs((3, "x"))}, "unknown_role:<number>"),
         ({"messages": msgs(("user", "q"), ("assistant", "  \n"))}, "empty_content"),
         ({"messages": msgs(("user", ""), ("assistant", "a"))}, "empty_content"),

@@ -313,7 +313,7 @@ def test_fp8_scales_stay_finite_and_positive():
 
 
 @pytest.mark.parametrize("ids,why", [((0, 4, 5), "1..7"), ((2, 4, 8), "1..7"), ((2, 4, 4), "ascending"),
-                                     ((5, 2, 4), "ascending")])
+                                     ((5, 2, 4), "ascending"), ((1, 2, 4, 5), "hold 4 ids"), ((2,), "hold 1 ids")])
 def test_unservable_aux_ids_refused_before_any_forward(local_store, ids, why):
     fake = FakeTarget()
     with pytest.raises(AuxLayerError, match=why) as err:

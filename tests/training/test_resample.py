@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import set_fields
+from tests.training.test_chat_templates import GEMMA_STYLE
 from training.corpus.schema import CONVERSATION_SCHEMA
 from training.resample import (
     REJECTS_SCHEMA,
@@ -56,26 +58,27 @@ DEFAULT_NEXT = {"answer": 10.0}  # after any other token (prompt words, specials
 MUTE_CHAIN = {"assistant": {"<|im_end|>": 10.0}}  # replies with nothing
 
 
-def build_bigram_target(out_dir, chain: dict, hidden: int = 64):
+def build_bigram_target(out_dir, chain: dict, hidden: int = 64, *, specials=SPECIALS, words=WORDS,
+                        template: str = CHATML, eos: str = "<|im_end|>"):
     import torch
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    vocab = {t: i for i, t in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(SPECIALS)
+    tok.add_special_tokens(specials)
     tok.add_tokens([AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|im_end|>",
-        unk_token="[UNK]", chat_template=CHATML,
+        tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token=eos,
+        unk_token="[UNK]", chat_template=template,
     )
     V = len(vocab)
     assert V <= hidden
     config = LlamaConfig(
         hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, vocab_size=V, max_position_embeddings=2048, tie_word_embeddings=False,
-        rms_norm_eps=1e-6, bos_token_id=vocab["<|bos|>"], eos_token_id=vocab["<|im_end|>"],
+        rms_norm_eps=1e-6, bos_token_id=vocab["<|bos|>"], eos_token_id=vocab[eos],
         pad_token_id=vocab["<|pad|>"],
     )
     torch.manual_seed(0)
@@ -93,7 +96,7 @@ def build_bigram_target(out_dir, chain: dict, hidden: int = 64):
         for layer in model.model.layers:  # real attention/MLP, tiny write-back
             layer.self_attn.o_proj.weight.mul_(0.05)
             layer.mlp.down_proj.weight.mul_(0.05)
-    model.generation_config = GenerationConfig(eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|pad|>"])
+    model.generation_config = GenerationConfig(eos_token_id=vocab[eos], pad_token_id=vocab["<|pad|>"])
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -153,11 +156,11 @@ class Spy:
     def keys(self, params):
         return [self.by_seed[p.seed] for p in params]
 
-    def generate(self, conversations, sampling):
+    def generate(self, conversations, sampling, **kw):
         keys = self.keys(sampling)
         if self.fail and self.fail(len(self.calls), {j for _, j in keys}):
             raise RuntimeError("backend went away")
-        gens = self.target.generate(conversations, sampling)
+        gens = self.target.generate(conversations, sampling, **kw)
         self.calls.append((conversations, list(sampling), gens))
         self.generated.update(keys)
         return gens
@@ -195,8 +198,9 @@ def test_temperature_mixture_proportions_and_reproducible():
 
 
 def test_schema_matches_corpus_contract():
-    assert RESAMPLED_SCHEMA.names[:3] == CONVERSATION_SCHEMA.names
-    assert list(RESAMPLED_SCHEMA)[:3] == list(CONVERSATION_SCHEMA)
+    n = len(CONVERSATION_SCHEMA)
+    assert RESAMPLED_SCHEMA.names[:n] == CONVERSATION_SCHEMA.names
+    assert list(RESAMPLED_SCHEMA)[:n] == list(CONVERSATION_SCHEMA)
     assert RESAMPLED_SCHEMA.field("temperature").type == pa.float64() and RESAMPLED_SCHEMA.field("temperature").nullable
 
 
@@ -266,13 +270,13 @@ def test_multiturn_replay_uses_own_replies_and_keeps_system(target, rows):
                 if m["role"] != "assistant":
                     assert m == o
             if rid in by_id:  # and the stored row is exactly what the target saw
-                assert conv == by_id[rid]["messages"][:turn_at]
+                assert conv == set_fields(by_id[rid]["messages"][:turn_at])
     assert checked_later_turns > 0
 
     with_system = [r for r in rows if r["messages"][0]["role"] == "system" and r["id"] in by_id]
     assert with_system
     for r in with_system:
-        assert by_id[r["id"]]["messages"][0] == r["messages"][0]
+        assert set_fields(by_id[r["id"]]["messages"][:1]) == r["messages"][:1]
     for rid, row in by_id.items():
         assert row["generator"] == target.identity
         assert row["temperature"] == draw_temperature(rid, cfg.temperatures, cfg.seed)
@@ -379,7 +383,8 @@ def test_passthrough(rows):
         res = passthrough(inp)
         check_counts(res)
         assert res.n_in == res.n_ok == len(rows) and res.n_rejected == 0 and res.tokens_generated == 0
-        assert res.table.select(["id", "messages", "source"]).to_pylist() == rows
+        assert [{**r, "messages": set_fields(r["messages"])}
+                for r in res.table.select(["id", "messages", "source"]).to_pylist()] == rows
         assert set(res.table["finish_reason"].to_pylist()) == {"source"}
         assert res.table["temperature"].null_count == len(rows)
         assert set(res.table["generator"].to_pylist()) == {"corpus"}
@@ -509,3 +514,119 @@ def test_question_rows_need_generation(target):
     assert gen.n_ok == 1
     [out] = gen.table.to_pylist()
     assert all(m["content"].strip() for m in out["messages"]) and len(out["completion_ids"]) == 2
+
+
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_rows_the_template_refuses_are_rejected_and_the_shard_goes_on(target, rows, batch_size):
+    from training.targets import load_target
+    from training.tokenization import TokenizeConfig, tokenize_conversations
+
+    strict = load_target(target.name_or_path, backend="hf")
+    strict.tokenizer.chat_template = GEMMA_STYLE
+    doubled = {"id": "two-users", "source": "t", "messages": [
+        {"role": "user", "content": "what is it"}, {"role": "assistant", "content": "so"},
+        {"role": "user", "content": "now"}, {"role": "user", "content": "and now"},
+        {"role": "assistant", "content": "so"}]}
+    inp = [*rows, doubled]
+    res = resample_conversations(strict, inp, ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=6,
+                                                             batch_size=batch_size), log=lambda _: None)
+    check_counts(res)
+    with_system = {r["id"] for r in rows if r["messages"][0]["role"] == "system"}
+    rejects = {r["id"]: r for r in res.rejects.to_pylist()}
+    assert set(rejects) == with_system | {"two-users"}
+    assert all(r["reason"] == "template_error" for r in rejects.values())
+    assert "System role not supported" in rejects[next(iter(with_system))]["detail"]
+    assert rejects["two-users"]["detail"].startswith("assistant turn 2: ") and "must alternate" in rejects["two-users"]["detail"]
+    assert res.n_ok == len(rows) - len(with_system) > 0
+    # what was kept tokenizes under the same strict template, every row
+    tok = tokenize_conversations(strict.tokenizer, res.table, TokenizeConfig())
+    assert tok.n_in == tok.n_ok == res.n_ok and tok.rows_from_generated_ids == tok.table.num_rows
+
+
+# ChatML with a tools block naming each tool (the bigram tokenizer knows "answer")
+TOOLS_CHATML = ("{{ bos_token }}{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t.function.name }} {% endfor %}"
+                "<|im_end|>\n{% endif %}" + CHATML.replace("{{ bos_token }}", ""))
+
+
+def test_tool_conversations_show_the_target_their_tools_and_keep_the_calls(target):
+    import json
+
+    from training.targets import load_target
+
+    tooled = load_target(target.name_or_path, backend="hf")
+    tooled.tokenizer.chat_template = TOOLS_CHATML
+    tools = json.dumps([{"type": "function", "function": {"name": "answer", "parameters": {}}}])
+    call = json.dumps([{"type": "function", "function": {"name": "answer", "arguments": {}}}])
+    messages = [{"role": "user", "content": "what is it"},
+                {"role": "assistant", "content": "", "tool_calls": call},
+                {"role": "tool", "content": "so"}, {"role": "assistant", "content": "it is so"}]
+    rows = [{"id": "with-tools", "source": "t", "tools": tools, "messages": messages},
+            {"id": "without", "source": "t", "tools": None, "messages": messages}]
+    spy = Spy(tooled, rows)
+    res = resample_conversations(spy, rows, ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=4), log=lambda _: None)
+    check_counts(res)
+    assert res.n_ok == 2 and res.table["tools"].to_pylist() == [tools, None]
+    (convs, _, gens), *_ = spy.calls
+    answer = tooled.tokenizer.convert_tokens_to_ids("answer")
+    assert answer in gens[0].prompt_token_ids[:8] and answer not in gens[1].prompt_token_ids[:8]  # the tools block
+    assert convs[0][:1] == messages[:1]
+    # the corpus's call turn is history the target answers after; a backend that cannot show tools rejects the rows
+    blind = Spy(tooled, rows)
+    blind.supports_tools = False
+    res = resample_conversations(blind, rows, ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=4), log=lambda _: None)
+    check_counts(res)
+    assert res.rejects["reason"].to_pylist() == ["tools_unsupported"] * 2  # the calls in history too
+    # without resampling, a turn that only calls a tool is a reply, not an empty turn to generate
+    kept = passthrough(rows)
+    assert kept.n_ok == 2 and kept.table["tools"].to_pylist() == [tools, None]
+
+
+# gpt-oss's harmony format, cut down to its shape: history keeps only the final channel, the last
+# assistant message renders its analysis channel (`thinking`) and ends with <|return|>.
+HARMONY = ("{%- for m in messages %}{%- if m.role == 'assistant' %}"
+           "{%- if m.thinking and loop.last %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>"
+           "{%- endif %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}"
+           "{%- if loop.last and not add_generation_prompt %}<|return|>{%- else %}<|end|>{%- endif %}"
+           "{%- else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{%- endif %}{%- endfor %}"
+           "{%- if add_generation_prompt %}<|start|>assistant{%- endif %}")
+HARMONY_SPECIALS = ["<|pad|>", "<|bos|>", "<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "[UNK]"]
+# A bigram harmony speaker: analysis or final channel, a message, then the next message or <|return|>
+HARMONY_CHAIN = {
+    "assistant": {"<|channel|>": 10.0},
+    "<|channel|>": {"analysis": 2.0, "final": 2.0},
+    "analysis": {"<|message|>": 10.0},
+    "final": {"<|message|>": 10.0},
+    "<|message|>": {"hmm": 3.0, "answer": 3.0},
+    "hmm": {"<|end|>": 3.0, "hmm": 1.0},
+    "answer": {"<|return|>": 3.0, "<|end|>": 1.0},
+    "<|end|>": {"<|start|>": 10.0},
+    "<|start|>": {"assistant": 10.0},
+}
+
+
+def harmony_target(tmp_path):
+    from training.targets import load_target
+
+    words = [w for w in WORDS if not w.startswith("<")] + ["analysis", "final"]
+    path = build_bigram_target(tmp_path / "harmony", HARMONY_CHAIN, specials=HARMONY_SPECIALS, words=words,
+                               template=HARMONY, eos="<|return|>")
+    return load_target(str(path), backend="hf")
+
+
+def test_harmony_replies_keep_analysis_and_final_channels_apart(rows, tmp_path):
+    from training.tokenization import TokenizeConfig, tokenize_conversations
+
+    target = harmony_target(tmp_path)
+    res = resample_conversations(target, rows, ResampleConfig(temperatures={1.0: 1.0}, max_new_tokens=24),
+                                 log=lambda _: None)
+    check_counts(res)
+    replies = [m for r in res.table.to_pylist() for m in r["messages"] if m["role"] == "assistant"]
+    markers = ("<|", "analysis", "final", "assistant")
+    assert replies and not any(k in m["content"] or k in (m["reasoning_content"] or "") for m in replies for k in markers)
+    both = [m for m in replies if m["reasoning_content"] and m["content"]]
+    assert both and all(set(m["reasoning_content"].split()) <= {"hmm", "answer"} for m in replies if m["reasoning_content"])
+    # trained on exactly the ids the target generated; history is rendered as the template renders it
+    tok = tokenize_conversations(target.tokenizer, res.table, TokenizeConfig(max_length=4096))
+    assert tok.n_in == res.n_ok and tok.n_rejected == 0 and tok.id_mismatches == 0
+    assert tok.rows_from_generated_ids == tok.table.num_rows and tok.reasoning_turns == len(
+        [m for m in replies if m["reasoning_content"]])

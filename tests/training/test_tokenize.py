@@ -274,3 +274,89 @@ def test_no_trainable_token_fails_quoting_the_reject_reasons(chatml):
         tokenize_mod.check_trainable(res, "shard 7")
     tokenize_mod.check_trainable(tokenize_conversations(chatml, convs), "shard 7")  # rows: fine
     tokenize_mod.check_trainable(tokenize_conversations(chatml, []), "shard 7")  # nothing in: nothing to say
+
+
+# No special token closes a turn: the mask ends at the reply's last character, whatever its bytes.
+NO_EOT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+          "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+@pytest.mark.parametrize("reply", ["ok 😀", "4 ✓", "答案是四", "fine 👍🏽", "done é", "plain end."])
+def test_reply_ending_in_a_multi_byte_character_masks_all_its_byte_tokens(reply):
+    from training.targets.tiny import build_tokenizer
+
+    tok = build_tokenizer()  # byte-level without merges: 😀 is four byte tokens over one character
+    tok.chat_template = NO_EOT
+    res = tokenize_conversations(tok, [{"id": "a", "messages": [msg("user", "x"), msg("assistant", reply)]}])
+    (row,) = res.table.to_pylist()
+    masked = [t for t, m in zip(row["input_ids"], row["loss_mask"]) if m]
+    assert tok.decode(masked) == reply
+    assert masked == tok.encode(reply, add_special_tokens=False)
+
+
+# Llama-3.2's system block, cut down: today's date from the clock (Mistral-Small-2501 and Granite do the same)
+DATED = ("<|im_start|>system\nCutting Knowledge Date: December 2023\nToday Date: {{ strftime_now('%d %b %Y') }}"
+         "<|im_end|>\n{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Sets the wall clock transformers' strftime_now reads: clock("2026-12-31T23:59")."""
+    import datetime as dt
+
+    import transformers.utils.chat_template_utils as ctu
+
+    def set_clock(when: str):
+        class Clock(dt.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return dt.datetime.fromisoformat(when)
+        monkeypatch.setattr(ctu, "datetime", Clock)
+    return set_clock
+
+
+def test_a_template_that_reads_the_clock_renders_one_fixed_date_on_every_path(clock):
+    from training.resample import prompt_digest
+    from training.targets.base import render_prompt
+    from training.targets.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = DATED
+    conv = [msg("user", "2+2?"), msg("assistant", "4")]
+    clock("2026-12-31T23:59")
+    assert "Today Date: 31 Dec 2026" in tok.apply_chat_template(conv, tokenize=False)  # the clock as transformers reads it
+    generated = render_prompt(tok, conv[:1])  # generation (hf backend) before midnight ...
+    row = {"id": "a", "messages": conv, "completion_ids": [tok.encode("4", add_special_tokens=False)],
+           "prompt_digests": [prompt_digest(generated)]}
+    texts = []
+    for now in ("2026-12-31T23:59", "2027-01-01T00:01"):  # ... tokenization before and after it
+        clock(now)
+        assert render_prompt(tok, conv[:1]) == generated
+        res = tokenize_conversations(tok, [row, {"id": "b", "messages": conv}])
+        assert res.n_ok == 2 and res.rows_from_generated_ids == 1 and res.template_date == "2026-01-01"
+        texts.append(tok.decode(res.table["input_ids"][1].as_py()))
+    assert texts[0] == texts[1] and "Today Date: 01 Jan 2026" in texts[0]
+
+    # The date is a setting (part of the target identity): another one renders another prompt, and a
+    # prompt generated on another date (a server renders on its own clock) is refused naming the clock.
+    moved = tokenize_conversations(tok, [row], TokenizeConfig(chat_template_kwargs={"template_date": "2027-01-01"}))
+    assert moved.template_date == "2027-01-01" and moved.n_rejected == 1
+    (reject,) = moved.rejects.to_pylist()
+    assert reject["reason"] == "prompt_mismatch" and "reads the clock (strftime_now)" in reject["detail"]
+    assert "template_date 2027-01-01" in reject["detail"]
+    with pytest.raises(ValueError, match="template_date='tomorrow' is not a date"):
+        tokenize_conversations(tok, [row], TokenizeConfig(chat_template_kwargs={"template_date": "tomorrow"}))
+
+
+def test_the_plain_template_rejects_what_it_cannot_render_instead_of_dropping_it():
+    tok = make_tokenizer(None, bos="<s>", eos="</s>", add_bos=True)
+    calls = '[{"type": "function", "function": {"name": "f", "arguments": {}}}]'
+    rows = [{"id": "r", "messages": [msg("user", "q"), {**msg("assistant", "a"), "reasoning_content": "think"}]},
+            {"id": "c", "messages": [msg("user", "q"), {**msg("assistant", ""), "tool_calls": calls}]},
+            {"id": "t", "tools": '[{"type": "function", "function": {"name": "f"}}]', "messages": [msg("user", "q"), msg("assistant", "a")]},
+            {"id": "ok", "messages": [msg("user", "q"), msg("assistant", "a")]}]
+    res = tokenize_conversations(tok, rows, TokenizeConfig(template="plain"))
+    assert (res.n_in, res.n_ok, res.n_rejected) == (4, 1, 3)
+    assert {r["id"]: r["reason"] for r in res.rejects.to_pylist()} == {
+        "r": "reasoning_content_unsupported", "c": "tool_calls_unsupported", "t": "tools_unsupported"}

@@ -7,7 +7,10 @@ shard key is its sanitized name stem; two files with one key are an error.
 
 Formats, detected per record by which fields are present and non-null, first match wins (so an
 UltraChat row with both `prompt` and `messages` is read as `messages`):
-  openai             `messages`: [{role, content}], roles system|user|assistant
+  openai             `messages`: [{role, content}], roles system|user|assistant; an assistant turn's
+                     `reasoning_content` (or `reasoning`, `thinking`) is kept apart as its
+                     reasoning_content, and with it the content may be null or empty (a reply cut
+                     while reasoning)
   sharegpt           `conversations`: [{from, value}], from system | human, user | gpt, assistant,
                      chatgpt, bing, bard (the names the common dumps use), mapped to
                      system | user | assistant
@@ -26,7 +29,8 @@ Row rules (a violation rejects the row with the reason code in brackets):
     roles as above [unknown_role:<name>]; content is a string [non_string_content]; user and
     assistant content is not empty or whitespace-only [empty_content] (an empty system prompt is
     kept: it differs from none for templates with a default system prompt); text is valid
-    Unicode [invalid_utf8]; there is at least one turn [empty_conversation];
+    Unicode [invalid_utf8]; there is at least one turn [empty_conversation]; reasoning is a
+    string [non_string_content] on an assistant turn [misplaced_reasoning];
   - a system turn may only come first [misplaced_system];
   - at least one assistant turn [no_assistant_turn];
   - turn order is otherwise kept as given: consecutive turns of one role and a conversation that

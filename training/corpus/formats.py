@@ -7,13 +7,14 @@ The rules are listed in the package docstring (training/corpus/__init__.py).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 FORMATS = ("openai", "sharegpt", "prompt_completion", "alpaca", "question")
 
 ID_FIELDS = ("id", "question_id")
 
-OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"}
 
 # ShareGPT dumps name the speakers inconsistently; these are the names seen in the common
 # dumps. Anything else (tool, function, observation, ...) is rejected rather than guessed.
@@ -26,6 +27,10 @@ SHAREGPT_ROLES = {
     "chatgpt": "assistant",
     "bing": "assistant",
     "bard": "assistant",
+    # function-calling dumps (glaive, LLaMA-Factory): the assistant's call, and the tool's result
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
 }
 
 _LABEL_CHARS = 40  # longest role name quoted inside a reason code
@@ -62,9 +67,11 @@ def normalize_record(
         row_id = _explicit_id(record) or f"{shard}:{row_index}"
         messages = _TURN_BUILDERS[fmt](record)
         _check_conversation(messages)
+        tools = _tools(record)
     except _Rejected as rejected:
         return None, (rejected.reason, rejected.detail)
-    return {"id": row_id, "messages": messages, "source": _record_domain(record) or f"{source}:{fmt}"}, None
+    return {"id": row_id, "messages": messages, "source": _record_domain(record) or f"{source}:{fmt}",
+            "tools": tools}, None
 
 
 def _record_domain(record: dict) -> str | None:
@@ -124,6 +131,26 @@ def _openai_turns(record: dict) -> list[dict]:
     )
 
 
+# Where an assistant turn's reasoning arrives: vLLM / SGLang reasoning parsers and regenerated data
+# sets (reasoning_content), newer vLLM and OpenRouter (reasoning), gpt-oss templates (thinking).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+def _reasoning(turn: dict, role: str, where: str) -> str | None:
+    """The assistant turn's reasoning kept apart from its reply, or None."""
+    for key in REASONING_KEYS:
+        value = turn.get(key)
+        if value is None or value == "":
+            continue
+        if role != "assistant":
+            raise _Rejected("misplaced_reasoning", f"{where}.{key} is on a {role} turn; only assistant turns reason")
+        if not isinstance(value, str):
+            raise _Rejected("non_string_content", f"{where}.{key} is {_json_type(value)}, expected a string")
+        _check_encodable(value, f"{where}.{key}")
+        return value
+    return None
+
+
 def _sharegpt_turns(record: dict) -> list[dict]:
     return _turns(
         record["conversations"],
@@ -132,6 +159,61 @@ def _sharegpt_turns(record: dict) -> list[dict]:
         content_key="value",
         roles=SHAREGPT_ROLES,
     )
+
+
+def _tools(record: dict) -> str | None:
+    """The record's tool schemas (`tools`: a list, or its JSON text as ShareGPT function-calling dumps
+    store it) as canonical JSON text, or None; the chat template renders them as its tools block."""
+    tools = record.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise _Rejected("invalid_tools", "tools is a string but not JSON") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise _Rejected("invalid_tools", f"tools is {_json_type(tools)}, expected a list of objects")
+    # bare function definitions ({name, description, parameters}: glaive, LLaMA-Factory) in OpenAI's shape
+    tools = [t if "function" in t else {"type": "function", "function": t} for t in tools]
+    return json.dumps(tools, ensure_ascii=False) if tools else None  # key order kept: the template renders it
+
+
+def normalize_tool_calls(calls: Any, where: str) -> str:
+    """`calls` (OpenAI tool_calls, a server reply's included) as MESSAGE_TYPE's tool_calls JSON text;
+    ValueError naming `where` for a malformed call."""
+    try:
+        return _tool_calls(calls, where)
+    except _Rejected as rejected:
+        raise ValueError(f"{rejected.reason}: {rejected.detail}") from None
+
+
+def _tool_calls(calls: Any, where: str) -> str:
+    """OpenAI `tool_calls` as canonical JSON text: [{id?, type: function, function: {name, arguments}}],
+    arguments an object (OpenAI sends JSON text; chat templates read an object)."""
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise _Rejected("invalid_tool_call", f"{where} is {_json_type(calls)}, expected a non-empty list")
+    out = []
+    for k, call in enumerate(calls):
+        at = f"{where}[{k}]"
+        fn = call.get("function", call) if isinstance(call, dict) else None  # ShareGPT: {name, arguments}
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _Rejected("invalid_tool_call", f"{at} has no function name")
+        args = fn.get("arguments", fn.get("parameters", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise _Rejected("invalid_tool_call", f"{at}.arguments is not JSON: {args[:80]!r}") from None
+        if not isinstance(args, dict):
+            raise _Rejected("invalid_tool_call", f"{at}.arguments is {_json_type(args)}, expected an object")
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return json.dumps(out, ensure_ascii=False)
 
 
 def _turns(value: Any, *, field: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict]:
@@ -147,9 +229,40 @@ def _turns(value: Any, *, field: str, role_key: str, content_key: str, roles: di
         role = _map_role(turn[role_key], roles, where)
         if content_key not in turn:
             raise _Rejected("invalid_turn", f"{where} has no {content_key!r}")
-        content = _turn_text(turn[content_key], role, f"{where}.{content_key}")
-        messages.append({"role": role, "content": content})
+        message = {"role": role}
+        reasoning = _reasoning(turn, role, where)
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        content = turn[content_key]
+        if turn[role_key] == "function_call":  # ShareGPT: the call itself is the value (JSON text)
+            message["tool_calls"] = _tool_calls(_json_value(content, f"{where}.{content_key}"), f"{where}.{content_key}")
+            content = ""
+        elif turn.get("tool_calls") is not None or turn.get("function_call") is not None:
+            if role != "assistant":
+                raise _Rejected("invalid_tool_call", f"{where} carries tool calls on a {role} turn")
+            calls = turn.get("tool_calls") if turn.get("tool_calls") is not None else turn["function_call"]
+            message["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(turn.get(key), str) and turn[key]:
+                    message[key] = turn[key]
+        # an assistant turn that only reasons (a reply cut while thinking) or only calls tools has a
+        # null or empty content; a tool's result may be empty
+        if (len(message) > 1 or role == "tool") and (content is None or (isinstance(content, str) and not content.strip())):
+            message["content"] = "" if content is None else content
+        else:
+            message["content"] = _turn_text(content, role, f"{where}.{content_key}")
+        messages.append(message)
     return messages
+
+
+def _json_value(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise _Rejected("invalid_tool_call", f"{where} is not JSON: {value[:80]!r}") from None
 
 
 def _map_role(value: Any, roles: dict[str, str], where: str) -> str:

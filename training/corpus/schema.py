@@ -13,6 +13,7 @@ CONVERSATION_SCHEMA = pa.schema(
         ("id", pa.string()),
         ("messages", pa.list_(MESSAGE_TYPE)),
         ("source", pa.string()),
+        ("tools", pa.string()),  # JSON text of the record's tool schemas (OpenAI `tools`), null without
     ]
 )
 

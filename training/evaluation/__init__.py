@@ -16,6 +16,7 @@ Importing this package loads no torch (report.py is torch-free); `evaluate` impo
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -80,7 +81,7 @@ def prompt_ids(target, prompt: dict, max_tokens: int) -> list[int]:
             messages.pop()  # a held-out conversation: its reply is what the models must produce
         if not messages:
             raise ValueError(f"prompt {prompt.get('id')!r} has no non-assistant message")
-        ids = render_prompt(target.tokenizer, messages, getattr(target, "chat_template_kwargs", None))
+        ids = render_prompt(target.tokenizer, messages, getattr(target, "chat_template_kwargs", None), prompt.get("tools"))
     if not ids:
         raise ValueError(f"prompt {prompt.get('id')!r} renders to no tokens")
     return ids[-max_tokens:]
@@ -134,7 +135,7 @@ def evaluate(
     import torch
 
     from training.evaluation.prompt_lookup import PromptLookupProposer
-    from training.evaluation.prompts import expand_turns
+    from training.evaluation.prompts import expand_turns, renderable_prompts
     from training.evaluation.speculative import DecodeConfig, Eagle3Proposer, TargetRunner, generate
 
     cfg = EvalConfig(**options)
@@ -146,7 +147,13 @@ def evaluate(
         raise TypeError(f"evaluate simulates decoding with an HF model: load the target with backend 'hf', "
                         f"not {getattr(target, 'backend', type(target).__name__)!r}")
     device = next(model.parameters()).device
-    prompts = expand_turns(target, list(prompts), cfg.history_max_new_tokens)
+    prompts, refused = renderable_prompts(target, list(prompts))
+    if refused:
+        say(f"{len(refused)} prompts the chat template refuses, e.g. {refused[0]['id']}: {refused[0]['detail'][:200]}")
+    if not prompts:
+        raise ValueError(f"the target's chat template refuses all {len(refused)} prompts: "
+                         f"{dict(Counter(r['reason'] for r in refused))}, e.g. {refused[0]['detail'][:300]}")
+    prompts = expand_turns(target, prompts, cfg.history_max_new_tokens)
     d, d2t, draft_name = _load_draft(draft, model, device)
     _check_pair(d, model)
     runner = TargetRunner(model, d.cfg.aux_layer_ids)
@@ -216,6 +223,9 @@ def evaluate(
         "device": str(device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "n_prompts": len(encoded),
+        # prompts the chat template refused (template_error), left out with their reason
+        "prompts_rejected": len(refused),
+        "prompt_rejects": refused[:20],
         "domains": domains,
         "prompt_tokens": sum(len(ids) for _, _, ids in encoded),
         "stop_token_ids": sorted(stops),

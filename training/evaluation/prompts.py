@@ -17,7 +17,8 @@ def stratified_prompts(rows: Iterable[dict], n: int) -> list[dict]:
     by_domain: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_domain[row.get("source") or "all"].append(
-            {"id": row["id"], "domain": row.get("source") or "all", "messages": row["messages"]}
+            {"id": row["id"], "domain": row.get("source") or "all", "messages": row["messages"],
+             "tools": row.get("tools")}
         )
     columns = [sorted(v, key=lambda r: r["id"]) for _, v in sorted(by_domain.items())]
     interleaved = [p for group in zip_longest(*columns) for p in group if p is not None]
@@ -43,6 +44,34 @@ def read_prompt_file(url: str, log: Callable[[str], None] | None = None) -> list
     return result.rows.to_pylist()
 
 
+def renderable_prompts(target, prompts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(prompts the target's chat template renders, rejects {id, reason, detail} for the others).
+
+    Every generation prompt a prompt leads to is rendered first (before each assistant turn, and the
+    whole conversation when it ends on another role), so a prompt the template refuses (a system
+    role it does not support, roles that do not alternate: raise_exception) is rejected with the
+    template's reason and the evaluation goes on with the rest. Prompts given as input_ids render nothing.
+    """
+    from training.tokenization.templates import RowReject, prompt_renderer
+
+    renderer = prompt_renderer(target.tokenizer, getattr(target, "chat_template_kwargs", None))
+    kept, rejects = [], []
+    for p in prompts:
+        messages = list(p.get("messages") or []) if p.get("input_ids") is None else []
+        ends = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if messages and messages[-1].get("role") != "assistant":
+            ends.append(len(messages))
+        try:
+            for i in ends:
+                if i:
+                    renderer.bind(p.get("tools")).render(messages[:i], add_generation_prompt=True)
+        except RowReject as exc:
+            rejects.append({"id": p.get("id"), "reason": exc.reason, "detail": f"{exc.detail} (before message {i})"})
+            continue
+        kept.append(p)
+    return kept, rejects
+
+
 def expand_turns(target, prompts: list[dict], max_new_tokens: int) -> list[dict]:
     """Multi-turn questions as one prompt per turn, later turns asked after the target's OWN replies.
 
@@ -63,6 +92,8 @@ def expand_turns(target, prompts: list[dict], max_new_tokens: int) -> list[dict]
         for k, i in enumerate(empty):
             out.append({**p, "id": p["id"] if k == 0 else f"{p['id']}#{k + 1}", "messages": messages[:i]})
             if k + 1 < len(empty):  # a later turn follows: the target answers this one first
-                [gen] = target.generate([messages[:i]], [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)])
+                params = [SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=0)]
+                tools = {"tools": [p["tools"]]} if p.get("tools") else {}  # the tools block, as in training
+                [gen] = target.generate([messages[:i]], params, **tools)
                 messages[i]["content"] = gen.text
     return out

@@ -47,6 +47,8 @@ class Generation:
     n_tokens: int
     token_ids: tuple[int, ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    reasoning: str | None = None  # reasoning the server kept apart from `text` (reasoning parser); token_ids cover both
+    tool_calls: str | None = None  # calls a server's tool parser took out of the reply (MESSAGE_TYPE's JSON text)
 
 
 def check_aux_layer_ids(ids: Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -70,6 +72,8 @@ class TargetModel(ABC):
     # Rows per resampling batch when ResampleConfig leaves batch_size unset. A batch is the unit that
     # resampling saves its progress in; a backend that schedules requests itself wants more of them.
     generation_batch_size: ClassVar[int] = 32
+    # generate(..., tools=) shows each conversation's tool schemas to the target (its template's tools block)
+    supports_tools: ClassVar[bool] = False
 
     def __init__(self, name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False):
         self.name_or_path = str(name_or_path)
@@ -124,7 +128,8 @@ class TargetModel(ABC):
 
     @abstractmethod
     def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
-        """One assistant reply per conversation; the backend applies the chat template."""
+        """One assistant reply per conversation; the backend applies the chat template. A backend with
+        `supports_tools` also takes `tools=`: per conversation, its tool schemas (a list, JSON text or None)."""
 
     def close(self) -> None:
         """Release models, engines and pools (a later call loads them again)."""
@@ -143,19 +148,20 @@ def apply_final_logit_transforms(logits, config: dict):
     return logits
 
 
-def render_prompt(tokenizer, conversation: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
+def render_prompt(tokenizer, conversation: list[dict], chat_template_kwargs: dict | None = None,
+                  tools: str | list | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant generation prompt.
 
-    The tokenizer's own chat template renders it (with `chat_template_kwargs`); one without a template
+    The tokenizer's own chat template renders it (with `chat_template_kwargs`, the clock fixed at their
+    `template_date`: tokenization/templates.py template_vars); one without a template
     gets the `plain` rendering of training/tokenization/templates.py, the same text tokenization
     puts before the reply, so a generated reply and its training row share one prompt.
     """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
-        )
-    else:
-        from training.tokenization.templates import PlainRenderer
+    from training.tokenization.templates import prompt_renderer
 
-        text = PlainRenderer(tokenizer).render(conversation, add_generation_prompt=True)
+    # The renderer tokenization uses (apply_chat_template's template and sandbox): same text, and the
+    # clock of a template that reads it fixed at the settings' template_date, which apply_chat_template
+    # cannot do (it passes no callable to a template).
+    renderer = prompt_renderer(tokenizer, chat_template_kwargs).bind(tools)  # tools: the template's tools block
+    text = renderer.render(conversation, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

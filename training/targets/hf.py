@@ -98,6 +98,7 @@ class HFTarget(TargetModel):
     """`load_target(path_or_hub_id, "hf", dtype=..., device=...)`."""
 
     backend = "hf"
+    supports_tools = True
 
     def __init__(
         self,
@@ -192,7 +193,8 @@ class HFTarget(TargetModel):
             ids.update(value if isinstance(value, (list, tuple)) else [value])
         return ids
 
-    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams],
+                 tools: Sequence | None = None) -> list[Generation]:
         """Batched sampling with one RNG per row, seeded by that row's `seed`.
 
         Guarantee: a row's tokens depend only on its own prompt, params and seed, never on which
@@ -203,7 +205,8 @@ class HFTarget(TargetModel):
         """
         if len(conversations) != len(sampling):
             raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
-        prompts = [render_prompt(self.tokenizer, c, self.chat_template_kwargs) for c in conversations]
+        tools = tools or [None] * len(conversations)
+        prompts = [render_prompt(self.tokenizer, c, self.chat_template_kwargs, t) for c, t in zip(conversations, tools)]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)
         step = max(1, self.generation_batch_size)
@@ -261,11 +264,16 @@ class HFTarget(TargetModel):
                 input_ids = torch.tensor(nxt, device=dev)[:, None]
                 mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=dev)], dim=1)
                 positions = positions[:, -1:] + 1
+        from training.targets.harmony import harmony_ids, split_channels
+
+        harmony = harmony_ids(self.tokenizer)  # gpt-oss: channels kept apart, not flattened into the text
         results = []
         for b in range(B):
             toks = tokens[b][:-1] if finish[b] == "stop" else tokens[b]
+            text, reasoning = (split_channels(self.tokenizer, toks, harmony) if harmony else
+                               (reply_text(self.tokenizer, prompts[b], toks), None))
             results.append(Generation(
-                text=reply_text(self.tokenizer, prompts[b], toks), finish_reason=finish[b] or "length",
+                text=text, finish_reason=finish[b] or "length", reasoning=reasoning,
                 n_tokens=len(tokens[b]), token_ids=tuple(toks), prompt_token_ids=tuple(prompts[b]),
             ))
         return results

@@ -35,6 +35,7 @@ class OpenAITarget(TargetModel):
     """
 
     backend = "openai"
+    supports_tools = True
 
     def __init__(
         self,
@@ -119,18 +120,22 @@ class OpenAITarget(TargetModel):
             )
 
     # -- generation -------------------------------------------------------------------------
-    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+    def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams],
+                 tools: Sequence | None = None) -> list[Generation]:
         if len(conversations) != len(sampling):
             raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
         model = self.model_name
+        tools = tools or [None] * len(conversations)
         with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="openai-gen") as pool:
-            futures = [pool.submit(self._complete, model, i, c, s) for i, (c, s) in enumerate(zip(conversations, sampling))]
+            futures = [pool.submit(self._complete, model, i, c, s, t)
+                       for i, (c, s, t) in enumerate(zip(conversations, sampling, tools))]
             return [f.result() for f in futures]
 
-    def _complete(self, model: str, index: int, conversation: list[dict], params: SamplingParams) -> Generation:
+    def _complete(self, model: str, index: int, conversation: list[dict], params: SamplingParams,
+                  tools=None) -> Generation:
         body = {
             "model": model,
-            "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
+            "messages": [_request_message(m) for m in conversation],
             "temperature": params.temperature,
             "top_p": params.top_p,
             "max_tokens": params.max_new_tokens,
@@ -138,15 +143,35 @@ class OpenAITarget(TargetModel):
         }
         if params.seed is not None:
             body["seed"] = params.seed
-        if self.chat_template_kwargs:
-            body["chat_template_kwargs"] = self.chat_template_kwargs
+        if tools:
+            body["tools"] = json.loads(tools) if isinstance(tools, str) else tools
+        from training.tokenization.templates import TEMPLATE_DATE_KEY
+
+        # template_date pins the clock of the templates we render; a server renders on its own clock
+        # (tokenization names that as the cause when a prompt then differs: prompt_mismatch)
+        server_kwargs = {k: v for k, v in self.chat_template_kwargs.items() if k != TEMPLATE_DATE_KEY}
+        if server_kwargs:
+            body["chat_template_kwargs"] = server_kwargs
         if self.return_token_ids:
             body["return_token_ids"] = True
         data = self._request("POST", "/chat/completions", body)
         choices = data.get("choices") or []
         message = (choices[0].get("message") or {}) if choices else {}
         text = message.get("content")
-        if not choices or text is None or (text == "" and not self.allow_empty):
+        # a reasoning parser's field (vLLM: reasoning_content, newer: reasoning); a reply cut by
+        # max_tokens while thinking has reasoning and a null content: a reply, not an error
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or None
+        calls = None
+        if message.get("tool_calls"):  # a tool parser's calls: the reply is the call (content often null)
+            from training.corpus.formats import normalize_tool_calls
+
+            try:
+                calls = normalize_tool_calls(message["tool_calls"], f"reply {index}: tool_calls")
+            except ValueError as exc:
+                raise OpenAIError(f"{self.base_url}/chat/completions: {exc}") from None
+        if (reasoning is not None or calls is not None) and text is None:
+            text = ""
+        if not choices or text is None or (text == "" and reasoning is None and calls is None and not self.allow_empty):
             raise OpenAIError(
                 f"{self.base_url}/chat/completions returned an empty reply for conversation {index} "
                 f"(choices={len(choices)}, finish_reason={choices[0].get('finish_reason') if choices else None})"
@@ -168,7 +193,7 @@ class OpenAITarget(TargetModel):
             token_ids = prompt_token_ids = None
         return Generation(
             text=text, finish_reason=finish, n_tokens=int(usage.get("completion_tokens") or 0),
-            token_ids=token_ids, prompt_token_ids=prompt_token_ids,
+            token_ids=token_ids, prompt_token_ids=prompt_token_ids, reasoning=reasoning, tool_calls=calls,
         )
 
     def _request(self, method: str, path: str, body: dict | None) -> dict:
@@ -209,6 +234,16 @@ class OpenAITarget(TargetModel):
             # Jitter keeps many workers from retrying in lockstep against a recovering server.
             time.sleep(self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2))
         raise AssertionError("unreachable")
+
+
+def _request_message(message: dict) -> dict:
+    """A stored message as the chat completions API takes it: its set fields (reasoning_content in
+    history, as vLLM's server hands it to the template), tool calls with their arguments as JSON text."""
+    out = {k: v for k, v in message.items() if v is not None}
+    if isinstance(out.get("tool_calls"), str):
+        out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
+                             for c in json.loads(out["tool_calls"])]
+    return out
 
 
 def _excerpt(raw: bytes, limit: int = 300) -> str:

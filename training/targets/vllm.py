@@ -182,6 +182,9 @@ class VLLMTarget(TargetModel):
             [list(c) for c in conversations], params, use_tqdm=False,
             chat_template_kwargs=self.chat_template_kwargs,
         )
+        from training.targets.harmony import harmony_ids, split_channels
+
+        harmony = harmony_ids(self.tokenizer)  # gpt-oss: channels kept apart, not flattened into the text
         results = []
         for out in outputs:
             completion = out.outputs[0]
@@ -191,8 +194,9 @@ class VLLMTarget(TargetModel):
             # (an int) ended the reply; text never holds it, and neither do the reply's ids here.
             if finish == "stop" and ids and (completion.stop_reason is None or isinstance(completion.stop_reason, int)):
                 ids = ids[:-1]
+            text, reasoning = split_channels(self.tokenizer, ids, harmony) if harmony else (completion.text, None)
             results.append(Generation(
-                text=completion.text, finish_reason=finish, n_tokens=len(completion.token_ids),
+                text=text, reasoning=reasoning, finish_reason=finish, n_tokens=len(completion.token_ids),
                 token_ids=tuple(ids), prompt_token_ids=tuple(int(t) for t in out.prompt_token_ids or ()) or None,
             ))
         return results

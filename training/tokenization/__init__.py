@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from training.schemas import MESSAGE_FIELDS
 from training.tokenization.masking import Encoded, encode_views, encoder, special_lookup
 from training.tokenization.templates import ChatTemplateError, RowReject, View, make_renderer
 
@@ -90,10 +91,13 @@ class TokenizeResult:
     id_mismatches: int = 0  # rows with generated ids whose masked ids differ from them (+ end-of-turn)
     notes: dict = field(default_factory=dict)  # reason -> turns/rows, e.g. reply_rendered_differently
     note_examples: dict = field(default_factory=dict)  # reason -> the first one's detail
+    template_date: str | None = None  # the date strftime_now renders, for a template that reads the clock
+    reasoning_turns: int = 0  # assistant messages with reasoning_content (rendered as the template renders it)
+    tool_call_turns: int = 0  # assistant messages with tool_calls (rendered by the template, masked as replies)
 
 
-def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
-    """(id, messages, completion_ids, prompt_digests) from a list of dicts or a pyarrow Table."""
+def _rows(conversations) -> list[tuple[str, object, list | None, list | None, str | list | None]]:
+    """(id, messages, completion_ids, prompt_digests, tools) from a list of dicts or a pyarrow Table."""
     if isinstance(conversations, pa.Table):
         cols = conversations.column_names
         if "messages" not in cols:
@@ -101,15 +105,16 @@ def _rows(conversations) -> list[tuple[str, object, list | None, list | None]]:
         messages = conversations.column("messages").to_pylist()
         n = len(messages)
         ids = conversations.column("id").to_pylist() if "id" in cols else range(n)
-        gen = conversations.column("completion_ids").to_pylist() if "completion_ids" in cols else [None] * n
-        dig = conversations.column("prompt_digests").to_pylist() if "prompt_digests" in cols else [None] * n
-        return [(str(i), m, g, d) for i, m, g, d in zip(ids, messages, gen, dig)]
-    return [(str(c.get("id", n)), c.get("messages"), c.get("completion_ids"), c.get("prompt_digests"))
+        gen, dig, tools = (conversations.column(c).to_pylist() if c in cols else [None] * n
+                           for c in ("completion_ids", "prompt_digests", "tools"))
+        return list(zip(map(str, ids), messages, gen, dig, tools))
+    return [(str(c.get("id", n)), c.get("messages"), c.get("completion_ids"), c.get("prompt_digests"), c.get("tools"))
             for n, c in enumerate(conversations)]
 
 
 def _clean(messages) -> list[dict]:
-    """Plain {role, content} dicts (templates see nothing else), or RowReject for malformed rows."""
+    """The messages' MESSAGE_TYPE fields that are set (templates see nothing else), or RowReject for
+    malformed rows."""
     if not isinstance(messages, list) or not messages:
         raise RowReject("invalid_messages", "messages is not a non-empty list")
     out = []
@@ -118,7 +123,7 @@ def _clean(messages) -> list[dict]:
         content = m.get("content") if isinstance(m, dict) else None
         if not isinstance(role, str) or not role or not isinstance(content, str):
             raise RowReject("invalid_messages", f"message {k} needs a string role and string content, got {m!r:.120}")
-        out.append({"role": role, "content": content})
+        out.append({f: m[f] for f in MESSAGE_FIELDS if m.get(f) is not None})
     return out
 
 
@@ -136,18 +141,21 @@ def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None 
     rows = _rows(conversations)
     views, owners, chars = [], [], 0
     gen_convs, gen_chars = [], 0
-    for n, (conv_id, messages, completion_ids, digests) in enumerate(rows):
+    for n, (conv_id, messages, completion_ids, digests, tools) in enumerate(rows):
         try:
             messages = _clean(messages)
+            ctx.reasoning_turns += sum("reasoning_content" in m for m in messages)
+            ctx.tool_call_turns += sum("tool_calls" in m for m in messages)
+            conv_renderer = renderer.bind(tools)  # the template's tools block for this conversation's tools
             if cfg.use_generated_ids and completion_ids is not None:
-                gen_convs.append(_generated_frames(renderer, n, conv_id, messages, completion_ids, digests))
+                gen_convs.append(_generated_frames(conv_renderer, n, conv_id, messages, completion_ids, digests))
                 gen_chars += sum(len(f.prompt) for f in gen_convs[-1].frames)
                 if gen_chars >= BATCH_CHARS:
                     ctx.tables.append(_generated_table(ctx, gen_convs))
                     gen_convs, gen_chars = [], 0
                 continue
-            conv_views = renderer.views(messages)
-            expect = _text_expectations(ctx, messages, conv_views, completion_ids)
+            conv_views = conv_renderer.views(messages)
+            expect = _text_expectations(ctx, conv_renderer, messages, conv_views, completion_ids)
         except RowReject as exc:
             ctx.rejects.append({"id": conv_id, "reason": exc.reason, "detail": exc.detail})
             continue
@@ -175,6 +183,9 @@ def tokenize_conversations(tokenizer, conversations, cfg: TokenizeConfig | None 
         id_mismatches=ctx.id_mismatches,
         notes=dict(sorted(ctx.notes.items())),
         note_examples=ctx.note_examples,
+        template_date=renderer.template_date,
+        reasoning_turns=ctx.reasoning_turns,
+        tool_call_turns=ctx.tool_call_turns,
     )
 
 
@@ -210,6 +221,8 @@ class _Context:
     rows_from_ids: int = 0
     retokenized: int = 0
     id_mismatches: int = 0
+    reasoning_turns: int = 0
+    tool_call_turns: int = 0
     notes: dict = field(default_factory=dict)
     note_examples: dict = field(default_factory=dict)
     _eot: dict = field(default_factory=dict)
@@ -274,8 +287,7 @@ def _generated_table(ctx: _Context, convs: list[_Frames]) -> pa.Table:
                     raise RowReject(
                         "prompt_mismatch",
                         f"assistant message {i}: the target generated it after a prompt of digest {digest}, "
-                        f"this template renders {prompt_digest(p_ids)}: the chat template or its settings "
-                        "(chat_template_kwargs, template) differ between resampling and tokenization",
+                        f"this template renders {prompt_digest(p_ids)}: {_mismatch_cause(ctx.renderer)}",
                     )
                 if not frame.verbatim:
                     ctx.note("reply_rendered_differently",
@@ -316,7 +328,17 @@ def _generated_table(ctx: _Context, convs: list[_Frames]) -> pa.Table:
     return _rows_table(ctx, enc, owners)
 
 
-def _text_expectations(ctx: _Context, messages, views: list[View], completion_ids) -> list:
+def _mismatch_cause(renderer) -> str:
+    if renderer.template_date is not None:
+        return (f"the chat template reads the clock (strftime_now), which tokenization fixes at template_date "
+                f"{renderer.template_date}; the prompt the target saw was rendered on another date (a server "
+                "backend, vllm or openai, renders on its own clock: set the chat template setting template_date "
+                "to the day it rendered, or resample with the hf backend), or the template or its settings differ")
+    return ("the chat template or its settings (chat_template_kwargs, template) differ between resampling and "
+            "tokenization")
+
+
+def _text_expectations(ctx: _Context, renderer, messages, views: list[View], completion_ids) -> list:
     """Per view, the masked ids it should hold if the conversation has generated ids (else None):
     what id_mismatches compares re-encoded rows with."""
     if completion_ids is None:
@@ -329,7 +351,7 @@ def _text_expectations(ctx: _Context, messages, views: list[View], completion_id
     for v in views:
         exp = []
         for i in v.turns:
-            after_ids, n_eot = ctx.closing(ctx.renderer.frame(messages, i).after)
+            after_ids, n_eot = ctx.closing(renderer.frame(messages, i).after)
             exp += list(gen[i]) + after_ids[:n_eot]
         out.append(exp if v.turns else None)
     return out

@@ -48,13 +48,24 @@ def special_lookup(tokenizer) -> np.ndarray:
 
 def _token_at(enc, start: int, end: int, forward: bool) -> int | None:
     """First (or last) token overlapping chars [start, end); steps over chars no token covers
-    (whitespace a Metaspace tokenizer folds into the next token, trimmed offsets)."""
+    (whitespace a Metaspace tokenizer folds into the next token, trimmed offsets).
+
+    char_to_token names the FIRST token of a char, but a byte-level tokenizer may spell one char
+    (an emoji, a CJK character) as several byte tokens that all cover it: going backward, the last
+    token is the last of those, or a reply ending in an emoji would keep only its first byte."""
     positions = range(start, end) if forward else range(end - 1, start - 1, -1)
     for pos in positions:
         tok = enc.char_to_token(pos)
         if tok is not None:
+            if not forward:
+                while tok + 1 < len(enc) and _covers(enc.token_to_chars(tok + 1), pos):
+                    tok += 1
             return tok
     return None
+
+
+def _covers(chars, pos: int) -> bool:
+    return chars is not None and chars[0] <= pos < chars[1]
 
 
 def encode_views(backend, views: list[View], special: np.ndarray, extend_eot: bool) -> Encoded:

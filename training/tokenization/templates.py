@@ -38,8 +38,11 @@ Messages after the last assistant turn are dropped: they carry no loss and would
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 from dataclasses import dataclass, field
+from datetime import date, datetime
 
 from jinja2.runtime import new_context
 
@@ -54,6 +57,49 @@ PROBE = [
     {"role": "user", "content": "Tell me a short joke."},
     {"role": "assistant", "content": "Why did the chicken cross the road? To get to the other side."},
 ]
+
+
+# Templates that read the clock (Llama-3.x, Mistral-Small, Granite: `strftime_now("%d %b %Y")` in the
+# system block) would render another prompt on another day (or in another time zone), so a row
+# resampled before midnight and tokenized after it would no longer match. Every renderer we drive
+# binds strftime_now to one fixed date instead: `template_date` (YYYY-MM-DD) of the chat template
+# settings, else DEFAULT_TEMPLATE_DATE. It sits in chat_template_kwargs, the target identity every
+# fingerprint includes, so changing it re-runs every stage that renders a prompt.
+TEMPLATE_DATE_KEY = "template_date"
+DEFAULT_TEMPLATE_DATE = "2026-01-01"
+
+
+def template_message(message: dict) -> dict:
+    """A stored message (training.schemas.MESSAGE_TYPE) as chat templates read it, as transformers'
+    apply_chat_template hands it over: null fields left out (a template tests `"thinking" in
+    message`), `tool_calls` parsed from its JSON text, reasoning under both names templates read
+    (`reasoning_content`: Qwen3, DeepSeek; `thinking`: gpt-oss)."""
+    out = {k: v for k, v in message.items() if v is not None}
+    if isinstance(out.get("tool_calls"), str):
+        out["tool_calls"] = json.loads(out["tool_calls"])
+    reasoning = out.get("reasoning_content")
+    if reasoning is not None:
+        out = {"thinking": reasoning, **out}
+    return out
+
+
+def template_vars(template_kwargs: dict | None) -> dict:
+    """The chat template settings as template variables: `template_date` replaced by the clock it
+    fixes (`strftime_now` formats that date at midnight); ValueError for a date that is not ISO."""
+    kwargs = dict(template_kwargs or {})
+    day = kwargs.pop(TEMPLATE_DATE_KEY, DEFAULT_TEMPLATE_DATE)
+    try:
+        fixed = datetime.combine(date.fromisoformat(str(day)), datetime.min.time())
+    except ValueError:
+        raise ValueError(f"chat template setting {TEMPLATE_DATE_KEY}={day!r} is not a date (YYYY-MM-DD)") from None
+    return {**kwargs, "strftime_now": fixed.strftime}
+
+
+def template_date(source: str | None, template_kwargs: dict | None) -> str | None:
+    """The date a template that reads the clock renders (None for one that does not)."""
+    if not source or "strftime_now" not in source:
+        return None
+    return str((template_kwargs or {}).get(TEMPLATE_DATE_KEY, DEFAULT_TEMPLATE_DATE))
 
 
 class ChatTemplateError(ValueError):
@@ -140,17 +186,28 @@ class ChatRenderer:
 
         self.source = tokenizer.get_chat_template()
         self.template = _compile_jinja_template(self.source)
-        self.base_vars = {**self.template.globals, **tokenizer.special_tokens_map, **(template_kwargs or {})}
+        self.base_vars = {**self.template.globals, **tokenizer.special_tokens_map, **template_vars(template_kwargs)}
+        self.template_date = template_date(self.source, template_kwargs)
         self.markers = bool(GENERATION_MARKER.search(self.source))
         # markers may wrap only the content; then the end-of-turn token right after it joins the span
         self.extend_eot = self.markers
 
+    def bind(self, tools: str | list | None):
+        """This renderer for a conversation with tool schemas (a list, or its JSON text): the template
+        renders them as its tools block, as apply_chat_template(tools=...) does. No tools: itself."""
+        if not tools:
+            return self
+        bound = copy.copy(self)
+        bound.base_vars = {**self.base_vars, "tools": json.loads(tools) if isinstance(tools, str) else tools}
+        return bound
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False, spans: list | None = None) -> str:
         """The template's text for `messages`; with `spans`, also collect its {% generation %} spans."""
         t = self.template
-        ctx = new_context(t.environment, t.name, t.blocks, shared=True,
-                          vars={**self.base_vars, "messages": messages, "add_generation_prompt": add_generation_prompt})
         try:
+            ctx = new_context(t.environment, t.name, t.blocks, shared=True,
+                              vars={**self.base_vars, "messages": [template_message(m) for m in messages],
+                                    "add_generation_prompt": add_generation_prompt})
             if spans is None:
                 return "".join(t.root_render_func(ctx))
             blocks: list[str] = []
@@ -208,7 +265,9 @@ class ChatRenderer:
         """The template's framing of assistant message i (RowReject template_mismatch if the
         generation prompt does not start the turn)."""
         prompt = self.render(messages[:i], add_generation_prompt=True)
-        probe = self.render([*messages[:i], {**messages[i], "content": REPLY_SENTINEL}])
+        # the bare reply: what the template writes after it closes the turn, whatever the reply held
+        # (reasoning and tool calls are in the generated ids, not after them)
+        probe = self.render([*messages[:i], {"role": messages[i]["role"], "content": REPLY_SENTINEL}])
         at = probe.rfind(REPLY_SENTINEL)
         if not probe.startswith(prompt) or at < len(prompt):
             k = _first_difference(prompt, probe)
@@ -220,7 +279,10 @@ class ChatRenderer:
         after = probe[at + len(REPLY_SENTINEL):]
         full = self.render(messages[: i + 1])
         rendered = full[len(prompt):len(full) - len(after)] if full.startswith(prompt) and full.endswith(after) else None
-        verbatim = rendered is not None and rendered.strip() == messages[i]["content"].strip()
+        reply, reasoning = messages[i]["content"].strip(), (messages[i].get("reasoning_content") or "").strip()
+        # with reasoning kept apart, the template renders it (think tags and all) before the reply
+        verbatim = rendered is not None and (rendered.strip() == reply if not reasoning else
+                                             reasoning in rendered and rendered.strip().endswith(reply))
         return ReplyFrame(prompt, after, rendered, verbatim)
 
 
@@ -229,6 +291,7 @@ class PlainRenderer:
 
     markers = False
     extend_eot = False
+    template_date = None
 
     def __init__(self, tokenizer):
         # BOS only if the tokenizer itself puts one in front of text (Llama does, GPT-2 does not)
@@ -239,6 +302,13 @@ class PlainRenderer:
         self.bos = tokenizer.bos_token if adds_bos else ""
         self.eos = tokenizer.eos_token or ""
 
+    def bind(self, tools: str | list | None):
+        """No tools block in plain text: a conversation with tools cannot be shown as the data says."""
+        if tools:
+            raise RowReject("tools_unsupported", "the conversation has tool schemas and the plain template "
+                                                 "(a tokenizer without a chat template) has no tools block")
+        return self
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The plain text of `messages`; the generation prompt adds nothing (the reply follows the prompt)."""
         return self._layout(messages)[0]
@@ -247,6 +317,10 @@ class PlainRenderer:
         parts, spans, turns, pos = [self.bos], [], [], len(self.bos)
         prev_prompt = False
         for i, m in enumerate(messages):
+            for key in ("reasoning_content", "tool_calls"):
+                if m.get(key) is not None:  # plain text has no place for them: never drop them silently
+                    raise RowReject(f"{key}_unsupported", f"message {i} has {key} and the plain template (a "
+                                                          "tokenizer without a chat template) renders content only")
             if m["role"] == ASSISTANT:
                 piece = m["content"] + self.eos
                 spans.append((pos, pos + len(piece), pos + len(piece)))
@@ -266,6 +340,16 @@ class PlainRenderer:
     def frame(self, messages: list[dict], i: int) -> ReplyFrame:
         content = messages[i]["content"]
         return ReplyFrame(self.render(messages[:i], add_generation_prompt=True), self.eos, content, True)
+
+
+def prompt_renderer(tokenizer, template_kwargs: dict | None = None):
+    """What renders generation prompts for this tokenizer (its chat template, else plain), without
+    make_renderer's masking probe: resampling and evaluation render every prompt through it first,
+    so a row the template refuses (raise_exception on a system role, on roles that do not
+    alternate) is that row's RowReject(template_error), not a failed batch."""
+    if getattr(tokenizer, "chat_template", None):
+        return ChatRenderer(tokenizer, template_kwargs)
+    return PlainRenderer(tokenizer)
 
 
 def check_chat_template(renderer: ChatRenderer) -> None:

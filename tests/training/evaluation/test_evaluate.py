@@ -102,3 +102,26 @@ def test_rejects_a_draft_for_another_target(target):
         evaluate(target, (draft, d2t, t2d), PROMPTS[:1], ks=[1], max_new_tokens=2)
     with pytest.raises(TypeError, match="backend 'hf'"):
         evaluate(object(), (draft, d2t, t2d), PROMPTS[:1], ks=[1], max_new_tokens=2)
+
+
+def test_prompts_the_template_refuses_are_rejected_with_their_reason(target_dirs, export_dir):
+    """A Gemma-style template raises on a system role and on roles that do not alternate: those prompts
+    are left out with the template's reason, counted, and the rest are evaluated."""
+    from tests.training.test_chat_templates import GEMMA_STYLE
+    from training.targets import load_target
+
+    strict = load_target(str(target_dirs["llama"]), dtype="float32", device="cpu")
+    strict.tokenizer.chat_template = GEMMA_STYLE
+    refused = [
+        {"id": "sys", "domain": "chat", "messages": [{"role": "system", "content": "be brief"},
+                                                     {"role": "user", "content": "hello"}]},
+        {"id": "twice", "domain": "chat", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+    ]
+    res = evaluate(strict, export_dir, [*PROMPTS, *refused], ks=[1], temperatures=[0.0], max_new_tokens=4,
+                   warmup=False, served=False)
+    assert res.config["n_prompts"] == 3 and res.config["prompts_rejected"] == 2
+    why = {r["id"]: (r["reason"], r["detail"]) for r in res.config["prompt_rejects"]}
+    assert why["sys"][0] == why["twice"][0] == "template_error"
+    assert "System role not supported" in why["sys"][1] and "must alternate" in why["twice"][1]
+    with pytest.raises(ValueError, match="refuses all 2 prompts"):
+        evaluate(strict, export_dir, refused, ks=[1], temperatures=[0.0], max_new_tokens=4, served=False)

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.conftest import set_fields
+
 from training.evaluation import prompt_ids
 from training.evaluation.prompts import PromptFileError, expand_turns, read_prompt_file, stratified_prompts
 from training.targets import SamplingParams
@@ -28,7 +30,7 @@ def test_question_file_gives_one_prompt_per_turn_after_the_targets_own_replies(t
     expanded = expand_turns(target, prompts, max_new_tokens=5)
     by_id = {p["id"]: p for p in expanded}
     assert sorted(by_id) == ["101", "81", "81#2"]
-    assert by_id["81"]["messages"] == [{"role": "user", "content": QUESTIONS[0]["turns"][0]}]
+    assert set_fields(by_id["81"]["messages"]) == [{"role": "user", "content": QUESTIONS[0]["turns"][0]}]
     second = by_id["81#2"]["messages"]
     [own] = target.generate([second[:1]], [SamplingParams(temperature=0.0, max_new_tokens=5, seed=0)])
     assert [m["role"] for m in second] == ["user", "assistant", "user"]

@@ -67,6 +67,9 @@ class Server:
         with self.lock:  # one forward at a time on the shared model
             [gen] = self.target.generate([body["messages"]], [params])
         choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason}
+        if self.mode == "thinking":  # a reasoning parser, the reply cut by max_tokens while still thinking
+            choice.update(message={"role": "assistant", "content": None, "reasoning_content": gen.text},
+                          finish_reason="length")
         out = {"id": "chatcmpl-1", "object": "chat.completion", "model": body["model"], "choices": [choice],
                "usage": {"completion_tokens": gen.n_tokens}}
         if body.get("return_token_ids") and self.mode != "no_ids":
@@ -180,3 +183,29 @@ def test_no_features_and_facts_only_with_a_tokenizer(hf_target):
     with_tok = load_target("http://127.0.0.1:9", backend="openai", model="m", tokenizer=hf_target.name_or_path)
     assert with_tok.facts == hf_target.facts
     assert with_tok.tokenizer("ab")["input_ids"] == hf_target.tokenizer("ab")["input_ids"]
+
+
+def test_a_reply_cut_while_reasoning_is_a_row_with_its_reason(server, hf_target):
+    """A reasoning parser's reply cut by max_tokens (content null, reasoning only) is a generation, kept
+    apart from the reply: resampling keeps the row (finish_reason length) or drops it with its reason,
+    never fails the batch; the next turn's request carries the reasoning in its history."""
+    from training.resample import ResampleConfig, resample_conversations
+
+    server.mode = "thinking"
+    client = load_target(server.url, backend="openai", model="m", tokenizer=hf_target.name_or_path)
+    [gen] = client.generate(CONVS[:1], PARAMS[:1])
+    assert gen.text == "" and gen.reasoning and gen.finish_reason == "length" and gen.token_ids
+    rows = [{"id": f"r{i}", "source": "t", "messages": [*c, {"role": "assistant", "content": "x"},
+                                                      {"role": "user", "content": "and?"},
+                                                      {"role": "assistant", "content": "y"}]}
+            for i, c in enumerate(CONVS[:3])]
+    cfg = dict(temperatures={0.0: 1.0}, max_new_tokens=4)
+    res = resample_conversations(client, rows, ResampleConfig(**cfg), log=lambda _: None)
+    assert (res.n_in, res.n_ok, res.n_rejected) == (3, 3, 0) and res.finish_reasons == {"length": 3}
+    for row in res.table.to_pylist():
+        replies = [m for m in row["messages"] if m["role"] == "assistant"]
+        assert all(m["content"] == "" and m["reasoning_content"] for m in replies)
+        assert row["completion_ids"] is not None  # the ids cover the reasoning as generated
+    assert server.bodies[-1]["messages"][1]["reasoning_content"]  # history keeps the reasoning
+    dropped = resample_conversations(client, rows, ResampleConfig(**cfg, on_length="drop"), log=lambda _: None)
+    assert dropped.n_rejected == 3 and set(dropped.rejects["reason"].to_pylist()) == {"length_limit"}
