@@ -152,13 +152,18 @@ class VLLMTarget(TargetModel):
         return self._engines[mode][0]
 
     def close(self) -> None:
-        folders = [scratch for _, scratch in self._engines.values() if scratch]
-        had_engines = bool(self._engines)
-        self._engines = {}
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        if had_engines:
-            gc.collect()  # an LLM's engine process shuts down when the object goes
+        engines, self._engines = list(self._engines.values()), {}
+        for llm, scratch in engines:
+            # Dropping the LLM does not stop its engine process (vLLM's client threads keep it
+            # referenced), so a GPU would still hold its memory when the next engine starts: stop it.
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if core is not None:
+                core.shutdown()
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+        if engines:
+            del engines, llm
+            gc.collect()
             import torch
 
             if torch.cuda.is_available():

@@ -62,7 +62,20 @@ def vllm_fp32(target_dir):
     target = load_target(str(target_dir), backend="vllm", dtype="float32")
     yield target
     target.close()
-    assert target._engines == {}
+    assert target._engines == {} and engine_processes() == []  # stopped, not only forgotten
+
+
+def engine_processes() -> list:
+    """vLLM engine processes this test process started and that still run."""
+    import psutil
+
+    def cmd(p):
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # gone meanwhile
+            return ""
+
+    return [p for p in psutil.Process().children(recursive=True) if "EngineCore" in cmd(p) and p.status() != "zombie"]
 
 
 @pytest.mark.slow  # a vLLM engine start: tens of seconds on 2 cores
@@ -103,8 +116,10 @@ def test_features_equal_hf_per_layer_and_the_cpu_keeps_an_engine_per_mode(vllm_f
 
 @pytest.mark.slow  # a vLLM engine start: tens of seconds on 2 cores
 def test_features_in_bfloat16_within_its_precision(target_dir, hf):
+    others = {p.pid for p in engine_processes()}  # the module's float32 engines
     target = load_target(str(target_dir), backend="vllm", dtype="bfloat16")
     try:
         _check_features(target, hf, 2e-2)
     finally:
         target.close()
+    assert {p.pid for p in engine_processes()} == others  # its engine stopped: a GPU is free for the next
