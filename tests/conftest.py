@@ -33,6 +33,11 @@ def set_fields(messages: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
+def run_events(instance, run_id: str) -> list:
+    """Every event log entry of a run, through the public records API."""
+    return [r.event_log_entry for r in instance.get_records_for_run(run_id).records]
+
+
 def free_port() -> int:
     """A loopback port free now (bound once to get a number, then released): for a server to start
     on, or, as nothing listens on it, an endpoint that refuses connections."""

@@ -16,6 +16,7 @@ import pytest
 
 from resources.object_store import read_ref
 from spec_assets.cli import main
+from tests.conftest import run_events
 from tests.spec_assets.conftest import new_dagster_home
 from tests.training.test_chat_templates import GEMMA_STYLE, QWEN3, QWEN25_TOOLS, TOOL_RECORD
 from tests.training.test_resample import harmony_target
@@ -71,7 +72,7 @@ def pipeline(tmp_path, tiny_target, monkeypatch):
                 if records_:
                     meta[asset] = {k: v.value for k, v in records_[0].asset_materialization.metadata.items()}
             failures = [_messages(e.dagster_event.event_specific_data.error)
-                        for r in instance.get_runs() for e in instance.all_logs(r.run_id)
+                        for r in instance.get_runs() for e in run_events(instance, r.run_id)
                         if e.dagster_event is not None and e.dagster_event.event_type_value == "STEP_FAILURE"]
         return Run(code, meta, failures, ObjectStore((tmp_path / "store").as_uri()), AutoTokenizer.from_pretrained(target))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, run_events
 from tests.pg_server import PASSWORD, PostgresServer, why_unavailable
 from tests.spec_assets.conftest import graph_env
 from tests.spec_assets.small_run import SMALL
@@ -48,7 +48,7 @@ def specdraft(args: list[str], env: dict, timeout: int = 240) -> subprocess.Comp
 def step_windows(instance, run_id: str) -> dict[str, tuple[float, float]]:
     """step key -> (start, end) timestamps from the run's event log."""
     out: dict[str, list[float]] = {}
-    for e in instance.all_logs(run_id):
+    for e in run_events(instance, run_id):
         ev = e.dagster_event
         if ev is None or ev.step_key is None:
             continue

@@ -21,7 +21,7 @@ import pytest
 from resources.generation_backend import GenerationBackendResource
 from resources.ray_cluster import RayClusterResource
 from resources.target_model import TargetModelResource
-from tests.conftest import free_port
+from tests.conftest import free_port, run_events
 from tests.ray_cluster import RayCluster, why_unavailable
 from tests.spec_assets.conftest import graph_env, make_resources
 from training.storage import ObjectStore
@@ -76,7 +76,7 @@ def materialize(env: dict, store: Path, ray_address: str, run_config: dict, sele
     result = dg.materialize(all_assets, selection=selection, partition_key=SHARD, instance=instance,
                             resources=resources, run_config=run_config, raise_on_error=False)
     wall = time.perf_counter() - t0
-    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    logs = [e.user_message for e in run_events(instance, result.run_id)]
     if own:
         instance.dispose()
     return result, logs, wall

@@ -144,7 +144,9 @@ def _materialize(instance, resources, selection, partition=None):
 
 def _everything_dagster_kept(instance) -> str:
     """Every run, its config, job and plan snapshots, and every event of it, serialized."""
-    from dagster._serdes import serialize_value
+    from dagster import serialize_value
+
+    from tests.conftest import run_events
 
     parts = []
     for run in instance.get_runs():
@@ -154,7 +156,7 @@ def _everything_dagster_kept(instance) -> str:
             parts.append(serialize_value(instance.get_job_snapshot(run.job_snapshot_id)))
         if run.execution_plan_snapshot_id:
             parts.append(serialize_value(instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)))
-        parts.extend(serialize_value(entry) for entry in instance.all_logs(run.run_id))
+        parts.extend(serialize_value(entry) for entry in run_events(instance, run.run_id))
     return "\n".join(parts)
 
 
