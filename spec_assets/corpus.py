@@ -8,32 +8,16 @@ import dagster as dg
 from resources.corpus_source import CorpusSourceResource
 from resources.object_store import ObjectStoreResource
 from spec_assets.artifact_step import materialize_artifact
+from spec_assets.metadata import top_counts
 from spec_assets.partitions import corpus_shards
+from spec_assets.stage_config import stage_config
+from training.configs import SplitConfig
 
 PREVIEW_ROWS = 5
 
 
-class SourceCorpusConfig(dg.Config):
-    """training.corpus.SplitConfig as Dagster config (defaults tested equal to the library's)."""
-
-    # Share of conversations (chosen by a hash of their id) kept out of training for eval_report.
-    heldout_fraction: float = 0.05
-    heldout_seed: int = 0
-
-
-# Reasons carry the offending value (`unknown_role:<name>`): a file with many bogus roles would
-# otherwise grow the metadata without bound. rejects.parquet keeps every row and reason.
-MAX_REASONS = 20
-
-
-def _top_reasons(by_reason: list[tuple[str, int]]) -> dict[str, int]:
-    """{reason: count} for the MAX_REASONS most frequent (by_reason is sorted by count), the
-    rest summed under one key, so the counts still add up to rows_rejected."""
-    top = dict(by_reason[:MAX_REASONS])
-    rest = by_reason[MAX_REASONS:]
-    if rest:
-        top[f"({len(rest)} more reasons)"] = sum(n for _, n in rest)
-    return top
+class SourceCorpusConfig(stage_config(SplitConfig)):
+    """source_corpus's settings: training.configs.SplitConfig's fields."""
 
 
 def _preview(table, n: int = PREVIEW_ROWS) -> list[dict]:
@@ -96,7 +80,7 @@ def source_corpus(
             "rows_train": train.num_rows,
             "rows_heldout": heldout.num_rows,
             "formats": result.formats,
-            "rejects_by_reason": _top_reasons(by_reason),
+            "rejects_by_reason": top_counts(dict(by_reason)),
             **stats,
             "preview": _preview(train),
         }

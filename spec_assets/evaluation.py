@@ -4,37 +4,25 @@ import tempfile
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
 from resources.corpus_source import CorpusSourceResource
 from resources.object_store import ObjectStoreResource
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
 from spec_assets.instance import target_pool
+from spec_assets.stage_config import stage_config
+from training.configs import EvalConfig
 from training.storage import ArtifactRef
 
 GATE_CHECK = "beats_prompt_lookup"
 
 
-class EvalReportConfig(dg.Config):
-    """training.evaluation.EvalConfig as Dagster config (defaults tested equal to the library's;
-    importing it here would load matplotlib with the code location)."""
+class EvalReportConfig(stage_config(EvalConfig)):
+    """eval_report's settings: training.configs.EvalConfig's fields, and where the prompts come from."""
 
-    prompts_url: str = ""  # a held-out prompt file; empty: the corpus resource's eval_prompts, else held-out rows
-    ks: list[int] = [1, 2, 3, 4, 5, 6, 7]
-    temperatures: list[float] = [0.0, 1.0]
-    max_new_tokens: int = 64
-    seed: int = 0
-    max_prompts: int = 24  # held-out prompts drawn, stratified by domain
-    gate_k: int = 4  # the quality gate: tau at gate_k (lowest temperature) beats prompt lookup's ...
-    min_tau: float = 1.5  # ... and reaches min_tau
-    max_prompt_tokens: int = 1024  # longer prompts keep their last tokens (bounds CPU prefill)
-    prompt_lookup_max: int = 3  # n-gram sizes of the prompt-lookup baseline
-    prompt_lookup_min: int = 1
-    history_max_new_tokens: int = 256  # question files: the target's own replies before later turns
-    argmax_draft: bool = False  # sampled runs: propose the draft's argmax (vLLM's way) instead of sampling
-    ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing)
-    warmup: bool = True  # one short untimed run first
-    served: bool = True  # also decode in real vLLM (method eagle3) when it is installed: served tau per k
+    prompts_url: str = Field("", description="A held-out prompt file; empty: the corpus resource's eval_prompts "
+                                             "(SPECDRAFT_EVAL_PROMPTS), else every shard's held-out rows.")
 
 
 def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]) -> tuple[list[dict], dict[str, str]]:

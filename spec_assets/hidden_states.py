@@ -8,16 +8,13 @@ from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
 from spec_assets.instance import target_pool
 from spec_assets.partitions import corpus_shards
+from spec_assets.stage_config import stage_config
+from training.configs import FeatureConfig
 from training.storage import ArtifactRef
 
 
-class HiddenStatesConfig(dg.Config):
-    """training.hidden_states.FeatureConfig as Dagster config (defaults tested equal to the library's)."""
-
-    max_tokens_per_batch: int = 8192
-    part_bytes: int = 1 << 30
-    dtype: str = "bf16"  # bf16 | fp8 (e4m3 with per-row scales)
-    aux_layer_ids: list[int] = []  # HF hidden_states ids; empty: (2, L//2, L-3) (training/aux_layers.py)
+class HiddenStatesConfig(stage_config(FeatureConfig)):
+    """hidden_states's settings: training.configs.FeatureConfig's fields."""
 
 
 def _iter_rows(store, key: str, batch_rows: int = 256):

@@ -3,7 +3,9 @@
 Headline numbers stay plain floats, so the asset's Plots tab charts them across materializations,
 rounded to SIGNIFICANT digits (`tau 1.412`, not `1.4117179153029566`). Rows (per k, per draft
 position, a preview) become table metadata with a typed schema; keys ending in `_md` are markdown;
-any other structure is JSON with its floats rounded the same way.
+any other structure is JSON with its floats rounded the same way. Assets put full-precision values in
+their summaries: the rounding happens here, once. A count by reason keeps its MAX_REASONS largest
+(`top_counts`) and an image is inline markdown (`png_md`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any, Mapping
 import dagster as dg
 
 SIGNIFICANT = 4  # digits: a tau of 1.412, a loss of 2.346, a coverage of 0.9871
+# Reasons carry the offending value (`unknown_role:<name>`): a file with many bogus roles would
+# otherwise grow the metadata without bound. The rejects Parquet keeps every row and reason.
+MAX_REASONS = 20
 
 
 def rounded(x: float, digits: int = SIGNIFICANT) -> float:
@@ -79,3 +84,20 @@ def summary_metadata(summary: Mapping[str, Any]) -> dict[str, Any]:
         elif value is not None:
             out[key] = value
     return out
+
+
+def top_counts(counts: Mapping[str, int], limit: int = MAX_REASONS) -> dict[str, int]:
+    """{reason: count} for the `limit` most frequent (ties by reason), the rest summed under one key,
+    so the counts still add up to the total."""
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    top, rest = dict(ranked[:limit]), ranked[limit:]
+    if rest:
+        top[f"({len(rest)} more reasons)"] = sum(n for _, n in rest)
+    return top
+
+
+def png_md(png: bytes, alt: str) -> str:
+    """A PNG inline in markdown (a `*_md` summary key shows it in the UI)."""
+    import base64
+
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

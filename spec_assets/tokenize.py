@@ -1,31 +1,26 @@
 """Stage 3: token ids and assistant loss masks per shard, and the pruned draft vocabulary over all shards."""
 
 
-from typing import Optional
-
 import dagster as dg
 
 from resources.object_store import ObjectStoreResource
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
+from spec_assets.metadata import top_counts
 from spec_assets.partitions import corpus_shards
+from spec_assets.stage_config import stage_config
+from training.configs import TokenizeConfig, VocabConfig
 from training.storage import ArtifactRef, artifact_prefix
 
 
-class TokenizedShardsConfig(dg.Config):
-    """training.tokenization.TokenizeConfig as Dagster config (defaults tested equal to the library's).
-    The chat template settings live on the target resource (chat_template_kwargs), shared with
-    resampling and evaluation."""
-
-    max_length: int = 2048
-    template: str = "auto"  # auto: the tokenizer's chat template, else `plain`; chat; plain
-    use_generated_ids: bool = True  # resampled rows: train on the target's own reply ids (False: re-encode text)
+# The chat template settings and the vocab size come from the target resource (shared with resampling
+# and evaluation), not from the step's config.
+class TokenizedShardsConfig(stage_config((TokenizeConfig, ("max_length", "template", "use_generated_ids")))):
+    """tokenized_shards's settings: training.configs.TokenizeConfig's fields but the target's."""
 
 
-class VocabMapConfig(dg.Config):
-    """training.vocab.VocabConfig as Dagster config (defaults tested equal to the library's)."""
-
-    draft_vocab_size: Optional[int] = None  # None: the fewest ids covering 99.9% of the masked tokens, at most 32,000
+class VocabMapConfig(stage_config(VocabConfig)):
+    """vocab_map's settings: training.configs.VocabConfig's fields."""
 
 
 @dg.asset(
@@ -57,10 +52,8 @@ def tokenized_shards(
     def build(writer):
         rows = store.read_parquet(upstream.key("data.parquet"))
         tokenizer = AutoTokenizer.from_pretrained(target.model_path(), trust_remote_code=target.trust_remote_code)
-        cfg = tokenization.TokenizeConfig(
-            max_length=config.max_length, template=config.template, chat_template_kwargs=target.template_kwargs(),
-            use_generated_ids=config.use_generated_ids, vocab_size=target.facts().vocab_size,
-        )
+        cfg = config.library(TokenizeConfig, chat_template_kwargs=target.template_kwargs(),
+                             vocab_size=target.facts().vocab_size)
         where = f"tokenized_shards[{context.partition_key}] ({store.url(upstream.key('data.parquet'))})"
         try:
             result = tokenization.tokenize_conversations(tokenizer, rows, cfg)
@@ -93,7 +86,7 @@ def tokenized_shards(
             writer.summary["template_notes"] = {k: f"{v} (e.g. {result.note_examples[k][:300]})"
                                                 for k, v in result.notes.items()}
         if result.rejects.num_rows:
-            writer.summary["reject_reasons"] = dict(Counter(result.rejects["reason"].to_pylist()).most_common(20))
+            writer.summary["reject_reasons"] = top_counts(Counter(result.rejects["reason"].to_pylist()))
 
     return materialize_artifact(
         context, store, build=build, upstream={"resampled_corpus": resampled_corpus.fingerprint},
@@ -151,7 +144,7 @@ def vocab_map(
             "draft_vocab_size": draft_vocab,
             "masked_tokens": int(counts.sum()),
             "distinct_masked_tokens": int((counts > 0).sum()),
-            "coverage": round(float(coverage(maps["counts"], maps["t2d"])), 6),
+            "coverage": float(coverage(maps["counts"], maps["t2d"])),
         }
         context.log.info(f"draft vocab {draft_vocab} of {vocab_size}; coverage {writer.summary['coverage']:.4f}")
 

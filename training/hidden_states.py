@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from training.aux_layers import check_servable
+from training.configs import FeatureConfig
 from training.packing import pack_by_tokens, pack_stream
 
 FORMAT_VERSION = "1"
-DTYPES = ("bf16", "fp8")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Widest element first keeps every tensor aligned to its element size inside the file.
 TENSOR_ORDER = ("cu_seqlens", "aux_scale", "last_scale", "input_ids", "aux", "last", "loss_mask")
@@ -50,21 +50,6 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.float32: "F32",
     torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
 }
-
-
-@dataclass(frozen=True)
-class FeatureConfig:
-    """How hidden_states writes features (spec_assets.hidden_states.HiddenStatesConfig mirrors these defaults)."""
-
-    aux_layer_ids: tuple[int, ...] = ()  # HF hidden_states ids; empty: the target's (2, L//2, L-3)
-    max_tokens_per_batch: int = 8192  # token budget of one packed target forward
-    part_bytes: int = 1 << 30  # a part's size bound (one sequence larger than it gets a part alone)
-    dtype: str = "bf16"  # bf16 | fp8 (e4m3 with per-row scales)
-
-    def __post_init__(self):
-        object.__setattr__(self, "aux_layer_ids", tuple(int(i) for i in self.aux_layer_ids))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
 
 def bytes_per_token(hidden_size: int, n_aux: int = 3, dtype: str = "bf16") -> int:

@@ -12,7 +12,11 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from training.configs import setting
 from training.recipe import TrainConfig
+
+# TrainJob's fields that draft_model's Dagster config sets (spec_assets/draft.py).
+DRAFT_FIELDS = ("export_embed_tokens", "head_init", "draft_intermediate_size", "draft_hidden_size")
 
 
 def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
@@ -78,12 +82,17 @@ class TrainJob:
     tokenized: list[str] = field(default_factory=list)
     aux_layer_ids: list[int] | None = None  # default (2, L//2, L-3); offline: must match the features'
     export_dir: str | None = None
-    export_embed_tokens: bool = False    # write embed_tokens.weight too (vLLM and SGLang use the target's)
     init_from: str | None = None         # store key of an earlier export's model.safetensors (warm start)
-    head_init: str = "target"            # lm_head starts at the target's draft-vocab rows ("target") or random
-    # The draft's MLP and residual widths; None: recipe.draft_width's rule (the target's own from 256 wide up)
-    draft_intermediate_size: int | None = None
-    draft_hidden_size: int | None = None
+    # The draft's shape and export (draft_model's config takes these fields: DRAFT_FIELDS).
+    export_embed_tokens: bool = setting(False, "Write embed_tokens.weight into the export too: current vLLM and "
+                                               "SGLang use the target's own embedding (README 'Serving the draft').")
+    head_init: str = setting("target", "lm_head starts at the target's rows of the draft vocab ('target'), or "
+                                       "'random' (normal, std 0.02). bench_recipe: tau 3.30 vs 3.23 at "
+                                       "k=4, T=0, on stories260K.")
+    draft_intermediate_size: int | None = setting(None, "The draft's MLP width; None: recipe.draft_width's rule.")
+    draft_hidden_size: int | None = setting(None, "The draft's residual width; None: recipe.draft_width's rule (the "
+                                                  "target's own from 256 wide up). A wider draft keeps the target's "
+                                                  "head_dim and KV heads, adds query heads, exports its own embedding.")
     resume: bool = True
     threads: int | None = None           # torch intra-op threads per process
 

@@ -27,6 +27,8 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from training.configs import setting
+
 
 MIN_TOKENS_SEEN = 2_000_000   # a run sees at least this many tokens (epochs over a small corpus)
 MAX_EPOCHS = 8                # beyond this a small corpus overfits faster than the draft learns
@@ -49,27 +51,31 @@ DERIVED = ("epochs", "max_tokens_per_batch", "lr", "warmup_ratio", "validation_r
 
 @dataclass
 class TrainConfig:
-    ttt_length: int = 7              # TTT unroll K (DESIGN.md: EAGLE-3 training semantics)
-    step_weight: float = 0.8         # loss = sum_k w^k loss_k
-    lr: float | None = None          # None: the recipe (BASE_LR, width-scaled)
-    min_lr_ratio: float = 0.1        # cosine floor as a fraction of lr
-    weight_decay: float = 0.0        # applied to matrices only (norm gains stay undecayed)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int | None = None  # explicit count wins over warmup_ratio
-    warmup_ratio: float | None = None  # None: WARMUP_RATIO
-    epochs: int | None = None        # None: the recipe, from the corpus size
-    max_steps: int | None = None     # cap on optimizer steps (the schedule spans the capped run)
-    max_tokens_per_batch: int | None = None  # token budget of one packed micro-batch per rank; None: recipe
-    grad_accum: int = 1
-    grad_clip: float = 1.0           # global L2 norm; 0 disables
-    seed: int = 0
-    validation_rows: int | None = None  # rows held out of training and measured each epoch; None: recipe
-    export_checkpoint: str = "best"  # best: the epoch with the highest held-out simulated tau; last
-    checkpoint_every: int = 500      # optimizer steps; a final checkpoint is always written
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    metrics_flush_seconds: float = 60.0  # metrics.jsonl is rewritten whole (S3 has no append)
+    """draft_model's training settings (None: the recipe decides from the corpus size; explicit wins)."""
+
+    ttt_length: int = setting(7, "TTT unroll K (DESIGN.md: EAGLE-3 training semantics).")
+    step_weight: float = setting(0.8, "loss = sum_k w^k loss_k.")
+    lr: float | None = setting(None, "Peak AdamW lr; None: the recipe (3e-3, scaled by 1/sqrt(H/1024) above H=1024).")
+    min_lr_ratio: float = setting(0.1, "Cosine floor as a fraction of lr.")
+    weight_decay: float = setting(0.0, "Applied to matrices only (norm gains stay undecayed).")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas.")
+    eps: float = setting(1e-8, "AdamW eps.")
+    warmup_steps: int | None = setting(None, "Warmup steps; an explicit count wins over warmup_ratio.")
+    warmup_ratio: float | None = setting(None, "Warmup share of the steps; None: the recipe (5%).")
+    epochs: int | None = setting(None, "None: the recipe, enough to see 2M tokens, at most 8.")
+    max_steps: int | None = setting(None, "Cap on optimizer steps (the schedule spans the capped run).")
+    max_tokens_per_batch: int | None = setting(None, "Token budget of one packed micro-batch per rank; None: the "
+                                                     "recipe (about 4,000 optimizer steps).")
+    grad_accum: int = setting(1, "Micro-batches per optimizer step.")
+    grad_clip: float = setting(1.0, "Global L2 norm; 0 disables.")
+    seed: int = setting(0, "The run's random seed.")
+    validation_rows: int | None = setting(None, "Rows held out of training and measured each epoch; None: the "
+                                                "recipe (5%, at most 256, none under 200 rows).")
+    export_checkpoint: str = setting("best", "best: the epoch with the highest held-out simulated tau; last.")
+    checkpoint_every: int = setting(500, "Optimizer steps between checkpoints; a final one is always written.")
+    log_every: int = setting(10, "Optimizer steps between logged records.")
+    keep_checkpoints: int = setting(2, "Checkpoints kept.")
+    metrics_flush_seconds: float = setting(60.0, "metrics.jsonl is rewritten whole (S3 has no append) this often.")
 
     def __post_init__(self):
         for name in ("ttt_length", "epochs", "max_tokens_per_batch", "grad_accum", "log_every", "keep_checkpoints"):

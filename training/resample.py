@@ -25,11 +25,13 @@ import hashlib
 import io
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pyarrow as pa
 
+# The config and its errors are defined in training/configs.py (import-light, read by the Dagster layer).
+from training.configs import ResampleConfig, ResampleError, check_mixture
 from training.schemas import MESSAGE_FIELDS, MESSAGE_TYPE, REJECTS_SCHEMA
 
 RESAMPLED_SCHEMA = pa.schema(
@@ -60,7 +62,6 @@ PROGRESS_SCHEMA = pa.schema(
     ]
 )
 
-DEFAULT_TEMPERATURES = {0.0: 0.4, 0.7: 0.3, 1.0: 0.3}
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _THINK_BLOCK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.DOTALL)
 _CHUNK_NAME = re.compile(r"chunk-(\d+)\.parquet$")
@@ -78,34 +79,6 @@ def prompt_digest(ids) -> str:
 
     arr = np.asarray(list(ids), dtype="<i4")
     return f"{arr.size}:{hashlib.sha256(arr.tobytes()).hexdigest()[:16]}"
-
-
-class ResampleError(RuntimeError):
-    """Resampling cannot go on (the backend failed, bad config); finished batches stay saved."""
-
-
-@dataclass
-class ResampleConfig:
-    """The one place resampling defaults live (spec_assets' ResampledCorpusConfig mirrors it, tested)."""
-
-    temperatures: dict[float, float] = field(default_factory=lambda: dict(DEFAULT_TEMPERATURES))  # temperature -> share of rows
-    max_new_tokens: int = 160
-    top_p: float = 1.0
-    # A row with a turn cut at max_new_tokens: "flag" keeps it (finish_reason "length"), "drop" rejects it.
-    on_length: str = "flag"
-    keep_reasoning: bool = True  # False strips <think>...</think> from replies (and drops their token ids)
-    batch_size: int | None = None  # rows per batch (the unit progress is saved in); None: the backend's own
-    seed: int = 0
-
-    def __post_init__(self):
-        # Keys arrive as strings from Dagster/JSON config; normalise once here.
-        self.temperatures = check_mixture(self.temperatures)
-        if self.on_length not in ("drop", "flag"):
-            raise ResampleError(f"on_length must be 'drop' or 'flag', got {self.on_length!r}")
-        if self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise ResampleError("max_new_tokens and batch_size must be at least 1")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ResampleError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -128,22 +101,6 @@ def _hash_u64(*parts: Any) -> int:
     # sha256, not hash(): Python's str hash is salted per process, so it would not reproduce.
     text = "\x00".join(str(p) for p in parts)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
-
-
-def check_mixture(mixture: dict) -> dict[float, float]:
-    """{temperature: share} with float keys, non-negative shares summing to 1."""
-    if not mixture:
-        raise ResampleError("the temperature mixture is empty")
-    out: dict[float, float] = {}
-    for t, w in mixture.items():
-        t, w = float(t), float(w)
-        if t < 0 or w < 0:
-            raise ResampleError(f"temperature {t} with share {w}: both must be >= 0")
-        out[t] = out.get(t, 0.0) + w
-    total = sum(out.values())
-    if total <= 0:
-        raise ResampleError("the temperature mixture's shares sum to 0")
-    return {t: w / total for t, w in sorted(out.items())}
 
 
 def draw_temperature(row_id: str, mixture: dict[float, float], seed: int) -> float:

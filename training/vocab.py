@@ -10,11 +10,12 @@ so a caller can cache each shard's counts under the shard's fingerprint; the fan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
+
+from training.configs import VocabConfig
 
 VOCAB_MAP_KEYS = ("d2t", "t2d", "counts")
 
@@ -22,19 +23,6 @@ VOCAB_MAP_KEYS = ("d2t", "t2d", "counts")
 VOCAB_COVERAGE = 0.999  # share of the masked tokens the draft vocabulary must cover
 VOCAB_MULTIPLE = 64
 MAX_DRAFT_VOCAB = 32000
-
-
-@dataclass(frozen=True)
-class VocabConfig:
-    """vocab_map's settings (spec_assets.tokenize.VocabMapConfig mirrors these defaults)."""
-
-    # Draft lm_head rows. None: sized by coverage (draft_vocab_size_by_coverage), at most
-    # 32,000 (EAGLE-3's published Llama-3.1 drafts use 32k of the target's 128k).
-    draft_vocab_size: int | None = None
-
-    def __post_init__(self):
-        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
-            raise ValueError(f"draft_vocab_size must be positive, got {self.draft_vocab_size}")
 
 
 def count_masked_tokens(con, parquet_path, vocab_size: int) -> np.ndarray:

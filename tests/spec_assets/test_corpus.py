@@ -74,7 +74,7 @@ def test_rejects_are_counted_with_reasons(instance, corpus_dir, tmp_path):
 
 
 def test_many_distinct_reasons_fold_into_one_count(instance, corpus_dir, tmp_path):
-    from spec_assets.corpus import MAX_REASONS
+    from spec_assets.metadata import MAX_REASONS
 
     lines = [json.dumps({"messages": [{"role": f"bogus{i}", "content": "x"}, {"role": "assistant", "content": "y"}]})
              for i in range(MAX_REASONS + 10)]

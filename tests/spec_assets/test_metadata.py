@@ -3,7 +3,7 @@ them), rows as typed tables, markdown for `*_md`, rounded JSON for other structu
 
 import dagster as dg
 
-from spec_assets.metadata import rounded, summary_metadata, table
+from spec_assets.metadata import MAX_REASONS, png_md, rounded, summary_metadata, table, top_counts
 
 
 def test_rounded_keeps_four_significant_digits_and_the_float_type():
@@ -41,3 +41,16 @@ def test_table_types_mixed_and_text_columns():
     assert [(c.name, c.type) for c in t.schema.columns] == [("id", "string"), ("turns", "int"), ("ok", "bool"),
                                                            ("share", "float")]
     assert t.records[1].data == {"id": "7", "turns": 3, "ok": False, "share": 0.5}
+
+
+def test_top_counts_keeps_the_largest_and_sums_the_rest():
+    counts = {f"r{i:02d}": i + 1 for i in range(MAX_REASONS + 5)}
+    top = top_counts(counts)
+    assert len(top) == MAX_REASONS + 1 and top["(5 more reasons)"] == sum(range(1, 6))
+    assert list(top)[0] == f"r{MAX_REASONS + 4:02d}" and sum(top.values()) == sum(counts.values())
+    assert top_counts({"b": 2, "a": 2, "c": 1}, limit=2) == {"a": 2, "b": 2, "(1 more reasons)": 1}  # ties by name
+    assert top_counts({}) == {}
+
+
+def test_png_md_is_inline_markdown():
+    assert png_md(b"\x89PNG", "a plot") == "![a plot](data:image/png;base64,iVBORw==)"

@@ -7,22 +7,11 @@ shard order, and when more data arrives (a row never moves between train and hel
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """source_corpus's split settings (spec_assets.corpus.SourceCorpusConfig mirrors these defaults)."""
-
-    heldout_fraction: float = 0.05  # share of conversations, chosen by a hash of their id
-    heldout_seed: int = 0
-
-    def __post_init__(self):
-        if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout fraction must be in [0, 1), got {self.heldout_fraction}")
+from training.configs import SplitConfig
 
 
 def is_heldout(row_id: str, fraction: float, seed: int = 0) -> bool:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Callable, Sequence
 
+from training.configs import EvalConfig
 from training.evaluation.report import (
     ALL,
     PLOTS,
@@ -31,41 +32,6 @@ from training.evaluation.report import (
     report_markdown,
     write_report,
 )
-
-
-@dataclass
-class EvalConfig:
-    """The evaluation stage's settings (spec_assets.evaluation.EvalReportConfig mirrors these defaults).
-    `evaluate` reads the decoding fields; max_prompts, gate_k and min_tau are for its caller
-    (prompts.stratified_prompts, report.write_report and report.gate) and recorded with the result."""
-
-    ks: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7])
-    temperatures: list[float] = field(default_factory=lambda: [0.0, 1.0])
-    max_new_tokens: int = 64
-    seed: int = 0
-    max_prompts: int = 24  # held-out prompts drawn, stratified by domain
-    gate_k: int = 4  # the quality gate: tau at this k (lowest temperature) must beat prompt lookup's
-    min_tau: float = 1.5  # ... and reach this
-    max_prompt_tokens: int = 1024  # longer prompts keep their last tokens (bounds CPU prefill)
-    prompt_lookup_max: int = 3
-    prompt_lookup_min: int = 1
-    history_max_new_tokens: int = 256  # question files: length of the target's own replies before later turns
-    argmax_draft: bool = False  # sampled runs: propose the draft argmax (vLLM's way) instead of sampling q
-    ignore_eos: bool = False  # generate max_new_tokens whatever the target says (fixed-length timing)
-    warmup: bool = True  # one short untimed run first, so lazy init does not land in the first prompt
-    # Also decode the prompts in real vLLM with the export (method eagle3) at every k and temperature,
-    # when vLLM is installed: tau from vLLM's counters beside the simulated one (training/evaluation/served.py).
-    served: bool = True
-
-    def __post_init__(self):
-        self.ks = sorted({int(k) for k in self.ks})
-        self.temperatures = sorted({float(t) for t in self.temperatures})
-        if not self.ks or self.ks[0] < 1:
-            raise ValueError(f"ks must be positive, got {self.ks}")
-        if not self.temperatures or self.temperatures[0] < 0:
-            raise ValueError(f"temperatures must be >= 0, got {self.temperatures}")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
 
 
 def prompt_ids(target, prompt: dict, max_tokens: int) -> list[int]:

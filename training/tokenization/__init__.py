@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from training.configs import TokenizeConfig
 from training.schemas import MESSAGE_FIELDS
 from training.tokenization.masking import Encoded, encode_views, encoder, special_lookup
 from training.tokenization.templates import ChatTemplateError, RowReject, View, make_renderer
@@ -68,15 +69,6 @@ __all__ = [
 
 class TokenizeError(ValueError):
     """The shard cannot be tokenized for this target (ids past its vocab, nothing to train on)."""
-
-
-@dataclass
-class TokenizeConfig:
-    max_length: int = 2048
-    template: str = "auto"  # auto (the chat template if the tokenizer has one, else plain) | chat | plain
-    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False}
-    use_generated_ids: bool = True  # rows with completion_ids: train on them (False: re-encode the text)
-    vocab_size: int | None = None  # the target model's vocab: an id >= it is an error naming the row
 
 
 @dataclass
