@@ -1,20 +1,18 @@
-import os
-
 import dagster as dg
 
 
 class CorpusSourceResource(dg.ConfigurableResource):
-    """Where the source corpus lives: a folder, glob or s3:// prefix; empty means SPECDRAFT_CORPUS
-    or the embedded demo corpus (written on first use). `eval_prompts`: a held-out prompt file for
-    eval_report (same input formats); empty means the corpus's own held-out rows."""
+    """Where the source corpus lives: a folder, glob or s3:// prefix (definitions.py wires
+    SPECDRAFT_CORPUS); empty means the embedded demo corpus (written on first use). `eval_prompts`:
+    a held-out prompt file for eval_report (same input formats; SPECDRAFT_EVAL_PROMPTS); empty means
+    the corpus's own held-out rows."""
 
     location: str = ""
     eval_prompts: str = ""
 
     def resolved_location(self) -> str:
-        location = self.location or os.environ.get("SPECDRAFT_CORPUS")
-        if location:
-            return location
+        if self.location:
+            return self.location
         from training.demo.corpus import write_demo_corpus
         from training.paths import data_dir
 

@@ -1,5 +1,4 @@
 import json
-import os
 
 import dagster as dg
 
@@ -15,7 +14,7 @@ class GenerationBackendResource(dg.ConfigurableResource):
     which tokenization re-encodes the text and says so in its metadata."""
 
     backend: str = ""  # empty: the target resource's backend (hf, or vllm with SPECDRAFT_BACKEND)
-    base_url: str = ""          # openai: e.g. http://127.0.0.1:8000/v1 (or OPENAI_BASE_URL)
+    base_url: str = ""          # openai: e.g. http://127.0.0.1:8000/v1 (definitions.py wires OPENAI_BASE_URL)
     model: str = ""             # openai: served model name (default: the target's name or path)
     max_concurrency: int = 8
     return_token_ids: bool = True
@@ -28,11 +27,8 @@ class GenerationBackendResource(dg.ConfigurableResource):
         if self.effective_backend() == "openai":
             kwargs = self.target.template_kwargs()
             suffix = f"+chat_template_kwargs={json.dumps(kwargs, sort_keys=True)}" if kwargs else ""
-            return f"openai:{self._base_url()}#{self.model or 'served model'}{suffix}"
+            return f"openai:{self.base_url}#{self.model or 'served model'}{suffix}"
         return f"{self.effective_backend()}:{self.target.identity()}"
-
-    def _base_url(self) -> str:
-        return self.base_url or os.environ.get("OPENAI_BASE_URL", "")
 
     def load(self):
         backend = self.effective_backend()
@@ -42,10 +38,10 @@ class GenerationBackendResource(dg.ConfigurableResource):
 
         kwargs = self.target.template_kwargs() or None
         if backend == "openai":
-            if not self._base_url():
+            if not self.base_url:
                 raise dg.Failure("generation backend 'openai' needs base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
             return load_target(
-                self._base_url(), backend="openai", model=self.model or None,
+                self.base_url, backend="openai", model=self.model or None,
                 tokenizer=self.target.model_path(), max_concurrency=self.max_concurrency,
                 chat_template_kwargs=kwargs, return_token_ids=self.return_token_ids,
             )

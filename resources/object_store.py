@@ -1,5 +1,3 @@
-import os
-
 import dagster as dg
 
 from training.paths import default_store_root
@@ -7,7 +5,8 @@ from training.storage import ArtifactRef, ObjectStore
 
 
 class ObjectStoreResource(dg.ConfigurableResource):
-    """The object store under `root` (file:// or s3://); empty means SPECDRAFT_ROOT or the local data folder.
+    """The object store under `root` (file:// or s3://; definitions.py wires SPECDRAFT_ROOT); empty
+    means the local data folder.
 
     S3 credentials are never config: s3fs reads AWS_* variables through botocore's own chain, so
     they never reach the run config the UI shows.
@@ -16,7 +15,7 @@ class ObjectStoreResource(dg.ConfigurableResource):
     root: str = ""
 
     def resolved_root(self) -> str:
-        return self.root or os.environ.get("SPECDRAFT_ROOT") or default_store_root()
+        return self.root or default_store_root()
 
     def store(self) -> ObjectStore:
         return ObjectStore(self.resolved_root())

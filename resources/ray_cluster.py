@@ -1,4 +1,3 @@
-import os
 from typing import Any, Callable
 
 import dagster as dg
@@ -11,7 +10,7 @@ class RayClusterResource(dg.ConfigurableResource):
     """Where the heavy per-shard stages (resampling, hidden-state extraction) run: in the step's
     own process, or on an existing Ray cluster as one actor per device holding the target.
 
-    `address` empty means SPECDRAFT_RAY_ADDRESS; both empty means local. `actors` 0 means one per
+    `address` (definitions.py wires SPECDRAFT_RAY_ADDRESS) empty means local. `actors` 0 means one per
     GPU (gpus_per_actor > 0) or one per alive node. The `openai` generation backend always runs
     locally: its server already does the work. See training/ray_pool.py.
     """
@@ -27,7 +26,7 @@ class RayClusterResource(dg.ConfigurableResource):
     _pools: dict = PrivateAttr(default_factory=dict)
 
     def ray_address(self) -> str:
-        return (self.address or os.environ.get("SPECDRAFT_RAY_ADDRESS", "")).strip()
+        return self.address.strip()
 
     def enabled(self) -> bool:
         return bool(self.ray_address())

@@ -1,10 +1,7 @@
 import json
-import os
 from functools import lru_cache
 
 import dagster as dg
-
-CHAT_TEMPLATE_KWARGS_ENV = "SPECDRAFT_CHAT_TEMPLATE_KWARGS"
 
 
 @lru_cache(maxsize=2)
@@ -29,10 +26,11 @@ def parse_chat_template_kwargs(text: str, where: str) -> dict:
 
 
 class TargetModelResource(dg.ConfigurableResource):
-    """The target LLM: a local HF directory or hub id; empty means SPECDRAFT_TARGET or the demo target.
+    """The target LLM: a local HF directory or hub id; empty means the demo target. definitions.py
+    wires SPECDRAFT_TARGET, SPECDRAFT_BACKEND and SPECDRAFT_CHAT_TEMPLATE_KWARGS into its fields.
 
-    `chat_template_kwargs` (a JSON object, e.g. {"enable_thinking": false} for Qwen3; empty means
-    SPECDRAFT_CHAT_TEMPLATE_KWARGS) is the one chat-template setting: resampling generation (every
+    `chat_template_kwargs` (a JSON object, e.g. {"enable_thinking": false} for Qwen3; empty: none)
+    is the one chat-template setting: resampling generation (every
     backend), tokenization and evaluation prompts all render with it, and it is part of identity().
     """
 
@@ -45,9 +43,8 @@ class TargetModelResource(dg.ConfigurableResource):
     chat_template_kwargs: str = ""
 
     def model_path(self) -> str:
-        spec = self.target or os.environ.get("SPECDRAFT_TARGET")
-        if spec:
-            return spec
+        if self.target:
+            return self.target
         from training.demo.target import ensure_demo_target
 
         return str(ensure_demo_target())
@@ -61,9 +58,8 @@ class TargetModelResource(dg.ConfigurableResource):
 
     def template_kwargs(self) -> dict:
         """The chat template settings as a dict ({} when unset)."""
-        if self.chat_template_kwargs:
-            return parse_chat_template_kwargs(self.chat_template_kwargs, "target resource")
-        return parse_chat_template_kwargs(os.environ.get(CHAT_TEMPLATE_KWARGS_ENV, ""), CHAT_TEMPLATE_KWARGS_ENV)
+        return parse_chat_template_kwargs(self.chat_template_kwargs,
+                                          "the target resource (SPECDRAFT_CHAT_TEMPLATE_KWARGS or run config)")
 
     def identity(self) -> str:
         """The weights' identity, plus the chat settings when set: they change every prompt and row."""

@@ -45,10 +45,15 @@ def ensure_dagster_home() -> Path:
     newsletter dialog off (neither reaches the network)."""
     home = Path(os.environ.get("DAGSTER_HOME") or default_dagster_home()).resolve()
     home.mkdir(parents=True, exist_ok=True)
+    from spec_assets.definitions import build_defs
     from spec_assets.instance import InstanceConfigError, preflight
 
+    # The Ray cluster's address as the ray_cluster resource has it (definitions.py: SPECDRAFT_RAY_ADDRESS).
+    with build_defs().resources["ray_cluster"].process_config_and_initialize_cm() as ray_cluster:
+        ray_address = ray_cluster.ray_address()
     try:
-        preflight(home)  # dagster.yaml (SQLite, or PostgreSQL from SPECDRAFT_PG_URL); reachable servers
+        # dagster.yaml (SQLite, or PostgreSQL from SPECDRAFT_PG_URL); reachable servers
+        preflight(home, ray_address=ray_address)
     except InstanceConfigError as exc:
         raise SystemExit(f"specdraft: {exc}") from None
     os.environ["DAGSTER_HOME"] = str(home)
@@ -131,13 +136,12 @@ def load_last_invocation(instance) -> dict | None:
     return record
 
 
-def _execute(units: list[Unit], record: dict, instance, tags: dict, log) -> list:
+def _execute(units: list[Unit], record: dict, instance, tags: dict, log, defs) -> list:
     """One in-process run per unit; the fan-in unit only when every shard unit succeeded. Every run
     carries the invocation's tags, so `--resume` finds what its runs materialized."""
     import dagster as dg
 
-    from spec_assets.definitions import all_assets, defs
-
+    from spec_assets.definitions import all_assets
     from spec_assets.instance import release_dead_runs, runner_tags
 
     release_dead_runs(instance, log)  # a killed earlier run would hold its pool slot forever
@@ -208,8 +212,9 @@ def run_pipeline(select: str = "*", run_config: dict | None = None, instance=Non
     Returns the runs' results in launch order. With `only_stale_or_missing`, asset partitions whose
     latest materialization is current are not run at all; `dry_run` plans and launches nothing.
     """
-    from spec_assets.definitions import all_assets, defs
+    from spec_assets.definitions import all_assets, build_defs
 
+    defs = build_defs()  # over the environment of this call
     instance = instance or open_instance()
     run_config = _console_config(run_config)
     graph = AssetGraph(all_assets)
@@ -235,14 +240,15 @@ def run_pipeline(select: str = "*", run_config: dict | None = None, instance=Non
     record = {"id": str(uuid.uuid4()), "select": select, "run_config": run_config, "started": time.time(),
               "units": [u.to_json() for u in units]}
     tags = {**_invocation_tags(record), **({TARGET_TAG: target_identity} if target_identity else {})}
-    return _execute(units, record, instance, tags, log)
+    return _execute(units, record, instance, tags, log, defs)
 
 
 def resume_pipeline(instance=None, log=print):
     """Run again what the last `specdraft run` left failed or never started: same plan, same config,
     same invocation id, so a second resume continues where this one stops. Returns the results."""
-    from spec_assets.definitions import all_assets, defs
+    from spec_assets.definitions import all_assets, build_defs
 
+    defs = build_defs()  # over the environment of this call
     instance = instance or open_instance()
     record = load_last_invocation(instance)
     if record is None:
@@ -262,7 +268,7 @@ def resume_pipeline(instance=None, log=print):
         f"{u.partition or 'fan-in'}: {', '.join(k.to_user_string() for k in u.assets)}" for u in units))
     target_identity = _target_identity(defs) if _uses_target(units) else None
     tags = {**_invocation_tags(record), **({TARGET_TAG: target_identity} if target_identity else {})}
-    return _execute(units, record, instance, tags, log)
+    return _execute(units, record, instance, tags, log, defs)
 
 
 def failure_messages(result) -> list[str]:
@@ -280,9 +286,9 @@ def failure_messages(result) -> list[str]:
 
 def list_shards(instance=None, log=print) -> list[str]:
     """Register a corpus_shards partition per source file and print them (what corpus_sensor adds)."""
-    from spec_assets.definitions import defs
+    from spec_assets.definitions import build_defs
 
-    sync = sync_shards(defs, instance or open_instance())
+    sync = sync_shards(build_defs(), instance or open_instance())
     for shard in sync.shards:
         log(f"{shard}{'  (new)' if shard in sync.new else ''}")
     return sync.shards

@@ -200,19 +200,18 @@ def require_concurrent_writers(home: Path) -> None:
             f"{PG_ENV} (the SQLite instance in {home} locks under parallel runs)")
 
 
-def preflight(home: Path) -> Path:
+def preflight(home: Path, ray_address: str = "") -> Path:
     """Everything `specdraft` checks before it launches a run: the instance's dagster.yaml and
-    database, and the Ray cluster when SPECDRAFT_RAY_ADDRESS is set (a bad address fails here, at
-    once, instead of in the first resample step)."""
+    database, and the Ray cluster at `ray_address` when set (the ray_cluster resource's: a bad
+    address fails here, at once, instead of in the first resample step)."""
     config = ensure_instance(home)
     if shard_parallelism() > 1:
         require_concurrent_writers(home)
-    address = os.environ.get("SPECDRAFT_RAY_ADDRESS", "").strip()
-    if address:
+    if ray_address:
         from training.ray_pool import RayPoolError, check_ray_address
 
         try:
-            check_ray_address(address)
+            check_ray_address(ray_address)
         except RayPoolError as exc:
             raise InstanceConfigError(str(exc)) from None
     return config

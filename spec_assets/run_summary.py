@@ -86,14 +86,14 @@ def draft_summary(results, defs) -> list[str]:
 
 def print_summary(results, home: Path, seconds: float, failed: list[str]) -> None:
     """The end of `specdraft run`: failures (stderr) or the run count, then what the draft is."""
-    from spec_assets.definitions import defs
+    from spec_assets.definitions import build_defs
 
     out = sys.stderr if failed else sys.stdout
     if failed:
         print("specdraft run failed:\n  " + "\n  ".join(failed), file=sys.stderr)
     else:
         print(f"specdraft run finished in {seconds:.1f}s: {len(results)} runs; recorded in DAGSTER_HOME={home}")
-    for line in draft_summary(results, defs):
+    for line in draft_summary(results, build_defs()):
         print(line, file=out)
     if failed:
         print("re-run what failed with: specdraft run --resume", file=sys.stderr)

@@ -15,7 +15,7 @@ import pytest
 
 from spec_assets.cli import failure_messages, run_pipeline
 from spec_assets.corpus import corpus_sensor
-from spec_assets.definitions import all_assets, defs
+from spec_assets.definitions import all_assets, build_defs, defs
 from training.demo.corpus import write_demo_corpus
 
 PER_SHARD = ("source_corpus", "resampled_corpus", "tokenized_shards", "hidden_states")
@@ -39,22 +39,24 @@ def requested(result) -> dict[str, set]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_target):
-    """One shard, every asset materialized (released_draft by hand: the gate is set to fail)."""
+    """One shard, every asset materialized (released_draft by hand: the gate is set to fail), and the
+    definitions over that environment."""
     root = tmp_path_factory.mktemp("automation")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in graph_env(root, tiny_target, n_shards=1).items():
             mp.setenv(key, value)
+        defs = build_defs()  # over the environment just set
         with dg.DagsterInstance.get() as instance:
             results = run_pipeline(run_config=SMALL, instance=instance, log=lambda _: None)
             assert [r.success for r in results] == [True, False]
             assert all("beats_prompt_lookup" in line for line in failure_messages(results[-1]))
             assert dg.materialize(all_assets, selection=["released_draft"], instance=instance,
                                   resources=defs.resources).success
-            yield instance, root
+            yield instance, root, defs
 
 
 def test_nothing_requested_when_everything_is_fresh(env):
-    instance, _ = env
+    instance, _, defs = env
     for key in (*PER_SHARD, *FAN_IN):
         assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
     first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
@@ -64,7 +66,7 @@ def test_nothing_requested_when_everything_is_fresh(env):
 
 
 def test_new_shard_requests_its_own_partitions_then_the_fan_in(env):
-    instance, root = env
+    instance, root, defs = env
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert requested(tick) == {}
 
@@ -107,7 +109,7 @@ def test_new_shard_requests_its_own_partitions_then_the_fan_in(env):
 
 
 def test_code_version_bump_requests_a_rebuild_of_every_partition(env):
-    instance, _ = env
+    instance, _, defs = env
     shards = instance.get_dynamic_partitions("corpus_shards")
     base = dg.evaluate_automation_conditions(defs=defs, instance=instance)
 

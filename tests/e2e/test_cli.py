@@ -258,14 +258,14 @@ def test_resume_reruns_only_what_failed_and_never_bypasses_the_gate(env, shared,
 def test_shards_follow_the_source_files(tmp_path, monkeypatch):
     """`specdraft shards` (sync_shards) adds a partition per new file and drops one whose file is gone."""
     from spec_assets.cli import sync_shards
-    from spec_assets.definitions import defs
+    from spec_assets.definitions import build_defs
     from spec_assets.partitions import corpus_shards
 
     folder = tmp_path / "corpus"
     write_demo_corpus(folder, n_shards=2, rows_per_shard=4, seed=0)
     monkeypatch.setenv("SPECDRAFT_CORPUS", str(folder))
     with dg.DagsterInstance.ephemeral() as instance:
-        assert sync_shards(defs, instance).shards == ["demo-00000", "demo-00001"]
+        assert sync_shards(build_defs(), instance).shards == ["demo-00000", "demo-00001"]
         (folder / "demo-00000.jsonl").unlink()
-        assert sync_shards(defs, instance).shards == ["demo-00001"]
+        assert sync_shards(build_defs(), instance).shards == ["demo-00001"]
         assert instance.get_dynamic_partitions(corpus_shards.name) == ["demo-00001"]

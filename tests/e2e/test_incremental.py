@@ -56,7 +56,7 @@ def _bump(spec):
 
 
 assets = [a.map_asset_specs(_bump) for a in base.all_assets]
-defs = dg.Definitions(assets=assets, resources=base.defs.resources)
+defs = dg.Definitions(assets=assets, resources=base.build_resources())
 '''
 
 STALENESS = """

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from spec_assets.cli import failure_messages, run_pipeline
-from spec_assets.definitions import all_assets, defs
+from spec_assets.definitions import all_assets, build_defs
 from training.demo.corpus import write_demo_corpus
 from training.recipe import draft_width
 from training.storage import ObjectStore
@@ -104,7 +104,7 @@ def test_full_graph_then_everything_is_a_cache_hit(env):
             assert all(again[asset][p] == fp for p, fp in fps.items()), asset
 
         # The gate's own check is what stopped the release: releasing by hand works.
-        result = dg.materialize(all_assets, selection=["released_draft"], instance=instance, resources=defs.resources)
+        result = dg.materialize(all_assets, selection=["released_draft"], instance=instance, resources=build_defs().resources)
         assert result.success
         latest = store.read_json("releases/latest.json")
         assert set(latest["files"]) == {"config.json", "model.safetensors"}

@@ -5,16 +5,11 @@ from resources.object_store import ArtifactRefIOManager, ObjectStoreResource
 from training.storage import ArtifactRef
 
 
-def test_root_from_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPECDRAFT_ROOT", (tmp_path / "r").as_uri())
-    assert ObjectStoreResource().store().root == (tmp_path / "r").as_uri()
-    # Explicit config wins over the environment.
-    assert ObjectStoreResource(root=(tmp_path / "x").as_uri()).store().root == (tmp_path / "x").as_uri()
-
-
-def test_default_root_is_the_project_data_folder(monkeypatch, tmp_path):
-    monkeypatch.delenv("SPECDRAFT_ROOT", raising=False)
+def test_root_is_the_field_else_the_project_data_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("SPECDRAFT_DATA_DIR", str(tmp_path))
+    assert ObjectStoreResource(root=(tmp_path / "x").as_uri()).store().root == (tmp_path / "x").as_uri()
+    # The resource never reads SPECDRAFT_ROOT itself: definitions.py wires it (tests/spec_assets/test_definitions.py).
+    monkeypatch.setenv("SPECDRAFT_ROOT", (tmp_path / "r").as_uri())
     assert ObjectStoreResource().store().root == (tmp_path / "store").as_uri()
 
 

@@ -15,7 +15,7 @@ def make_resources(store_root: str, corpus_location: str, **extra) -> dict:
         "object_store": object_store,
         "artifact_refs": ArtifactRefIOManager(object_store=object_store),
         "corpus": CorpusSourceResource(location=corpus_location),
-        "ray_cluster": RayClusterResource(),  # local unless SPECDRAFT_RAY_ADDRESS is set
+        "ray_cluster": RayClusterResource(),  # local
         **extra,
     }
 

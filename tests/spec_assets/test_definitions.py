@@ -1,5 +1,6 @@
 """Every definition loads, fast, and `dagster definitions validate` accepts the code location."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,28 +63,85 @@ def test_fan_ins_read_their_upstream_as_inputs():
     assert "read_ref" not in source and "get_dynamic_partitions" not in source
 
 
-def test_environment_is_read_in_definitions_only():
-    """Asset modules never read os.environ: variables reach them as resource fields (EnvVar, wired
-    in definitions.py), so the UI shows where a value comes from and a run config can override it."""
+# Every variable a resource takes, the resource and its field (README "Configuration" lists them).
+WIRED = {
+    "SPECDRAFT_ROOT": ("object_store", "root"),
+    "SPECDRAFT_TARGET": ("target", "target"),
+    "SPECDRAFT_BACKEND": ("target", "backend"),
+    "SPECDRAFT_CHAT_TEMPLATE_KWARGS": ("target", "chat_template_kwargs"),
+    "SPECDRAFT_CORPUS": ("corpus", "location"),
+    "SPECDRAFT_EVAL_PROMPTS": ("corpus", "eval_prompts"),
+    "OPENAI_BASE_URL": ("generator", "base_url"),
+    "SPECDRAFT_RAY_ADDRESS": ("ray_cluster", "address"),
+}
+VALUES = {"SPECDRAFT_BACKEND": "vllm", "SPECDRAFT_CHAT_TEMPLATE_KWARGS": '{"enable_thinking": false}',
+          "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "SPECDRAFT_RAY_ADDRESS": "127.0.0.1:6379"}
+
+
+def _env_reads(tree) -> list[int]:
     import ast
 
-    for path in sorted((ROOT / "spec_assets").glob("*.py")):
-        # cli.py: the shell's DAGSTER_HOME; instance.py: the deployment's instance settings (dagster.yaml,
-        # pools, preflight of the PostgreSQL and Ray addresses), read before any run: neither is an asset.
-        if path.name in ("definitions.py", "cli.py", "instance.py"):
-            continue
-        tree = parse_module(path)
-        reads = [node.lineno for node in ast.walk(tree)
-                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                 and node.value.id == "os" and node.attr in ("environ", "getenv")]
-        assert reads == [], f"{path.name} reads the environment at lines {reads}"
+    lines = [node.lineno for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+             and node.value.id == "os" and node.attr in ("environ", "getenv", "getenvb", "environb")]
+    lines += [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "os"
+              and {a.name for a in node.names} & {"environ", "getenv", "getenvb", "environb"}]
+    return lines
 
-    # SPECDRAFT_EVAL_PROMPTS is an EnvVar on the corpus resource (its name shows in the UI, not its value).
-    code = ("from spec_assets.definitions import defs; import dagster as dg; "
-            "v = defs.resources['corpus'].eval_prompts; print(type(v).__name__, v.env_var_name)")
-    env = {**os.environ, "SPECDRAFT_EVAL_PROMPTS": "/tmp/prompts.jsonl"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env)
-    assert out.stdout.split() == ["EnvVar", "SPECDRAFT_EVAL_PROMPTS"]
+
+def test_environment_is_read_in_definitions_only():
+    """resources/ and spec_assets/ never read os.environ, but for definitions.py, which wires every
+    resource variable (EnvVar: the UI shows where a value comes from, a run config can override it),
+    and the instance's own settings (cli.py: DAGSTER_HOME; instance.py: dagster.yaml, pools, parallelism),
+    which are no resource's."""
+    import ast
+
+    files = sorted(p for package in ("spec_assets", "resources") for p in (ROOT / package).rglob("*.py"))
+    assert len(files) > 20  # the whole packages
+    wired_in_definitions = {n.args[0].value for n in ast.walk(parse_module(ROOT / "spec_assets" / "definitions.py"))
+                            if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "_from_env"}
+    assert wired_in_definitions == set(WIRED)
+    for path in files:
+        if path.name == "definitions.py":
+            continue
+        if path.name in ("cli.py", "instance.py") and path.parent.name == "spec_assets":
+            strings = {n.value for n in ast.walk(parse_module(path)) if isinstance(n, ast.Constant)}
+            assert set(WIRED) & strings == set(), f"{path.name} reads a resource's variable"
+            continue
+        assert _env_reads(parse_module(path)) == [], f"{path.relative_to(ROOT)} reads the environment"
+
+
+def test_every_resource_variable_is_an_env_var_of_its_field(monkeypatch):
+    """Set, a variable is an EnvVar on its resource's field (its name shows in the UI, never its value)
+    and the initialized resource holds its value; unset, the field keeps the resource's default, and a
+    variable set only later never reaches the resource (no resource reads os.environ itself)."""
+    code = ("import json, dagster as dg; from spec_assets.definitions import build_resources\n"
+            "res = build_resources(); out = {}\n"
+            f"for name, (key, field) in {WIRED!r}.items():\n"
+            "    raw = getattr(res[key], field)\n"
+            "    env = raw.env_var_name if isinstance(raw, dg.EnvVar) else None\n"
+            "    with res[key].process_config_and_initialize_cm() as resource:\n"
+            "        out[name] = [env, getattr(resource, field)]\n"
+            "print(json.dumps(out))\n")
+    values = {name: VALUES.get(name, f"/tmp/{name.lower()}") for name in WIRED}
+    base = {k: v for k, v in os.environ.items() if k not in WIRED}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**base, **values})
+    assert json.loads(out.stdout) == {name: [name, values[name]] for name in WIRED}
+
+    from spec_assets.definitions import build_resources
+
+    for name in WIRED:
+        monkeypatch.delenv(name, raising=False)
+    unset = build_resources()
+    for name, value in values.items():  # set after the definitions were built
+        monkeypatch.setenv(name, value)
+    for name, (key, field) in WIRED.items():
+        with unset[key].process_config_and_initialize_cm() as resource:
+            assert getattr(resource, field) == ("hf" if name == "SPECDRAFT_BACKEND" else ""), name
+    with unset["ray_cluster"].process_config_and_initialize_cm() as ray_cluster:
+        assert ray_cluster.enabled() is False
+    assert unset["target"].process_config_and_initialize().template_kwargs() == {}
 
 
 # Dagster storage internals and the implicit job's internal name: none of them is public API.

@@ -67,9 +67,8 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path, monkeypatch):
     with pytest.raises(InstanceConfigError, match="SPECDRAFT_TARGET_SLOTS must be a positive integer"):
         preflight(tmp_path)
     monkeypatch.setenv("SPECDRAFT_TARGET_SLOTS", "1")
-    monkeypatch.setenv("SPECDRAFT_RAY_ADDRESS", "not-an-address")
     with pytest.raises(InstanceConfigError, match="needs host:port"):
-        preflight(tmp_path)
+        preflight(tmp_path, ray_address="not-an-address")
 
 
 def test_a_killed_runs_pool_slot_is_freed_and_the_run_failed(tmp_path):
