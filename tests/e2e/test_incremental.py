@@ -10,7 +10,6 @@ released_draft never runs here; the assertions cover every other asset.
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from spec_assets.cli import failure_messages, run_pipeline
 from spec_assets.tokenize import tokenized_shards
 from tests.spec_assets.conftest import graph_env
+from tests.webserver import dagster_webserver
 from training.demo.corpus import write_demo_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,33 +180,16 @@ def test_tokenization_config_change_recomputes_only_what_depends_on_it(pipeline)
     assert sum(tokens.values()) < sum(baseline[("tokenized_shards", s)].metadata["tokens"].value for s in shards)
 
 
-def _origin(python_file: str | None = None):
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-
-    if python_file:
-        return LoadableTargetOrigin(executable_path=sys.executable, python_file=python_file, attribute="defs",
-                                    working_directory=str(ROOT))
-    return LoadableTargetOrigin(executable_path=sys.executable, module_name="spec_assets.definitions",
-                                attribute="defs", working_directory=str(ROOT))
-
-
-def staleness(instance, origin, shards) -> dict:
+def staleness(server, shards) -> dict:
     """(asset, partition) -> (staleStatus, root causes [(asset, partition, category, reason)], code version),
-    from Dagster's GraphQL API as the UI asks it."""
-    from dagster._core.test_utils import in_process_test_workspace
-    from dagster_graphql.test.utils import execute_dagster_graphql
-
+    from the webserver's GraphQL API, as the UI asks it."""
     out = {}
-    with in_process_test_workspace(instance, origin) as context:
-        queries = [(PER_SHARD, s) for s in shards] + [((*FAN_IN, "released_draft"), None)]
-        for assets, partition in queries:
-            result = execute_dagster_graphql(context, STALENESS, {
-                "keys": [{"path": [a]} for a in assets], "partition": partition,
-            })
-            for node in result.data["assetNodes"]:
-                causes = [(c["key"]["path"][0], c["partitionKey"], c["category"], c["reason"])
-                          for c in node["staleCauses"]]
-                out[(node["assetKey"]["path"][0], partition)] = (node["staleStatus"], causes, node["opVersion"])
+    queries = [(PER_SHARD, s) for s in shards] + [((*FAN_IN, "released_draft"), None)]
+    for assets, partition in queries:
+        data = server.graphql(STALENESS, {"keys": [{"path": [a]} for a in assets], "partition": partition})
+        for node in data["assetNodes"]:
+            causes = [(c["key"]["path"][0], c["partitionKey"], c["category"], c["reason"]) for c in node["staleCauses"]]
+            out[(node["assetKey"]["path"][0], partition)] = (node["staleStatus"], causes, node["opVersion"])
     return out
 
 
@@ -216,13 +199,17 @@ def test_code_version_bump_shows_stale_in_dagster_and_a_run_clears_it(pipeline, 
     bumped_file = tmp_path / "bumped_defs.py"
     bumped_file.write_text(BUMPED_DEFS)
 
-    with pipeline.instance() as instance:
-        base = staleness(instance, _origin(), shards)
+    # Two webservers on the pipeline's instance: the code location as it is, and with the bump.
+    env = {"DAGSTER_HOME": str(pipeline.home), "PYTHONPATH": str(ROOT)}
+    with dagster_webserver(["-m", "spec_assets.definitions"], env, tmp_path / "base.log") as base_server, \
+            dagster_webserver(["-f", str(bumped_file), "-a", "defs"], env, tmp_path / "bumped.log") as bumped_server, \
+            pipeline.instance() as instance:
+        base = staleness(base_server, shards)
         assert {k: v[0] for k, v in base.items() if k[0] != "released_draft"} == {
             k: "FRESH" for k in expected_keys(shards)}
         assert base[("released_draft", None)][0] == "MISSING"  # the gate never let it run
 
-        bumped = staleness(instance, _origin(str(bumped_file)), shards)
+        bumped = staleness(bumped_server, shards)
         for shard in shards:
             status, causes, version = bumped[("tokenized_shards", shard)]
             assert (status, causes) == ("STALE", [("tokenized_shards", shard, "CODE", "has a new code version")])
@@ -244,7 +231,7 @@ def test_code_version_bump_shows_stale_in_dagster_and_a_run_clears_it(pipeline, 
             (m,) = [e.materialization for e in result.get_asset_materialization_events()]
             assert not cache_hit(m), "a new code version is a new fingerprint"
 
-        after = staleness(instance, _origin(str(bumped_file)), shards)
+        after = staleness(bumped_server, shards)
         for shard in shards:
             assert after[("tokenized_shards", shard)][0] == "FRESH"
             status, causes, _ = after[("hidden_states", shard)]

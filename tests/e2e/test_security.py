@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 import threading
 import urllib.parse
 from http.server import ThreadingHTTPServer
@@ -34,6 +31,8 @@ import pytest
 
 from resources.ray_cluster import RayClusterResource
 from tests.conftest import JsonHandler
+from tests.spec_assets.conftest import new_dagster_home
+from tests.webserver import dagster_webserver
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -258,22 +257,35 @@ def test_api_key_echoed_by_a_failing_server_is_not_logged(canaries, tiny_target,
     assert_no_canary("the failure of a step", kept)
 
 
+RESOURCES = """
+query Resources($selector: RepositorySelector!) {
+  allTopLevelResourceDetailsOrError(repositorySelector: $selector) {
+    __typename
+    ... on ResourceDetailsList { results { name resourceType description
+      configFields { name description configType { key } defaultValueAsJson }
+      configuredValues { key value type } } }
+  }
+}
+"""
+
+
 def test_code_location_snapshot_shows_env_var_names_not_values(s3_bucket, tmp_path):
-    """What `dagster dev` serves the UI about resources, built by loading the code location in a
-    fresh process with every secret set."""
-    env = {**os.environ, **CANARIES, "SPECDRAFT_ROOT": f"{s3_bucket}/x", "SPECDRAFT_TARGET": str(tmp_path),
-           "SPECDRAFT_CORPUS": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    code = ("from dagster._core.remote_representation.external_data import RepositorySnap\n"
-            "from dagster._serdes import serialize_value\n"
-            "from spec_assets.definitions import defs\n"
-            "print(serialize_value(RepositorySnap.from_def(defs.get_repository_def())))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                          start_new_session=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    snap = proc.stdout
-    assert "SPECDRAFT_ROOT" in snap and "ObjectStoreResource" in snap  # the resources are in it, by name
-    assert f"{s3_bucket}/x" not in snap  # env-sourced values show as the variable's name
-    assert_no_canary("the code location snapshot", snap + proc.stderr)
+    """What `dagster-webserver` serves the UI about resources (its GraphQL API), over the code location
+    loaded in a fresh process with every secret set."""
+    env = {**CANARIES, "SPECDRAFT_ROOT": f"{s3_bucket}/x", "SPECDRAFT_TARGET": str(tmp_path),
+           "SPECDRAFT_CORPUS": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "DAGSTER_HOME": str(new_dagster_home(tmp_path / "home"))}
+    with dagster_webserver(["-w", "workspace.yaml"], env, tmp_path / "webserver.log") as server:
+        repos = server.graphql("{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }")
+        (repo,) = repos["repositoriesOrError"]["nodes"]
+        selector = {"repositoryName": repo["name"], "repositoryLocationName": repo["location"]["name"]}
+        answer = server.graphql(RESOURCES, {"selector": selector})["allTopLevelResourceDetailsOrError"]
+    resources = {r["name"]: r for r in answer["results"]}
+    root = {v["key"]: v for v in resources["object_store"]["configuredValues"]}["root"]
+    assert (root["type"], root["value"]) == ("ENV_VAR", "SPECDRAFT_ROOT")  # the variable's name, not its value
+    snap = json.dumps(answer)
+    assert "ObjectStoreResource" in snap and f"{s3_bucket}/x" not in snap
+    assert_no_canary("the code location snapshot", snap + (tmp_path / "webserver.log").read_text())
 
 
 # -- pickles ----------------------------------------------------------------------------------------------

@@ -9,14 +9,9 @@ Needs Debian's chromium and chromium-driver (`make test` installs them where apt
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -38,9 +33,9 @@ if not CHROMIUM.exists():
     warnings.warn(f"test_ui skipped: {REASON}", stacklevel=1)
     pytest.skip(REASON, allow_module_level=True)
 
-from tests.conftest import free_port  # noqa: E402
 from tests.spec_assets.conftest import graph_env  # noqa: E402
 from tests.spec_assets.small_run import SMALL  # noqa: E402
+from tests.webserver import dagster_webserver  # noqa: E402
 
 # Asset nodes and edges as the lineage graph draws them: each node is an SVG foreignObject holding
 # the asset's name, each edge a path with an arrow marker from a node's right side to another's left.
@@ -88,60 +83,10 @@ def instance_env(tmp_path_factory, tiny_target):
 
 @pytest.fixture(scope="module")
 def webserver(instance_env, tmp_path_factory):
-    """dagster-webserver on a free loopback port, in its own process group, stopped by its PID."""
-    port = free_port()
+    """dagster-webserver -w workspace.yaml on a free loopback port (tests/webserver.py)."""
     log_path = tmp_path_factory.mktemp("webserver") / "webserver.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml",
-             "-h", "127.0.0.1", "-p", str(port)],
-            cwd=ROOT, env={**os.environ, **instance_env}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_loaded(url, proc, log_path, timeout=240)
-        yield url
-    finally:
-        _stop(proc)
-
-
-def _wait_until_loaded(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    """/server_info answers, then the code location has loaded (or its load error is reported)."""
-    query = json.dumps({"query": "{ workspaceOrError { ... on Workspace { locationEntries { name "
-                                 "locationOrLoadError { __typename ... on PythonError { message } } } } } }"}).encode()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"dagster-webserver exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/server_info", timeout=5).read()
-            request = urllib.request.Request(f"{url}/graphql", data=query, headers={"Content-Type": "application/json"})
-            entries = json.loads(urllib.request.urlopen(request, timeout=30).read())["data"]["workspaceOrError"]["locationEntries"]
-            loaded = [e["locationOrLoadError"] for e in entries if e["locationOrLoadError"]]
-            if loaded and loaded[0]["__typename"] == "PythonError":
-                raise RuntimeError(f"code location failed to load: {loaded[0]['message']}")
-            if loaded:
-                return
-        except (OSError, KeyError, TypeError, ValueError):
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"dagster-webserver not ready in {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (it and its code server), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the code server child, if it outlived the server
-    except ProcessLookupError:
-        pass
+    with dagster_webserver(["-w", "workspace.yaml"], instance_env, log_path) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

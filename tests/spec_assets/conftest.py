@@ -37,3 +37,16 @@ def graph_env(root: Path, target: Path, *, n_shards: int, ui: bool = False) -> d
             "SPECDRAFT_ROOT": (root / "store").as_uri(),
             "SPECDRAFT_TARGET": str(target),
             "SPECDRAFT_CORPUS": str(root / "corpus")}
+
+
+def pool_occupancy(home: Path, pool: str) -> tuple[int, int]:
+    """(slots occupied, limit) of a concurrency pool of the instance in `home`, as `dagster instance
+    concurrency get` prints them (Dagster has no public Python API for it)."""
+    import re
+
+    from spec_assets.instance import dagster_cli
+
+    out = dagster_cli(["-m", "dagster", "instance", "concurrency", "get", pool], home, f"reading pool {pool}")
+    match = re.search(rf'"{re.escape(pool)}": (\d+) / (\d+) slots occupied', out)
+    assert match, f"unexpected `dagster instance concurrency get` output: {out!r}"
+    return int(match.group(1)), int(match.group(2))
