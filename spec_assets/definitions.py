@@ -62,7 +62,6 @@ automation = dg.AutomationConditionSensorDefinition(
 )
 
 
-
 def build_defs() -> dg.Definitions:
     """The code location's Definitions over the environment as it is now: `specdraft` builds them per
     command, the code server (dagster dev, the daemon, step processes) once at load."""

@@ -98,8 +98,8 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
 
 def target_spec(target: TargetModelResource):
     """The resource as the TrainJob's TargetSpec: online training loads this very target (its
-    backend, device, trust_remote_code and chat settings, parsed as the resource parses them, from its
-    field or SPECDRAFT_CHAT_TEMPLATE_KWARGS), not a hard-coded hf one. The resource sets no dtype:
+    backend, device, trust_remote_code and chat settings, parsed as the resource parses its field),
+    not a hard-coded hf one. The resource sets no dtype:
     the job's "auto" is what the resource's own load uses."""
     from training.job import TargetSpec
 

@@ -7,8 +7,8 @@ from resources.generation_backend import GenerationBackendResource
 from resources.object_store import ObjectStoreResource
 from resources.ray_cluster import RayClusterResource
 from spec_assets.artifact_step import materialize_artifact
-from spec_assets.metadata import top_counts
 from spec_assets.instance import target_pool
+from spec_assets.metadata import top_counts
 from spec_assets.partitions import corpus_shards
 from spec_assets.stage_config import stage_config
 from training.configs import ResampleConfig

@@ -33,9 +33,7 @@ def _dagster_type(tp: Any) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return typing.Union[tuple(_dagster_type(a) for a in args)]
-    if origin is tuple:
-        return list[_dagster_type(args[0])]  # tuple[int, ...] and tuple[float, float] alike
-    if origin is list:
+    if origin in (tuple, list):  # tuple[int, ...] and tuple[float, float] alike
         return list[_dagster_type(args[0])]
     if origin is dict:
         return dict[str, _dagster_type(args[1])]
