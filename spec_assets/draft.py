@@ -12,8 +12,9 @@ from resources.object_store import ObjectStoreResource, read_ref
 from resources.target_model import TargetModelResource
 from spec_assets.artifact_step import materialize_artifact
 from spec_assets.instance import target_pool
-from training.recipe import TrainConfig
+from training.recipe import TrainConfig, data_note
 from training.storage import ArtifactRef
+from training.train_state import exported_record
 
 EXPORT_FILES = ("config.json", "model.safetensors")
 _DEFAULTS = TrainConfig()
@@ -113,7 +114,8 @@ def validation_plot_md(validation: list[dict]) -> str:
 def training_summary(result: dict, mode: str, shards: int) -> dict:
     """The manifest summary of a training run: headline numbers as plain rounded floats (the
     Plots tab charts them), the resolved recipe, per-k rows and the held-out curve."""
-    best = max(result["validation"], key=lambda r: r["simulated_acceptance_length"], default=None)
+    # The exported weights' held-out record (the best epoch's unless export_checkpoint="last").
+    best = exported_record(result["validation"], result["exported_step"])
     replayed = (best or {}).get("replayed_acceptance_length")
     cfg = result["config"]
     return {
@@ -235,7 +237,13 @@ def draft_model(
             for name, data in files.items():
                 writer.write_bytes(f"export/{name}", data)
             exported = json.loads(files["config.json"])
+        # Too little data to generalize is the first thing to know about a draft (recipe.data_note).
+        trainable = store.manifest(vocab_map.prefix).summary.get("masked_tokens")
+        note = data_note(trainable) if trainable is not None else None
+        if note:
+            context.log.warning(note)
         writer.summary = {**training_summary(result, config.mode, len(refs)),
+                          "trainable_tokens": trainable, "data_note": note,
                           # the resolved draft shape (recipe.draft_width unless configured)
                           "draft_width": {k: exported[k] for k in ("hidden_size", "intermediate_size",
                                                                    "num_attention_heads", "target_hidden_size")},
