@@ -169,7 +169,8 @@ def _acc_table(rows: list[dict]) -> dg.TableMetadataValue:
 
 @dg.asset(
     # 3: the draft's default width follows recipe.draft_width (drafts of targets under 256 wide change)
-    code_version="3",
+    # 4: corpora of 10 to 199 rows are validated too, and their best epoch exported
+    code_version="4",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="train",
     io_manager_key="artifact_refs",
