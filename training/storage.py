@@ -18,7 +18,8 @@ connections) are retried at two levels, each bounded and with exponential backof
   - every S3 request by botocore ("standard" retry mode, `S3_MAX_ATTEMPTS` attempts; AWS_MAX_ATTEMPTS /
     AWS_RETRY_MODE override it), which covers the multipart uploads of streamed artifact parts;
   - every whole-object call of ObjectStore (read/write bytes and JSON, manifests, exists, list,
-    size, delete, open) once more by `RetryPolicy` (SPECDRAFT_STORE_RETRIES attempts, default 4),
+    size, delete, open) once more by training/retry.py's `RetryPolicy` (SPECDRAFT_STORE_RETRIES
+    attempts, default 4),
     so an endpoint that is away for a couple of seconds (a restart) is ridden out.
 Then the call fails with a StoreError naming the URL. 4xx answers (missing object, wrong
 credentials, no such bucket) and local-disk errors are never retried.
@@ -29,10 +30,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import posixpath
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from training.liveness import maybe_alive, this_process
+from training.retry import RetryPolicy
 
 MANIFEST = "manifest.json"
 ATTEMPT_PREFIX = "attempt-"
@@ -48,7 +48,6 @@ WRITER_RECORD = "_writer.json"  # inside a live writer's attempt folder: {"host"
 S3_MAX_ATTEMPTS = 3  # botocore attempts per S3 request (standard retry mode)
 S3_CONNECT_TIMEOUT_S = 5  # a refused or unroutable endpoint fails in seconds, then is retried
 
-log = logging.getLogger(__name__)
 _sleep = time.sleep  # the backoff's sleep (tests record it instead of waiting)
 
 
@@ -56,28 +55,13 @@ class StoreError(RuntimeError):
     """An object-store operation failed; the message names the URL and the cause."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff for transient faults of a remote store.
-
-    `attempts` calls in all; before retry n (0-based) it sleeps min(max_s, base_s * 2**n) times
-    a jitter factor in [0.5, 1] (so many workers hitting one outage do not retry in lockstep).
-    """
-
-    attempts: int = 4
-    base_s: float = 0.25
-    max_s: float = 4.0
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        raw = os.environ.get("SPECDRAFT_STORE_RETRIES")
-        try:
-            return cls(attempts=max(1, int(raw))) if raw else cls()
-        except ValueError:
-            raise StoreError(f"SPECDRAFT_STORE_RETRIES must be an integer, got {raw!r}") from None
-
-    def delay(self, retry: int) -> float:
-        return min(self.max_s, self.base_s * 2**retry) * random.uniform(0.5, 1.0)
+def store_retry_policy() -> RetryPolicy:
+    """The retry policy of a remote store: SPECDRAFT_STORE_RETRIES attempts (default 4)."""
+    raw = os.environ.get("SPECDRAFT_STORE_RETRIES")
+    try:
+        return RetryPolicy(attempts=max(1, int(raw))) if raw else RetryPolicy()
+    except ValueError:
+        raise StoreError(f"SPECDRAFT_STORE_RETRIES must be an integer, got {raw!r}") from None
 
 
 # S3 error codes and HTTP statuses that mean "try again", never "you asked for the wrong thing".
@@ -194,7 +178,7 @@ class ObjectStore:
         options.update(storage_options or {})
         self.root = root.rstrip("/")
         # Local disk errors are not transient; only a remote store's calls are retried.
-        self.retry = (retry or RetryPolicy.from_env()) if self.protocol != "file" else RetryPolicy(attempts=1)
+        self.retry = (retry or store_retry_policy()) if self.protocol != "file" else RetryPolicy(attempts=1)
         self.fs = fsspec.filesystem(self.protocol, **options)
         self._base = self.root.split("://", 1)[1]  # path as the filesystem names it
         if self.protocol == "file":
@@ -216,25 +200,25 @@ class ObjectStore:
         """Run an fsspec call, retrying transient faults (RetryPolicy) and turning its many error
         types into one that names the URL. A missing object stays FileNotFoundError when reading;
         a write that finds no bucket is a StoreError like any other failed write."""
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                return fn(*args, **kwargs)
-            except FileNotFoundError as exc:
-                if write:
-                    raise StoreError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}") from exc
-                raise
-            except StoreError:
-                raise
-            except Exception as exc:  # botocore/aiohttp/OSError: report what and where
-                if attempt < self.retry.attempts and is_transient(exc):
-                    delay = self.retry.delay(attempt - 1)
-                    log.warning("%s %s failed (attempt %d of %d), retrying in %.2fs: %s: %s", action,
-                                self.url(key), attempt, self.retry.attempts, delay, type(exc).__name__, exc)
-                    _sleep(delay)
-                    continue
-                tries = f" after {attempt} attempts" if attempt > 1 else ""
-                raise StoreError(f"{action} {self.url(key)} failed{tries}: {type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")  # the loop returns or raises
+        tries = 0
+
+        def once():
+            nonlocal tries
+            tries += 1
+            return fn(*args, **kwargs)
+
+        try:
+            return self.retry.call(once, transient=is_transient, what=f"{action} {self.url(key)}",
+                                   sleep=lambda s: _sleep(s))
+        except FileNotFoundError as exc:
+            if write:
+                raise StoreError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}") from exc
+            raise
+        except StoreError:
+            raise
+        except Exception as exc:  # botocore/aiohttp/OSError: report what and where
+            after = f" after {tries} attempts" if tries > 1 else ""
+            raise StoreError(f"{action} {self.url(key)} failed{after}: {type(exc).__name__}: {exc}") from exc
 
     # -- plain objects ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:
