@@ -15,12 +15,13 @@ artifact (`writer.scratch(name)`: resampling progress) is deleted by the last wr
 
 Transient faults of a remote store (5xx answers, throttling, refused, reset or timed-out
 connections) are retried at two levels, each bounded and with exponential backoff:
-  - every S3 request by botocore ("standard" retry mode, `S3_MAX_ATTEMPTS` attempts; AWS_MAX_ATTEMPTS /
-    AWS_RETRY_MODE override it), which covers the multipart uploads of streamed artifact parts;
+  - every S3 request by botocore ("standard" retry mode, training/filesystem.py's
+    `S3_MAX_ATTEMPTS` attempts; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override it), which covers the
+    multipart uploads of streamed artifact parts;
   - every whole-object call of ObjectStore (read/write bytes and JSON, manifests, exists, list,
     size, delete, open) once more by training/retry.py's `RetryPolicy` (SPECDRAFT_STORE_RETRIES
-    attempts, default 4),
-    so an endpoint that is away for a couple of seconds (a restart) is ridden out.
+    attempts, default 4), so an endpoint that is away for a couple of seconds (a restart) is
+    ridden out.
 Then the call fails with a StoreError naming the URL. 4xx answers (missing object, wrong
 credentials, no such bucket) and local-disk errors are never retried.
 """
@@ -38,15 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from training.filesystem import filesystem
 from training.liveness import maybe_alive, this_process
 from training.retry import RetryPolicy
 
 MANIFEST = "manifest.json"
 ATTEMPT_PREFIX = "attempt-"
 WRITER_RECORD = "_writer.json"  # inside a live writer's attempt folder: {"host", "pid"}
-
-S3_MAX_ATTEMPTS = 3  # botocore attempts per S3 request (standard retry mode)
-S3_CONNECT_TIMEOUT_S = 5  # a refused or unroutable endpoint fails in seconds, then is retried
 
 _sleep = time.sleep  # the backoff's sleep (tests record it instead of waiting)
 
@@ -141,45 +140,20 @@ def artifact_prefix(asset: str, partition: str | None, fingerprint: str) -> str:
     return "/".join(safe_component(p) for p in (asset, partition or "_", fingerprint))
 
 
-def s3_storage_options() -> dict[str, Any]:
-    # Credentials come from the standard AWS variables through botocore's own chain; we only
-    # pass the endpoint so a loopback or on-prem S3 API works, and disable listing caches so
-    # a manifest written by another process is seen at once.
-    opts: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
-    # Bounded request retries with a short connect timeout (botocore's legacy default retries a
-    # dead endpoint for ~10 s per call). botocore reads AWS_MAX_ATTEMPTS / AWS_RETRY_MODE itself;
-    # an explicit retries setting would override them, so it is set only when they are not.
-    config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S}
-    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
-        config["retries"] = {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
-    opts["config_kwargs"] = config
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["client_kwargs"] = {"endpoint_url": endpoint}
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        opts.setdefault("client_kwargs", {})["region_name"] = region
-    return opts
-
-
 class ObjectStore:
     """fsspec-backed store rooted at `root` (`file:///abs/path`, a plain path, or `s3://bucket/prefix`)."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None, *, retry: RetryPolicy | None = None):
-        import fsspec
-
         root = str(root)
         if "://" not in root:
             root = Path(root).resolve().as_uri()
         self.protocol = root.split("://", 1)[0]
         if self.protocol not in ("file", "s3", "memory"):
             raise StoreError(f"unsupported object-store URL {root!r}: use file://, a path, or s3://")
-        options = dict(s3_storage_options() if self.protocol == "s3" else {})
-        options.update(storage_options or {})
         self.root = root.rstrip("/")
         # Local disk errors are not transient; only a remote store's calls are retried.
         self.retry = (retry or store_retry_policy()) if self.protocol != "file" else RetryPolicy(attempts=1)
-        self.fs = fsspec.filesystem(self.protocol, **options)
+        self.fs, _ = filesystem(self.root, storage_options)
         self._base = self.root.split("://", 1)[1]  # path as the filesystem names it
         if self.protocol == "file":
             self.fs.makedirs(self._base, exist_ok=True)
