@@ -26,6 +26,7 @@ from training.targets.base import (
 )
 from training.targets.spec import auto_dtype, dtype_name
 
+
 def resolve_dtype(dtype, device: str):
     """The torch dtype for `dtype` on `device` ("auto": spec.auto_dtype's rule)."""
     import torch
