@@ -165,10 +165,8 @@ class OpenAITarget(TargetModel):
                 hint = (" (this server does not take return_token_ids: set return_token_ids false on the "
                         "generation resource; replies are then re-encoded from text)")
             raise OpenAIError(f"{method} {url}: HTTP {code}: {detail}{hint}") from None
-        except openai.APIConnectionError as exc:  # refused, reset, timed out: the cause says which
-            cause = exc.__cause__ or exc
-            raise OpenAIError(f"{method} {url}: failed after {attempts} attempts, last: "
-                              f"{type(cause).__name__}: {cause}") from None
+        except openai.APIConnectionError as exc:  # refused, reset, timed out: the innermost cause says which
+            raise OpenAIError(f"{method} {url}: failed after {attempts} attempts, last: {_root_cause(exc)}") from None
         content = raw.content
         if not content.strip():
             raise OpenAIError(f"{method} {url}: empty response body")
@@ -252,6 +250,18 @@ def _request_message(message: dict) -> dict:
         out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
                              for c in json.loads(out["tool_calls"])]
     return out
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause of a failed connection in words: the SDK's error wraps httpx's, which
+    wraps the socket's ("All connection attempts failed" around "Connection refused")."""
+    chain = [exc]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    root = chain[-1]
+    if isinstance(root, OSError) and root.errno:
+        return f"{type(root).__name__}: {os.strerror(root.errno)} ({root.strerror})"
+    return f"{type(root).__name__}: {root}"
 
 
 def _excerpt(raw: bytes, limit: int = 300) -> str:

@@ -182,7 +182,7 @@ def test_empty_reply_is_an_error(server):
 
 def test_connection_refused_is_retried_then_reported():
     client = load_target("http://127.0.0.1:9/v1", backend="openai", model="m", max_retries=1)
-    with pytest.raises(OpenAIError, match="after 2 attempts"):
+    with pytest.raises(OpenAIError, match="after 2 attempts, last: ConnectionRefusedError: Connection refused"):
         client.generate(CONVS[:1], PARAMS[:1])
 
 
