@@ -149,6 +149,13 @@ class _Part:
         return len(data)
 
 
+def feature_batches(rows: Iterable, max_tokens_per_batch: int, stats: dict) -> Iterator[list[tuple]]:
+    """The packed batches of one target forward each, as the writer forms them: the one plan that
+    the local writer and the Ray actors (ray_pool.FeatureTarget) both follow. Empty rows are
+    counted in stats["skipped_empty"]."""
+    return pack_stream(_clean_rows(rows, stats), max_tokens_per_batch, length=lambda r: len(r[0]))
+
+
 def _clean_rows(rows: Iterable, stats: dict) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
     """(input_ids, loss_mask, label) per non-empty row; label = "row {index}" plus its id when given."""
     for index, row in enumerate(rows):
@@ -236,7 +243,7 @@ def write_hidden_states(
                 f"{stats['tokens']} tokens so far, {rate:.0f} tokens/s")
         part = _Part()
 
-    for batch in pack_stream(_clean_rows(rows, stats), cfg.max_tokens_per_batch, length=lambda r: len(r[0])):
+    for batch in feature_batches(rows, cfg.max_tokens_per_batch, stats):
         lengths = [len(r[0]) for r in batch]
         feats = target.features([r[0].tolist() for r in batch], ids)
         check_finite(feats["aux"], feats["last"], lengths, [r[2] for r in batch], ids, shard)

@@ -315,12 +315,10 @@ class FeatureTarget:
     def prefetch(self, rows: Iterable, max_tokens_per_batch: int, aux_layer_ids) -> Iterator:
         import itertools
 
-        from training.hidden_states import _clean_rows
-        from training.packing import pack_stream
+        from training.hidden_states import feature_batches
 
         mine, theirs = itertools.tee(rows)
-        stats = {"skipped_empty": 0}
-        self._plan = pack_stream(_clean_rows(mine, stats), max_tokens_per_batch, length=lambda r: len(r[0]))
+        self._plan = feature_batches(mine, max_tokens_per_batch, {"skipped_empty": 0})
         self._aux_ids = tuple(int(i) for i in aux_layer_ids)
         self._fill()
         return theirs
