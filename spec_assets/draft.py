@@ -145,19 +145,6 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
     }
 
 
-def target_spec(target: TargetModelResource):
-    """The resource as the TrainJob's TargetSpec: online training loads this very target (its
-    backend, device, trust_remote_code and chat settings, parsed as the resource parses them, from its
-    field or SPECDRAFT_CHAT_TEMPLATE_KWARGS), not a hard-coded hf one. The resource sets no dtype:
-    the job's "auto" is what the resource's own load uses."""
-    from training.job import TargetSpec
-
-    return TargetSpec(
-        target.model_path(), backend=target.backend, device=target.device,
-        trust_remote_code=target.trust_remote_code, chat_template_kwargs=target.template_kwargs() or None,
-    )
-
-
 def _acc_table(rows: list[dict]) -> dg.TableMetadataValue:
     cols = ["k", "train_acc", "train_cond_acc", "heldout_acc", "heldout_cond_acc"]
     types = {"k": "int"}
@@ -219,7 +206,7 @@ def draft_model(
             store_root=store.root,
             # Checkpoints live under the fingerprint, outside the attempt folder: a killed run resumes.
             run_prefix=f"{writer.prefix}/_run",
-            target=target_spec(target),
+            target=target.spec(),  # the resolved target: online training loads this very one
             vocab_map=vocab_map.prefix,
             train=config.train_config(),
             hidden_states=[r.prefix for r in refs.values()] if config.mode == "offline" else [],

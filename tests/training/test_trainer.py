@@ -82,7 +82,8 @@ def build_run_fixture(root: Path, *, n_rows: int = 48, seed: int = 0) -> dict:
 
 
 def job_spec(fx: dict, run_prefix: str, train_cfg: dict, *, online: bool = False, export_dir=None):
-    from training.job import TargetSpec, TrainJob
+    from training.job import TrainJob
+    from training.targets.spec import TargetSpec
 
     return TrainJob(
         store_root=fx["store"].root, run_prefix=run_prefix, vocab_map=VOCAB_PREFIX,
