@@ -34,15 +34,14 @@ class GenerationBackendResource(dg.ConfigurableResource):
         backend = self.effective_backend()
         if backend == self.target.backend:
             return self.target.load()  # share the loaded model (or engine) with the other stages
+        if backend != "openai":
+            return self.target.spec(backend).load()
+        if not self.base_url:
+            raise dg.Failure("generation backend 'openai' needs base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
         from training.targets import load_target
 
-        kwargs = self.target.template_kwargs() or None
-        if backend == "openai":
-            if not self.base_url:
-                raise dg.Failure("generation backend 'openai' needs base_url (or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1")
-            return load_target(
-                self.base_url, backend="openai", model=self.model or None,
-                tokenizer=self.target.model_path(), max_concurrency=self.max_concurrency,
-                chat_template_kwargs=kwargs, return_token_ids=self.return_token_ids,
-            )
-        return load_target(self.target.model_path(), backend=backend, chat_template_kwargs=kwargs)
+        return load_target(
+            self.base_url, backend="openai", model=self.model or None,
+            tokenizer=self.target.model_path(), max_concurrency=self.max_concurrency,
+            chat_template_kwargs=self.target.template_kwargs() or None, return_token_ids=self.return_token_ids,
+        )

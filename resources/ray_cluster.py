@@ -32,14 +32,11 @@ class RayClusterResource(dg.ConfigurableResource):
         return bool(self.ray_address())
 
     def _pool(self, target: TargetModelResource, log: Callable[[str], Any], backend: str | None = None):
-        """Actors holding `target` on `backend` (default the target resource's), rendering with its chat settings."""
-        import json
+        """Actors holding `target` on `backend` (default the target resource's): its TargetSpec, the
+        dtype resolved for the actors' device (GPU when gpus_per_actor > 0)."""
+        from training.ray_pool import RayPoolError, TargetPool
 
-        from training.ray_pool import RayPoolError, TargetPool, TargetSpec
-
-        kwargs = target.template_kwargs()
-        spec = TargetSpec(target.model_path(), backend or target.backend, target.device, target.trust_remote_code,
-                          json.dumps(kwargs, sort_keys=True) if kwargs else "")
+        spec = target.spec(backend, on_cuda=self.gpus_per_actor > 0)
         pool = self._pools.get(spec)
         if pool is not None and pool.live():
             pool.log = log  # this step's log
@@ -53,16 +50,16 @@ class RayClusterResource(dg.ConfigurableResource):
         return pool
 
     def resample(self, generator, rows, cfg, progress=None, log: Callable[[str], Any] = print):
-        """training.resample.resample_conversations, on the Ray actors when enabled."""
-        from training import resample
-        from training.ray_pool import RayPoolError, resample_on_pool
+        """training.resample.resample_rows, its batches generated here or on the Ray actors when enabled."""
+        from training.ray_pool import PoolBatches, RayPoolError
+        from training.resample import LocalBatches, resample_rows
 
         if not self.enabled() or generator.effective_backend() == "openai":
-            return resample.resample_conversations(generator.load(), rows, cfg, progress=progress, log=log)
+            return resample_rows(LocalBatches(generator.load()), rows, cfg, progress=progress, log=log)
         try:
             # The generation backend's, which the fingerprint names, not necessarily the target resource's.
             pool = self._pool(generator.target, log, backend=generator.effective_backend())
-            return resample_on_pool(pool, rows, cfg, progress=progress, log=log)
+            return resample_rows(PoolBatches(pool), rows, cfg, progress=progress, log=log)
         except RayPoolError as exc:
             raise dg.Failure(str(exc)) from None
 

@@ -5,11 +5,8 @@ import dagster as dg
 
 
 @lru_cache(maxsize=2)
-def _load(path: str, backend: str, device: str, trust_remote_code: bool, chat_template_kwargs: str):
-    from training.targets import load_target
-
-    kwargs = {"chat_template_kwargs": json.loads(chat_template_kwargs)} if chat_template_kwargs != "{}" else {}
-    return load_target(path, backend=backend, device=device, trust_remote_code=trust_remote_code, **kwargs)
+def _load(spec):
+    return spec.load()
 
 
 def parse_chat_template_kwargs(text: str, where: str) -> dict:
@@ -39,6 +36,8 @@ class TargetModelResource(dg.ConfigurableResource):
     # evaluation's simulator always runs the HF model (eval_report measures vLLM separately).
     backend: str = "hf"
     device: str = "auto"
+    # auto: bf16 on GPU, fp32 on CPU for hf (decided where the spec is built); vLLM's own rule for vllm
+    dtype: str = "auto"
     trust_remote_code: bool = False
     chat_template_kwargs: str = ""
 
@@ -62,14 +61,26 @@ class TargetModelResource(dg.ConfigurableResource):
                                           "the target resource (SPECDRAFT_CHAT_TEMPLATE_KWARGS or run config)")
 
     def identity(self) -> str:
-        """The weights' identity, plus the chat settings when set: they change every prompt and row."""
+        """The weights' identity, plus the chat settings and a dtype when set: they change every
+        prompt, row and hidden state."""
         from training.fingerprint import model_identity
+        from training.targets.spec import dtype_name
 
         kwargs = self.template_kwargs()
         base = model_identity(self.model_path())
+        if self.dtype != "auto":
+            base += f"+dtype={dtype_name(self.dtype)}"
         return f"{base}+chat_template_kwargs={json.dumps(kwargs, sort_keys=True)}" if kwargs else base
+
+    def spec(self, backend: str | None = None, on_cuda: bool | None = None):
+        """The TargetSpec (training/targets/spec.py) every loader of this target uses, on `backend`
+        (default the resource's), dtype resolved for a GPU when `on_cuda` (default: this process has one)."""
+        from training.targets.spec import TargetSpec
+
+        return TargetSpec(self.model_path(), backend=backend or self.backend, device=self.device, dtype=self.dtype,
+                          trust_remote_code=self.trust_remote_code,
+                          chat_template_kwargs=self.template_kwargs()).resolved(on_cuda)
 
     def load(self, backend: str | None = None):
         """The loaded TargetModel (on `backend`, default the resource's), shared by the steps of one process."""
-        return _load(self.model_path(), backend or self.backend, self.device, self.trust_remote_code,
-                     json.dumps(self.template_kwargs(), sort_keys=True))
+        return _load(self.spec(backend))

@@ -45,15 +45,15 @@ def source_corpus(
 ) -> dg.Output:
     """Normalized conversations of one source file: training rows (data.parquet), held-out rows for
     evaluation (heldout.parquet) and the rows that could not be normalized (rejects.parquet)."""
-    import fsspec
     import pyarrow.parquet as pq
 
     from training.corpus import corpus_stats, read_source, split_heldout
+    from training.filesystem import filesystem
     from training.fingerprint import file_digest
 
     store = object_store.store()
     source = corpus.source_for(context.partition_key)
-    fs, path = fsspec.core.url_to_fs(source.url)
+    fs, path = filesystem(source.url)
     digest = file_digest(fs, path)
 
     def build(writer):
@@ -94,9 +94,9 @@ def source_corpus(
 def listing_signature(url: str) -> str:
     """A cheap change signal from a source file's listing: its ETag on S3, mtime and size locally.
     The asset itself fingerprints the content, so a touched but unchanged file is still a cache hit."""
-    import fsspec
+    from training.filesystem import filesystem
 
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = filesystem(url)
     info = fs.info(path)
     return str(info.get("ETag") or f"{info.get('mtime')}:{info.get('size')}")
 

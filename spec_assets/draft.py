@@ -14,8 +14,9 @@ from spec_assets.instance import target_pool
 from spec_assets.metadata import png_md
 from spec_assets.stage_config import stage_config
 from training.job import DRAFT_FIELDS, TrainJob
-from training.recipe import TrainConfig
+from training.recipe import TrainConfig, data_note
 from training.storage import ArtifactRef
+from training.train_state import exported_record
 
 EXPORT_FILES = ("config.json", "model.safetensors")
 
@@ -66,7 +67,8 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
     """The manifest summary of a training run: headline numbers as plain floats (the Plots tab charts
     them; spec_assets/metadata.py rounds them for display), the resolved recipe, per-k rows and the
     held-out curve."""
-    best = max(result["validation"], key=lambda r: r["simulated_acceptance_length"], default=None)
+    # The exported weights' held-out record (the best epoch's unless export_checkpoint="last").
+    best = exported_record(result["validation"], result["exported_step"])
     replayed = (best or {}).get("replayed_acceptance_length")
     cfg = result["config"]
     return {
@@ -96,22 +98,10 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
     }
 
 
-def target_spec(target: TargetModelResource):
-    """The resource as the TrainJob's TargetSpec: online training loads this very target (its
-    backend, device, trust_remote_code and chat settings, parsed as the resource parses its field),
-    not a hard-coded hf one. The resource sets no dtype:
-    the job's "auto" is what the resource's own load uses."""
-    from training.job import TargetSpec
-
-    return TargetSpec(
-        target.model_path(), backend=target.backend, device=target.device,
-        trust_remote_code=target.trust_remote_code, chat_template_kwargs=target.template_kwargs() or None,
-    )
-
-
 @dg.asset(
     # 3: the draft's default width follows recipe.draft_width (drafts of targets under 256 wide change)
-    code_version="3",
+    # 4: corpora of 10 to 199 rows are validated too, and their best epoch exported
+    code_version="4",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="train",
     io_manager_key="artifact_refs",
@@ -158,7 +148,7 @@ def draft_model(
             store_root=store.root,
             # Checkpoints live under the fingerprint, outside the attempt folder: a killed run resumes.
             run_prefix=f"{writer.prefix}/_run",
-            target=target_spec(target),
+            target=target.spec(),  # the resolved target: online training loads this very one
             vocab_map=vocab_map.prefix,
             train=config.library(TrainConfig),
             hidden_states=[r.prefix for r in refs.values()] if config.mode == "offline" else [],
@@ -174,7 +164,13 @@ def draft_model(
             for name, data in files.items():
                 writer.write_bytes(f"export/{name}", data)
             exported = json.loads(files["config.json"])
+        # Too little data to generalize is the first thing to know about a draft (recipe.data_note).
+        trainable = store.manifest(vocab_map.prefix).summary.get("masked_tokens")
+        note = data_note(trainable) if trainable is not None else None
+        if note:
+            context.log.warning(note)
         writer.summary = {**training_summary(result, config.mode, len(refs)),
+                          "trainable_tokens": trainable, "data_note": note,
                           # the resolved draft shape (recipe.draft_width unless configured)
                           "draft_width": {k: exported[k] for k in ("hidden_size", "intermediate_size",
                                                                    "num_attention_heads", "target_hidden_size")},

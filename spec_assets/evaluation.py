@@ -28,13 +28,12 @@ class EvalReportConfig(stage_config(EvalConfig)):
 def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]) -> tuple[list[dict], dict[str, str]]:
     """Held-out conversations and the fingerprints they come from: the prompt file at `url`, or
     else every shard's heldout.parquet."""
-    import fsspec
-
     from training.evaluation.prompts import PromptFileError, read_prompt_file
+    from training.filesystem import filesystem
     from training.fingerprint import file_digest
 
     if url:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url)
         try:
             rows = read_prompt_file(url, log=context.log.warning)
         except PromptFileError as exc:

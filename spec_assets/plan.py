@@ -188,7 +188,8 @@ class CurrentnessJudge:
     def why_not_current(self, key, partition: str | None) -> str | None:
         """None when current, else the first reason it is not (for the log)."""
         import dagster as dg
-        import fsspec
+
+        from training.filesystem import filesystem
 
         record = self._latest(key, partition)
         if record is None:
@@ -209,7 +210,7 @@ class CurrentnessJudge:
         path = record.asset_materialization.metadata.get("path")
         if path is None:
             return "no artifact path recorded"
-        fs, root = fsspec.core.url_to_fs(path.value)
+        fs, root = filesystem(path.value)
         if not fs.exists(f"{root.rstrip('/')}/manifest.json"):
             return "artifact missing from the store"
         if key.to_user_string() == "source_corpus" and partition is not None:

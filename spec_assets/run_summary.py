@@ -64,6 +64,9 @@ def draft_summary(results, defs) -> list[str]:
         lines.append(f"  T={t:g}: EAGLE-3 tau {_fmt(result.tau('eagle3', k, t))}, "
                      f"prompt lookup {_fmt(result.tau('prompt_lookup', k, t))}"
                      + (f"; served by vLLM {_fmt(served['served_tau'])}" if served else ""))
+    note = store.manifest(read_ref(store, "draft_model").prefix).summary.get("data_note")
+    if note:
+        lines.append(f"note: {note}")
     checks = _gate_evaluations(run)
     passed = bool(checks) and checks[-1].passed
     detail = checks[-1].metadata.get("detail") if checks else None

@@ -55,9 +55,11 @@ class JsonHandler(BaseHTTPRequestHandler):
     def read_json(self):
         return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
 
-    def send_json(self, status: int, obj) -> None:
+    def send_json(self, status: int, obj, headers: dict | None = None) -> None:
         body = json.dumps(obj).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

@@ -2,19 +2,18 @@
 
 config.json + model.safetensors with exactly the tensor names of DESIGN.md ("Draft serving
 export"); they are the Eagle3Draft parameter names, so export and reload are plain state dicts.
-The directory is written under a temporary name and renamed into place: a reader sees either
-the previous export or the complete new one.
+The directory is written under a temporary name and renamed into place, so it is never half
+written: a reader sees the previous export, the complete new one, or (killed between the two
+renames of a replacement) none. The pipeline does not rely on more: draft_model copies the export
+into its artifact, which its manifest commits.
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
-import errno
 import json
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -110,7 +109,7 @@ def export_draft(
     dtype: torch.dtype = torch.bfloat16,
     include_embed: bool = False,
 ) -> Path:
-    """Write the serving directory at out_dir (replacing an existing one atomically).
+    """Write the serving directory at out_dir (replacing an existing one, never leaving a half one).
 
     include_embed (default False) adds `embed_tokens.weight` [V, H], the frozen copy of the
     target's embedding. Left out, the file is V*H elements smaller (half of it or more for a large
@@ -135,39 +134,17 @@ def export_draft(
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; servers may run as another user
-        if out.exists():
-            if _exchange(tmp, out):  # one atomic step: tmp now holds the previous export
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:  # no atomic exchange here: a short window in which out_dir is absent
-                old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-                os.rename(out, old)
-                os.rename(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
+        if out.exists():  # the old one out of the way (hidden), the new one in, the old one removed
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE), so a process killed at
-    any moment leaves out_dir holding a complete export; False where the OS or filesystem lacks it."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
 
 
 def load_draft(export_dir, embed_weight: torch.Tensor | None = None, device="cpu"):

@@ -5,7 +5,10 @@ one artifact, each holding whole sequences packed without padding:
   aux [T, k*H]   residual stream after `aux_layer_ids` (HF hidden_states[i]), concatenated
   last [T, H]    final post-norm state: target logits = lm_head(last)
   input_ids [T] int32, loss_mask [T] uint8, cu_seqlens [S+1] int64 (offsets of each sequence)
-  header metadata: format, target identity, aux_layer_ids (JSON), dtype, hidden_size, counts.
+  header metadata: one key, "specdraft", holding a JSON object (keys sorted) of format, target
+  identity, aux_layer_ids (JSON), dtype, hidden_size and counts. One key, because safetensors'
+  writer puts several in a random order (safetensors issue #584) and a part's bytes must be a
+  function of its content: artifacts are content-addressed and compared bitwise.
 dtype "bf16" stores aux/last in bfloat16: 8H+5 bytes per token for k=3, plus 8 per sequence.
 dtype "fp8" stores them in float8_e4m3fn with one float32 scale per token and per aux layer:
   aux_scale [T, k], last_scale [T]; value = fp8 * scale, scale = row amax / 448 (1 for a zero row).
@@ -17,9 +20,9 @@ becomes inf and a bad target never reaches training disguised as a learning-rate
 layer ids must be ones vLLM and SGLang can feed back (training/aux_layers.py); others are refused
 before the first forward.
 
-The writer streams: peak memory is the model, one batch and the part being built. A part is
-serialized straight from its buffered batch slices (no concatenated copy, no bytes copy), and a
-part never exceeds `part_bytes` unless one sequence alone does. Parts only split between
+The writer streams: peak memory is the model, one batch and the part being built (twice while
+safetensors' own writer serializes it to bytes). A part never exceeds `part_bytes` unless one
+sequence alone does. Parts only split between
 sequences. The manifest (ArtifactWriter) is written last, so a killed writer leaves nothing a
 reader trusts.
 
@@ -42,14 +45,10 @@ from training.aux_layers import check_servable
 from training.configs import FeatureConfig
 from training.packing import pack_by_tokens, pack_stream
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: written by safetensors' own writer, the metadata under METADATA_KEY
+METADATA_KEY = "specdraft"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-# Widest element first keeps every tensor aligned to its element size inside the file.
-TENSOR_ORDER = ("cu_seqlens", "aux_scale", "last_scale", "input_ids", "aux", "last", "loss_mask")
-_ST_DTYPES = {
-    torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.float32: "F32",
-    torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3",
-}
+TENSOR_NAMES = ("cu_seqlens", "aux_scale", "last_scale", "input_ids", "aux", "last", "loss_mask")
 
 
 def bytes_per_token(hidden_size: int, n_aux: int = 3, dtype: str = "bf16") -> int:
@@ -89,21 +88,19 @@ def encode_features(aux: torch.Tensor, last: torch.Tensor, n_aux: int, dtype: st
             "last": ql.reshape(T, H).cpu(), "last_scale": sl.reshape(T).cpu()}
 
 
-def _header(tensors: dict[str, tuple[torch.dtype, list[int], int]], metadata: dict[str, str]) -> bytes:
-    """safetensors header for tensors given as name -> (dtype, shape, nbytes), laid out in TENSOR_ORDER."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in TENSOR_ORDER:
-        if name in tensors:
-            dtype, shape, nbytes = tensors[name]
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)  # data starts 8-aligned, as safetensors itself pads
+def part_metadata(metadata: dict[str, str], tokens: int, sequences: int) -> dict[str, str]:
+    """A part's safetensors metadata: the writer's facts and its counts, as one JSON value."""
+    facts = {**metadata, "num_tokens": str(tokens), "num_sequences": str(sequences)}
+    return {METADATA_KEY: json.dumps(facts, sort_keys=True, separators=(",", ":"))}
 
 
-def _raw(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+def header_bound(metadata: dict[str, str]) -> int:
+    """Bytes a part's safetensors header can take at most: its 8-byte length, the compact JSON of
+    every tensor entry and the metadata with each number at 12 digits, and the padding to 8."""
+    big = 10 ** 12
+    entry = {"dtype": "F8_E4M3", "shape": [big, big], "data_offsets": [big, big]}
+    header = {"__metadata__": part_metadata(metadata, big, big), **{name: entry for name in TENSOR_NAMES}}
+    return 8 + len(json.dumps(header, separators=(",", ":"))) + 8
 
 
 @dataclass
@@ -124,21 +121,24 @@ class _Part:
         self.nbytes += 8 * len(seqlens)
 
     def write(self, f, metadata: dict[str, str]) -> int:
+        """Serialize the part with safetensors' own writer into `f`; returns the bytes written."""
+        from safetensors.torch import save
+
         cu = torch.zeros(len(self.seqlens) + 1, dtype=torch.int64)
         cu[1:] = torch.tensor(self.seqlens, dtype=torch.int64).cumsum(0)
-        chunks = {"cu_seqlens": [cu], **self.chunks}
-        specs = {}
-        for name, cs in chunks.items():
-            shape = [sum(c.shape[0] for c in cs), *cs[0].shape[1:]]
-            specs[name] = (cs[0].dtype, shape, sum(c.nbytes for c in cs))
-        meta = {**metadata, "num_tokens": str(self.tokens), "num_sequences": str(len(self.seqlens))}
-        header = _header(specs, meta)
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for name in TENSOR_ORDER:
-            for c in chunks.get(name, ()):
-                f.write(_raw(c))
-        return 8 + len(header) + sum(s[2] for s in specs.values())
+        tensors = {"cu_seqlens": cu, **{name: torch.cat(cs) for name, cs in self.chunks.items()}}
+        self.chunks = {}  # the batch slices are copied: let them go before the bytes are built
+        data = save(tensors, metadata=part_metadata(metadata, self.tokens, len(self.seqlens)))
+        del tensors
+        f.write(data)
+        return len(data)
+
+
+def feature_batches(rows: Iterable, max_tokens_per_batch: int, stats: dict) -> Iterator[list[tuple]]:
+    """The packed batches of one target forward each, as the writer forms them: the one plan that
+    the local writer and the Ray actors (ray_pool.FeatureTarget) both follow. Empty rows are
+    counted in stats["skipped_empty"]."""
+    return pack_stream(_clean_rows(rows, stats), max_tokens_per_batch, length=lambda r: len(r[0]))
 
 
 def _clean_rows(rows: Iterable, stats: dict) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
@@ -207,10 +207,7 @@ def write_hidden_states(
     }
     if dtype == "fp8":
         metadata["fp8_scales"] = "per token and aux layer: aux_scale [T,k], last_scale [T]; x = fp8 * scale"
-    # Header size bound: the real header with every count at 12 digits.
-    big = 10 ** 12
-    probe = {n: (torch.float32, [big, big], big) for n in TENSOR_ORDER}
-    reserve = 8 + len(_header(probe, {**metadata, "num_tokens": str(big), "num_sequences": str(big)}))
+    reserve = header_bound(metadata)
     per_token = bytes_per_token(H, len(ids), dtype)
     if part_bytes < reserve + per_token + 16:
         raise ValueError(f"part_bytes={part_bytes} cannot hold even one token (needs > {reserve + per_token + 16})")
@@ -231,7 +228,7 @@ def write_hidden_states(
                 f"{stats['tokens']} tokens so far, {rate:.0f} tokens/s")
         part = _Part()
 
-    for batch in pack_stream(_clean_rows(rows, stats), cfg.max_tokens_per_batch, length=lambda r: len(r[0])):
+    for batch in feature_batches(rows, cfg.max_tokens_per_batch, stats):
         lengths = [len(r[0]) for r in batch]
         feats = target.features([r[0].tolist() for r in batch], ids)
         check_finite(feats["aux"], feats["last"], lengths, [r[2] for r in batch], ids, shard)
@@ -295,7 +292,16 @@ def read_part_index(store, key: str) -> tuple[dict[str, str], np.ndarray]:
     header = json.loads(store.fs.cat_file(path, start=8, end=8 + n))
     begin, end = header["cu_seqlens"]["data_offsets"]
     raw = store.fs.cat_file(path, start=8 + n + begin, end=8 + n + end)
-    return header.get("__metadata__", {}), np.frombuffer(raw, dtype="<i8").copy()
+    return read_metadata(header.get("__metadata__"), key), np.frombuffer(raw, dtype="<i8").copy()
+
+
+def read_metadata(raw: dict[str, str] | None, key: str) -> dict[str, str]:
+    """The facts part_metadata stored in a part's header; ValueError naming the part otherwise."""
+    try:
+        return json.loads((raw or {})[METADATA_KEY])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{key}: not a hidden-state part of format {FORMAT_VERSION} (its safetensors metadata "
+                         f"has no valid {METADATA_KEY!r} entry: {exc})") from None
 
 
 def load_part(store, key: str) -> dict[str, torch.Tensor]:

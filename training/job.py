@@ -2,8 +2,9 @@
 
 draft_model (spec_assets/draft.py) builds one from its config and the target resource; train_main
 runs it in process or writes it to job.json for `torchrun -m training.train_main job.json`. The
-target travels as a TargetSpec, the resolved target resource (backend, device, dtype,
-trust_remote_code, chat settings), so online training loads the very target the pipeline uses.
+target travels as the TargetSpec the target resource builds (training/targets/spec.py: backend,
+device, resolved dtype, trust_remote_code, chat settings), so online training loads the very
+target the pipeline uses.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from training.configs import setting
 from training.recipe import TrainConfig
+from training.targets.spec import TargetSpec
 
 # TrainJob's fields that draft_model's Dagster config sets (spec_assets/draft.py).
 DRAFT_FIELDS = ("export_embed_tokens", "head_init", "draft_intermediate_size", "draft_hidden_size")
@@ -25,45 +27,6 @@ def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown {what} fields {unknown}; known: {sorted(names)}")
     return d
-
-
-@dataclass
-class TargetSpec:
-    """How to load the target: `spec` is a local HF directory or hub id (a base URL for the
-    openai backend); `model_dir` is where its config.json and head weights live (default: spec).
-    `kwargs` are further backend arguments (vllm's tensor_parallel_size, say)."""
-
-    spec: str
-    backend: str = "hf"
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    revision: str | None = None
-    chat_template_kwargs: dict | None = None
-    model_dir: str | None = None
-    kwargs: dict = field(default_factory=dict)
-
-    def weights_dir(self) -> str:
-        return self.model_dir or self.spec
-
-    def load_kwargs(self, device: str | None = None) -> dict[str, Any]:
-        """Keyword arguments of training.targets.load_target for this backend. `device` (a rank's
-        own device under torchrun) replaces an "auto" device of the hf backend."""
-        kw: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
-        if self.revision is not None:
-            kw["revision"] = self.revision
-        if self.backend in ("hf", "vllm"):
-            kw["dtype"] = self.dtype
-            if self.chat_template_kwargs is not None:
-                kw["chat_template_kwargs"] = self.chat_template_kwargs
-        if self.backend == "hf":
-            kw["device"] = device if (device is not None and self.device == "auto") else self.device
-        return kw | self.kwargs
-
-    def load(self, device: str | None = None):
-        from training.targets import load_target
-
-        return load_target(self.spec, backend=self.backend, **self.load_kwargs(device))
 
 
 @dataclass
@@ -98,7 +61,7 @@ class TrainJob:
 
     def __post_init__(self):
         if isinstance(self.target, dict):
-            self.target = TargetSpec(**_known(TargetSpec, self.target, "TargetSpec"))
+            self.target = TargetSpec.from_dict(self.target)
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
         if bool(self.hidden_states) == bool(self.tokenized):

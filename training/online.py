@@ -19,13 +19,12 @@ def read_tokenized(src, store: ObjectStore | None) -> list:
     cols = ["input_ids", "loss_mask"]
     if not isinstance(src, str):
         return [src]
-    if "://" in src:
-        import fsspec
+    if "://" in src or store is None:  # a URL, or a local path
+        from training.filesystem import filesystem
 
-        with fsspec.open(src, "rb") as f:
+        fs, path = filesystem(src)
+        with fs.open(path, "rb") as f:
             return [pq.read_table(f, columns=cols)]
-    if store is None:
-        return [pq.read_table(src, columns=cols)]
     if not src.endswith(".parquet"):
         manifest = store.manifest(src)
         if manifest is None:

@@ -1,9 +1,9 @@
 """The heavy per-shard stages on an existing Ray cluster: one actor per device, each holding the
 target, the shard's batches split across them.
 
-    pool = TargetPool.connect("10.0.0.1:6379", TargetSpec("/models/Llama-3.1-70B", backend="vllm"),
+    pool = TargetPool.connect("10.0.0.1:6379", TargetSpec("/models/Llama-3.1-70B", backend="vllm").resolved(),
                               gpus_per_actor=8)
-    result = resample_on_pool(pool, rows, cfg, progress=progress, log=print)
+    result = resample_rows(PoolBatches(pool), rows, cfg, progress=progress, log=print)
     target = FeatureTarget(pool); rows = target.prefetch(rows, max_tokens_per_batch)
     write_hidden_states(target, rows, writer, ...)     # the local writer, fed by the actors
 
@@ -27,14 +27,14 @@ is Ray's core actor API (a few calls), and no Dagster import belongs in training
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import urlsplit
+
+from training.targets.spec import TargetSpec
 
 ADDRESS_ENV = "SPECDRAFT_RAY_ADDRESS"
 # Calls kept queued per actor: one running, one ready, so an actor never idles between batches.
@@ -69,17 +69,6 @@ def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
         raise RayPoolError(f"Ray cluster at {address} ({ADDRESS_ENV}) is unreachable: {exc}") from None
 
 
-@dataclass(frozen=True)
-class TargetSpec:
-    """How an actor loads the target: what training.targets.load_target takes."""
-
-    path: str
-    backend: str = "hf"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    chat_template_kwargs: str = ""  # JSON object (hashable, as the pool cache keys on the spec); "" for none
-
-
 class TargetActor:
     """Holds one loaded target on one device; made a Ray actor class by TargetPool."""
 
@@ -87,25 +76,21 @@ class TargetActor:
         import ray
         import torch
 
-        from training.targets import load_target
-
         if threads > 0:
             torch.set_num_threads(threads)
         self.node = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
-        kwargs = {"chat_template_kwargs": json.loads(spec["chat_template_kwargs"])} if spec["chat_template_kwargs"] else {}
-        self.target = load_target(spec["path"], backend=spec["backend"], device=spec["device"],
-                                  trust_remote_code=spec["trust_remote_code"], **kwargs)
+        self.target = TargetSpec.from_dict(spec).load()
 
     def info(self) -> dict:
-        from training.resample import _generator_name
+        from training.resample import generator_name
 
-        return {**self.node, "identity": self.target.identity, "generator": _generator_name(self.target),
+        return {**self.node, "identity": self.target.identity, "generator": generator_name(self.target),
                 "facts": asdict(self.target.facts), "generation_batch_size": self.target.generation_batch_size}
 
     def resample_batch(self, batch: list[dict], cfg, generator: str, batch_no: int) -> list[dict]:
-        from training.resample import _resample_batch
+        from training.resample import resample_batch
 
-        return _resample_batch(self.target, batch, cfg, generator, batch_no)
+        return resample_batch(self.target, batch, cfg, generator, batch_no)
 
     def features(self, sequences: list[list[int]], aux_layer_ids: tuple[int, ...]) -> dict:
         return self.target.features(sequences, aux_layer_ids)
@@ -156,7 +141,7 @@ class TargetPool:
                                f"{gpus_per_actor} GPU free for a target actor")
         remote = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=0,
                             max_task_retries=0, scheduling_strategy="SPREAD")(TargetActor)
-        handles = [remote.remote(asdict(spec), int(cpus_per_actor)) for _ in range(actors)]
+        handles = [remote.remote(spec.to_dict(), int(cpus_per_actor)) for _ in range(actors)]
         refs = [h.info.remote() for h in handles]
         # Placement waits for free resources; an actor that never gets them must not hang the step.
         ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=start_timeout_s)
@@ -272,65 +257,30 @@ def _cause(exc: BaseException) -> str:
 
 
 # -- resampling -----------------------------------------------------------------------------------
-def resample_on_pool(pool: TargetPool, rows, cfg, progress=None, log: Callable[[str], Any] = print):
-    """resample_conversations with the batches spread over the pool's actors; same result table.
+class PoolBatches:
+    """Resampling batches spread over the pool's actors, for training.resample.resample_rows: each
+    actor runs resample_batch on the batch the local path would, DEPTH calls queued per actor."""
 
-    Rows are settled, deduplicated and resumed exactly as training.resample does; each batch is
-    saved to `progress` as it returns (any order: progress is keyed by row id), so a failed run
-    resumes from what its actors finished.
-    """
-    from training import resample
+    def __init__(self, pool: TargetPool):
+        self.pool = pool
+        self.generator = pool.info()["generator"]
+        self.generation_batch_size = pool.info().get("generation_batch_size")
 
-    rows = resample._as_rows(rows)
-    done: dict[str, dict] = {}
-    pending: list[dict] = []
-    seen: set[str] = set()
-    for row in rows:
-        if row["id"] in seen:
-            continue  # _assemble rejects the later copies
-        seen.add(row["id"])
-        if not any(m["role"] == "assistant" for m in row["messages"]):
-            done[row["id"]] = resample._reject(row, "no_assistant_turn", "the conversation has no assistant turn to regenerate")
-        else:
-            pending.append(row)
-    generator = pool.info()["generator"]
-    n_resumed = 0
-    if progress is not None:
-        saved = progress.load()
-        for row in pending:
-            if row["id"] in saved:
-                done[row["id"]] = resample._check_saved(saved[row["id"]], generator, cfg, progress)
-                n_resumed += 1
-        pending = [r for r in pending if r["id"] not in saved]
-        log(f"resample: {n_resumed} rows resumed from {progress}, {len(pending)} to generate on {len(pool.live())} Ray actors")
+    def describe(self) -> str:
+        return f"on {len(self.pool.live())} Ray actors"
 
-    size = resample.batch_size(cfg, pool.info().get("generation_batch_size"))
-    batches = deque((b + 1, pending[i:i + size]) for b, i in enumerate(range(0, len(pending), size)))
-    n_batches, t0 = len(batches), time.perf_counter()
+    def run(self, batches: list[tuple[int, list[dict]]], cfg) -> Iterator[tuple[int, list[dict], str]]:
+        queue = deque(batches)
 
-    def refill():
-        if not batches:
-            return None
-        no, batch = batches.popleft()
-        return pool.submit("resample_batch", batch, cfg, generator, no, key=no)
+        def refill():
+            if not queue:
+                return None
+            no, batch = queue.popleft()
+            return self.pool.submit("resample_batch", batch, cfg, self.generator, no, key=no)
 
-    first = [c for c in (refill() for _ in range(DEPTH * len(pool.live()))) if c is not None]
-    finished = 0
-    for call, out in pool.as_completed(first, refill):
-        if progress is not None:
-            progress.append(out)
-        for rec in out:
-            done[rec["id"]] = rec
-        finished += 1
-        n_tok = sum(r["n_tokens"] for r in out)
-        log(f"resample: batch {call.key}/{n_batches} from {pool.where(call.actor)}: {len(out)} rows, "
-            f"{sum(r['reject_reason'] is not None for r in out)} rejected, {n_tok} tokens; "
-            f"{finished}/{n_batches} done in {time.perf_counter() - t0:.1f}s")
-
-    result = resample._assemble(rows, done, n_resumed)
-    log(f"resample: {result.n_in} rows in, {result.n_ok} kept, {result.n_rejected} rejected, "
-        f"finish reasons {result.finish_reasons}, {result.tokens_generated} tokens")
-    return result
+        first = [c for c in (refill() for _ in range(DEPTH * len(self.pool.live()))) if c is not None]
+        for call, out in self.pool.as_completed(first, refill):
+            yield call.key, out, f" from {self.pool.where(call.actor)}"
 
 
 # -- hidden states --------------------------------------------------------------------------------
@@ -365,12 +315,10 @@ class FeatureTarget:
     def prefetch(self, rows: Iterable, max_tokens_per_batch: int, aux_layer_ids) -> Iterator:
         import itertools
 
-        from training.hidden_states import _clean_rows
-        from training.packing import pack_stream
+        from training.hidden_states import feature_batches
 
         mine, theirs = itertools.tee(rows)
-        stats = {"skipped_empty": 0}
-        self._plan = pack_stream(_clean_rows(mine, stats), max_tokens_per_batch, length=lambda r: len(r[0]))
+        self._plan = feature_batches(mine, max_tokens_per_batch, {"skipped_empty": 0})
         self._aux_ids = tuple(int(i) for i in aux_layer_ids)
         self._fill()
         return theirs

@@ -11,9 +11,11 @@ config gives a 300k-token corpus and a 300M-token corpus each a good run:
                 of two in [MIN_BATCH_TOKENS, MAX_BATCH_TOKENS] (split over ranks x grad_accum)
     lr          BASE_LR (AdamW), scaled down as 1/sqrt(H / 1024) for drafts wider than 1024
     warmup      WARMUP_RATIO of the steps; cosine decay to min_lr_ratio of lr after it
-    validation  a held-out slice of the training rows (VALIDATION_SHARE, at most
-                MAX_VALIDATION_ROWS, none under MIN_ROWS_FOR_VALIDATION rows), measured at
-                every epoch end; the best epoch's weights are exported (export_checkpoint)
+    validation  a held-out slice of the training rows at every corpus size (VALIDATION_SHARE,
+                at least MIN_VALIDATION_ROWS but at most a tenth of the rows, at most
+                MAX_VALIDATION_ROWS; none under MIN_ROWS_FOR_VALIDATION rows), measured at every
+                epoch end; the best epoch's weights are exported (export_checkpoint). Small corpora
+                need it most: they overfit within a few epochs (bench_real_chat)
 
 and `draft_vocab_size` caps the draft vocabulary by what the corpus uses; `draft_width` sizes the
 draft layer (the target's own shape from MIN_DRAFT_HIDDEN up, wider below it). The constants are the
@@ -40,10 +42,16 @@ LR_REFERENCE_WIDTH = 1024
 WARMUP_RATIO = 0.05
 VALIDATION_SHARE = 0.05
 MAX_VALIDATION_ROWS = 256
-MIN_ROWS_FOR_VALIDATION = 200
+MIN_VALIDATION_ROWS = 8
+MIN_ROWS_FOR_VALIDATION = 10
 # The smallest draft layer: a target narrower than this gets a draft this wide (see draft_width).
 MIN_DRAFT_HIDDEN = 256
 MIN_DRAFT_INTERMEDIATE = 2048
+
+# Below this many loss-masked (trainable) tokens, drafts of a real chat model did not generalize
+# to prompts unlike their training rows (bench_real_chat on SmolLM2-135M-Instruct, README "A real
+# chat target"): data_note says so in draft_model's metadata and at the end of `specdraft run`.
+MIN_TRAINABLE_TOKENS = 100_000
 
 # The fields the recipe fills when they are None.
 DERIVED = ("epochs", "max_tokens_per_batch", "lr", "warmup_ratio", "validation_rows")
@@ -158,7 +166,7 @@ def resolve(cfg: TrainConfig, stats: CorpusStats, *, world_size: int = 1, hidden
     validation = cfg.validation_rows
     if validation is None:
         validation = 0 if stats.rows < MIN_ROWS_FOR_VALIDATION else min(
-            MAX_VALIDATION_ROWS, max(1, round(VALIDATION_SHARE * stats.rows)))
+            MAX_VALIDATION_ROWS, max(min(MIN_VALIDATION_ROWS, stats.rows // 10), round(VALIDATION_SHARE * stats.rows)))
     return replace(cfg, epochs=epochs, max_tokens_per_batch=batch, lr=float(lr), warmup_ratio=warmup_ratio,
                    validation_rows=int(validation))
 
@@ -183,6 +191,16 @@ def draft_width(hidden_size: int, intermediate_size: int, draft_hidden_size: int
         return h, int(draft_intermediate_size or inter)
     width = h << math.ceil(math.log2(MIN_DRAFT_HIDDEN / h))
     return width, int(draft_intermediate_size or max(inter * width // h, MIN_DRAFT_INTERMEDIATE))
+
+
+def data_note(trainable_tokens: int) -> str | None:
+    """What to tell a user whose corpus is too small for the draft to generalize; None when it is not."""
+    if trainable_tokens >= MIN_TRAINABLE_TOKENS:
+        return None
+    return (f"the draft trained on {trainable_tokens:,} trainable tokens, below the {MIN_TRAINABLE_TOKENS:,} "
+            "from which drafts of a real chat model accepted well on prompts unlike their training rows "
+            "(bench_real_chat); expect held-out acceptance below its held-out validation figure. "
+            "More prompts, or several target replies per prompt, raise it.")
 
 
 def derived_fields(cfg: TrainConfig) -> list[str]:

@@ -26,7 +26,7 @@ import io
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
@@ -209,7 +209,8 @@ def _as_rows(rows) -> list[dict]:
     return out
 
 
-def _generator_name(target) -> str:
+def generator_name(target) -> str:
+    """What each generated row records as its generator: the target's identity."""
     for attr in ("identity", "name", "spec"):
         value = getattr(target, attr, None)
         if isinstance(value, str) and value:
@@ -248,7 +249,7 @@ def _refused(renderer, conversation: list[dict], tools) -> tuple[str, str] | Non
     return None
 
 
-def _resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: str, batch_no: int) -> list[dict]:
+def resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: str, batch_no: int) -> list[dict]:
     """Generate every assistant turn of `batch`, one generate call per turn index; returns progress rows.
 
     A prompt the target's template refuses (raise_exception: a system role it does not support, roles
@@ -383,18 +384,43 @@ def _check_saved(rec: dict, generator: str, cfg: ResampleConfig, progress: Resam
     return rec
 
 
-def resample_conversations(
-    target,
+@dataclass
+class LocalBatches:
+    """Batches generated one after another by `target` in this process (a TargetModel)."""
+
+    target: Any
+
+    def __post_init__(self):
+        self.generator = generator_name(self.target)
+        self.generation_batch_size = getattr(self.target, "generation_batch_size", None)
+
+    def describe(self) -> str:
+        return "here"
+
+    def run(self, batches: list[tuple[int, list[dict]]], cfg: ResampleConfig) -> Iterator[tuple[int, list[dict], str]]:
+        for no, batch in batches:
+            yield no, resample_batch(self.target, batch, cfg, self.generator, no), ""
+
+
+def resample_rows(
+    batches,
     rows: list[dict] | pa.Table,
     cfg: ResampleConfig,
     progress: ResampleProgress | None = None,
     log: Callable[[str], Any] = print,
 ) -> ResampleResult:
-    """Regenerate every assistant turn of `rows` with `target` (a TargetModel). n_in = n_ok + n_rejected.
+    """The resampling driver: rows in, the kept table, rejects and progress out. n_in = n_ok + n_rejected.
 
-    With `progress`, each finished batch is saved before the next starts and rows already saved
-    are skipped, so a killed run resumes without redoing or skipping rows. A backend error stops
-    the run with ResampleError (earlier batches stay saved); rows are never silently dropped.
+    `batches` generates: LocalBatches here, or training.ray_pool.PoolBatches on Ray actors. It has
+    `generator` (the name rows record), `generation_batch_size` (None: 32), `describe()` and
+    `run(batches, cfg)`, which yields (batch number, resample_batch's rows, where it ran) as each
+    batch finishes, in any order. So settling, deduplication, resuming, batching, progress and
+    assembly are one code path whoever generates, and the result does not depend on who did.
+
+    With `progress`, each finished batch is saved as it returns (progress is keyed by row id) and
+    rows already saved are skipped, so a killed run resumes without redoing or skipping rows. A
+    backend error stops the run with ResampleError (finished batches stay saved); rows are never
+    silently dropped.
     """
     rows = _as_rows(rows)
     done: dict[str, dict] = {}
@@ -409,37 +435,41 @@ def resample_conversations(
             done[row["id"]] = _reject(row, "no_assistant_turn", "the conversation has no assistant turn to regenerate")
         else:
             pending.append(row)
-    generator = _generator_name(target)
     n_resumed = 0
     if progress is not None:
         saved = progress.load()
         for row in pending:
             if row["id"] in saved:
-                done[row["id"]] = _check_saved(saved[row["id"]], generator, cfg, progress)
+                done[row["id"]] = _check_saved(saved[row["id"]], batches.generator, cfg, progress)
                 n_resumed += 1
         pending = [r for r in pending if r["id"] not in saved]
-        log(f"resample: {n_resumed} rows resumed from {progress}, {len(pending)} to generate")
+        log(f"resample: {n_resumed} rows resumed from {progress}, {len(pending)} to generate {batches.describe()}")
 
-    size = batch_size(cfg, getattr(target, "generation_batch_size", None))
-    n_batches = -(-len(pending) // size)
-    for b in range(n_batches):
-        batch = pending[b * size:(b + 1) * size]
-        t0 = time.perf_counter()
-        out = _resample_batch(target, batch, cfg, generator, b + 1)
+    size = batch_size(cfg, batches.generation_batch_size)
+    work = [(b + 1, pending[i:i + size]) for b, i in enumerate(range(0, len(pending), size))]
+    t0, n_tok_all = time.perf_counter(), 0
+    for finished, (no, out, where) in enumerate(batches.run(work, cfg), start=1):
         if progress is not None:
-            progress.append(out)  # saved before the next batch starts: a kill loses at most this batch's work
+            progress.append(out)  # saved as it returns: a kill loses at most the batches in flight
         for rec in out:
             done[rec["id"]] = rec
-        dt = time.perf_counter() - t0
         n_tok = sum(r["n_tokens"] for r in out)
-        n_rej = sum(r["reject_reason"] is not None for r in out)
-        log(f"resample: batch {b + 1}/{n_batches}: {len(out)} rows, {n_rej} rejected, "
-            f"{n_tok} tokens in {dt:.1f}s ({n_tok / max(dt, 1e-9):.0f} tok/s)")
+        n_tok_all += n_tok
+        dt = time.perf_counter() - t0
+        log(f"resample: batch {no}/{len(work)}{where}: {len(out)} rows, "
+            f"{sum(r['reject_reason'] is not None for r in out)} rejected, {n_tok} tokens; "
+            f"{finished}/{len(work)} done in {dt:.1f}s ({n_tok_all / max(dt, 1e-9):.0f} tok/s)")
 
     result = _assemble(rows, done, n_resumed)
     log(f"resample: {result.n_in} rows in, {result.n_ok} kept, {result.n_rejected} rejected, "
         f"finish reasons {result.finish_reasons}, {result.tokens_generated} tokens")
     return result
+
+
+def resample_conversations(target, rows: list[dict] | pa.Table, cfg: ResampleConfig,
+                           progress: ResampleProgress | None = None, log: Callable[[str], Any] = print) -> ResampleResult:
+    """resample_rows with `target` (a TargetModel) generating here."""
+    return resample_rows(LocalBatches(target), rows, cfg, progress=progress, log=log)
 
 
 def passthrough(rows: list[dict] | pa.Table) -> ResampleResult:

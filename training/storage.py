@@ -15,11 +15,13 @@ artifact (`writer.scratch(name)`: resampling progress) is deleted by the last wr
 
 Transient faults of a remote store (5xx answers, throttling, refused, reset or timed-out
 connections) are retried at two levels, each bounded and with exponential backoff:
-  - every S3 request by botocore ("standard" retry mode, `S3_MAX_ATTEMPTS` attempts; AWS_MAX_ATTEMPTS /
-    AWS_RETRY_MODE override it), which covers the multipart uploads of streamed artifact parts;
+  - every S3 request by botocore ("standard" retry mode, training/filesystem.py's
+    `S3_MAX_ATTEMPTS` attempts; AWS_MAX_ATTEMPTS / AWS_RETRY_MODE override it), which covers the
+    multipart uploads of streamed artifact parts;
   - every whole-object call of ObjectStore (read/write bytes and JSON, manifests, exists, list,
-    size, delete, open) once more by `RetryPolicy` (SPECDRAFT_STORE_RETRIES attempts, default 4),
-    so an endpoint that is away for a couple of seconds (a restart) is ridden out.
+    size, delete, open) once more by training/retry.py's `RetryPolicy` (SPECDRAFT_STORE_RETRIES
+    attempts, default 4), so an endpoint that is away for a couple of seconds (a restart) is
+    ridden out.
 Then the call fails with a StoreError naming the URL. 4xx answers (missing object, wrong
 credentials, no such bucket) and local-disk errors are never retried.
 """
@@ -29,26 +31,22 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import posixpath
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from training.filesystem import filesystem
 from training.liveness import maybe_alive, this_process
+from training.retry import RetryPolicy
 
 MANIFEST = "manifest.json"
 ATTEMPT_PREFIX = "attempt-"
 WRITER_RECORD = "_writer.json"  # inside a live writer's attempt folder: {"host", "pid"}
 
-S3_MAX_ATTEMPTS = 3  # botocore attempts per S3 request (standard retry mode)
-S3_CONNECT_TIMEOUT_S = 5  # a refused or unroutable endpoint fails in seconds, then is retried
-
-log = logging.getLogger(__name__)
 _sleep = time.sleep  # the backoff's sleep (tests record it instead of waiting)
 
 
@@ -56,28 +54,13 @@ class StoreError(RuntimeError):
     """An object-store operation failed; the message names the URL and the cause."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded exponential backoff for transient faults of a remote store.
-
-    `attempts` calls in all; before retry n (0-based) it sleeps min(max_s, base_s * 2**n) times
-    a jitter factor in [0.5, 1] (so many workers hitting one outage do not retry in lockstep).
-    """
-
-    attempts: int = 4
-    base_s: float = 0.25
-    max_s: float = 4.0
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        raw = os.environ.get("SPECDRAFT_STORE_RETRIES")
-        try:
-            return cls(attempts=max(1, int(raw))) if raw else cls()
-        except ValueError:
-            raise StoreError(f"SPECDRAFT_STORE_RETRIES must be an integer, got {raw!r}") from None
-
-    def delay(self, retry: int) -> float:
-        return min(self.max_s, self.base_s * 2**retry) * random.uniform(0.5, 1.0)
+def store_retry_policy() -> RetryPolicy:
+    """The retry policy of a remote store: SPECDRAFT_STORE_RETRIES attempts (default 4)."""
+    raw = os.environ.get("SPECDRAFT_STORE_RETRIES")
+    try:
+        return RetryPolicy(attempts=max(1, int(raw))) if raw else RetryPolicy()
+    except ValueError:
+        raise StoreError(f"SPECDRAFT_STORE_RETRIES must be an integer, got {raw!r}") from None
 
 
 # S3 error codes and HTTP statuses that mean "try again", never "you asked for the wrong thing".
@@ -157,45 +140,20 @@ def artifact_prefix(asset: str, partition: str | None, fingerprint: str) -> str:
     return "/".join(safe_component(p) for p in (asset, partition or "_", fingerprint))
 
 
-def s3_storage_options() -> dict[str, Any]:
-    # Credentials come from the standard AWS variables through botocore's own chain; we only
-    # pass the endpoint so a loopback or on-prem S3 API works, and disable listing caches so
-    # a manifest written by another process is seen at once.
-    opts: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True}
-    # Bounded request retries with a short connect timeout (botocore's legacy default retries a
-    # dead endpoint for ~10 s per call). botocore reads AWS_MAX_ATTEMPTS / AWS_RETRY_MODE itself;
-    # an explicit retries setting would override them, so it is set only when they are not.
-    config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S}
-    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
-        config["retries"] = {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
-    opts["config_kwargs"] = config
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["client_kwargs"] = {"endpoint_url": endpoint}
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if region:
-        opts.setdefault("client_kwargs", {})["region_name"] = region
-    return opts
-
-
 class ObjectStore:
     """fsspec-backed store rooted at `root` (`file:///abs/path`, a plain path, or `s3://bucket/prefix`)."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None, *, retry: RetryPolicy | None = None):
-        import fsspec
-
         root = str(root)
         if "://" not in root:
             root = Path(root).resolve().as_uri()
         self.protocol = root.split("://", 1)[0]
         if self.protocol not in ("file", "s3", "memory"):
             raise StoreError(f"unsupported object-store URL {root!r}: use file://, a path, or s3://")
-        options = dict(s3_storage_options() if self.protocol == "s3" else {})
-        options.update(storage_options or {})
         self.root = root.rstrip("/")
         # Local disk errors are not transient; only a remote store's calls are retried.
-        self.retry = (retry or RetryPolicy.from_env()) if self.protocol != "file" else RetryPolicy(attempts=1)
-        self.fs = fsspec.filesystem(self.protocol, **options)
+        self.retry = (retry or store_retry_policy()) if self.protocol != "file" else RetryPolicy(attempts=1)
+        self.fs, _ = filesystem(self.root, storage_options)
         self._base = self.root.split("://", 1)[1]  # path as the filesystem names it
         if self.protocol == "file":
             self.fs.makedirs(self._base, exist_ok=True)
@@ -216,25 +174,25 @@ class ObjectStore:
         """Run an fsspec call, retrying transient faults (RetryPolicy) and turning its many error
         types into one that names the URL. A missing object stays FileNotFoundError when reading;
         a write that finds no bucket is a StoreError like any other failed write."""
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                return fn(*args, **kwargs)
-            except FileNotFoundError as exc:
-                if write:
-                    raise StoreError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}") from exc
-                raise
-            except StoreError:
-                raise
-            except Exception as exc:  # botocore/aiohttp/OSError: report what and where
-                if attempt < self.retry.attempts and is_transient(exc):
-                    delay = self.retry.delay(attempt - 1)
-                    log.warning("%s %s failed (attempt %d of %d), retrying in %.2fs: %s: %s", action,
-                                self.url(key), attempt, self.retry.attempts, delay, type(exc).__name__, exc)
-                    _sleep(delay)
-                    continue
-                tries = f" after {attempt} attempts" if attempt > 1 else ""
-                raise StoreError(f"{action} {self.url(key)} failed{tries}: {type(exc).__name__}: {exc}") from exc
-        raise AssertionError("unreachable")  # the loop returns or raises
+        tries = 0
+
+        def once():
+            nonlocal tries
+            tries += 1
+            return fn(*args, **kwargs)
+
+        try:
+            return self.retry.call(once, transient=is_transient, what=f"{action} {self.url(key)}",
+                                   sleep=lambda s: _sleep(s))
+        except FileNotFoundError as exc:
+            if write:
+                raise StoreError(f"{action} {self.url(key)} failed: {type(exc).__name__}: {exc}") from exc
+            raise
+        except StoreError:
+            raise
+        except Exception as exc:  # botocore/aiohttp/OSError: report what and where
+            after = f" after {tries} attempts" if tries > 1 else ""
+            raise StoreError(f"{action} {self.url(key)} failed{after}: {type(exc).__name__}: {exc}") from exc
 
     # -- plain objects ----------------------------------------------------------------------
     def exists(self, key: str) -> bool:

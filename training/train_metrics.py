@@ -12,7 +12,7 @@ import torch
 from training.checkpoint import save_best
 from training.distributed import all_reduce
 from training.metrics import MetricsWindow, measure_acceptance
-from training.train_state import TrainRun, TrainState
+from training.train_state import TrainRun, TrainState, best_record
 
 
 def sync_tokens(run: TrainRun, state: TrainState) -> None:
@@ -57,15 +57,15 @@ def validate(run: TrainRun, state: TrainState, finished_epoch: int) -> None:
     record = {"step": state.step, "epoch": finished_epoch, "loss": m["loss"], "acc": m["acc"],
               "cond_acc": m["cond_acc"], "simulated_acceptance_length": m["simulated_acceptance_length"],
               "replayed_acceptance_length": m.get("replayed_acceptance_length"), "tokens": m["tokens"]}
-    best = max((r["simulated_acceptance_length"] for r in state.validation), default=-math.inf)
     state.validation.append(record)
+    is_best = best_record(state.validation) is record
     if run.is_main:
         acc = " ".join(f"{a:.2f}" for a in m["acc"])
         run.log(f"held-out after epoch {finished_epoch} (step {state.step}): loss {m['loss']:.4f} acc [{acc}] "
                 f"tau {m['simulated_acceptance_length']:.3f}"
                 + (f" replayed {m['replayed_acceptance_length'][-1]:.3f}" if m.get("replayed_acceptance_length") else "")
-                + (" (best)" if m["simulated_acceptance_length"] > best else ""))
-        if m["simulated_acceptance_length"] > best:
+                + (" (best)" if is_best else ""))
+        if is_best:
             save_best(run.store, run.prefix, step=state.step, model_state=dict(run.named), record=record)
 
 

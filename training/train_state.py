@@ -16,6 +16,17 @@ if TYPE_CHECKING:
     from training.storage import ObjectStore
 
 
+def best_record(validation: list[dict]) -> dict | None:
+    """The held-out record export_checkpoint="best" exports: the highest simulated acceptance
+    length, the earliest on a tie (None without validation). The one rule every reader uses."""
+    return max(validation, key=lambda r: r["simulated_acceptance_length"], default=None)
+
+
+def exported_record(validation: list[dict], exported_step: int | None) -> dict | None:
+    """The held-out record of the weights a run returned (None when that step was not measured)."""
+    return next((r for r in validation if r["step"] == exported_step), None)
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -43,7 +54,7 @@ class TrainResult:
     @property
     def best(self) -> dict | None:
         """The held-out record with the highest simulated acceptance length (None without validation)."""
-        return max(self.validation, key=lambda r: r["simulated_acceptance_length"], default=None)
+        return best_record(self.validation)
 
 
 @dataclass

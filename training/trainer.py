@@ -55,7 +55,7 @@ from training.schedule import lr_at, warmup_steps_for
 from training.sources import BatchSource, split_validation
 from training.storage import ObjectStore
 from training.train_metrics import flush_metrics, log_metrics, sync_tokens, validate
-from training.train_state import TrainResult, TrainRun, TrainState
+from training.train_state import TrainResult, TrainRun, TrainState, best_record
 
 __all__ = ["TrainConfig", "TrainResult", "train", "measure_acceptance", "acceptance_length", "OnlineBatchSource",
            "BatchSource", "RESUME_FREE_FIELDS"]
@@ -283,7 +283,7 @@ def _load_export_weights(run: TrainRun, state: TrainState) -> int:
         dist.barrier()  # rank 0's best weights are stored before any rank reads them
     if run.cfg.export_checkpoint != "best" or not state.validation:
         return state.step
-    best = max(state.validation, key=lambda r: r["simulated_acceptance_length"])
+    best = best_record(state.validation)
     if best["step"] != state.step:
         saved = load_best(run.store, run.prefix)
         if saved is None or saved[1]["step"] != best["step"]:

@@ -15,7 +15,7 @@ import pytest
 from spec_assets.cli import failure_messages, run_pipeline
 from spec_assets.definitions import all_assets, build_defs
 from training.demo.corpus import write_demo_corpus
-from training.recipe import draft_width
+from training.recipe import MIN_TRAINABLE_TOKENS, data_note, draft_width
 from training.storage import ObjectStore
 
 SMALL = {
@@ -79,6 +79,10 @@ def test_full_graph_then_everything_is_a_cache_hit(env):
         shape = draft["draft_width"].value
         assert (shape["hidden_size"], shape["intermediate_size"]) == width
         assert shape["target_hidden_size"] == target_config["hidden_size"] < width[0]
+        # the trainable tokens are vocab_map's masked ones; a corpus this small gets the data note
+        vocab = _materializations(instance, "vocab_map")[0].metadata
+        assert draft["trainable_tokens"].value == vocab["masked_tokens"].value < MIN_TRAINABLE_TOKENS
+        assert draft["data_note"].value == data_note(vocab["masked_tokens"].value)
         report = _materializations(instance, "eval_report")[0].metadata
         assert "data:image/png;base64," in report["report"].value
         # The draft is named by its export in the store, not by a temporary download folder.

@@ -10,6 +10,7 @@ from resources.target_model import TargetModelResource
 from spec_assets.run_summary import draft_summary, serve_commands
 from tests.training.evaluation.test_report import TAUS, rows_for
 from training.evaluation import write_report
+from training.recipe import MIN_TRAINABLE_TOKENS, data_note
 from training.storage import ArtifactRef, ObjectStore
 
 
@@ -53,6 +54,11 @@ def test_draft_summary_says_tau_the_gate_the_export_and_how_to_serve_it(tmp_path
         w.summary = write_report(res, w, k=3)["summary"]
 
     _artifact(store, "eval_report", "e1", report)
+
+    def draft(w):
+        w.summary = {"trainable_tokens": 500, "data_note": data_note(500)}
+
+    _artifact(store, "draft_model", "d1", draft)
     released = _artifact(store, "released_draft", "r1", lambda w: w.write_json("config.json", {}))
     defs = SimpleNamespace(resources={"object_store": ObjectStoreResource(root=store.root),
                                       "target": TargetModelResource(target="/models/llama")})
@@ -63,6 +69,8 @@ def test_draft_summary_says_tau_the_gate_the_export_and_how_to_serve_it(tmp_path
     assert lines[0].startswith("draft vs prompt lookup at k=3")
     assert "T=0: EAGLE-3 tau 2.60, prompt lookup 1.40" in text and "T=0.7: EAGLE-3 tau 2.00, prompt lookup 1.20" in text
     assert "quality gate beats_prompt_lookup: PASSED (k=3, T=0: tau 2.600)" in text
+    # too little data is said where the user reads the outcome, with the bench's number
+    assert f"note: the draft trained on 500 trainable tokens, below the {MIN_TRAINABLE_TOKENS:,}" in text
     export = store.url(store.manifest(released).key("config.json")).removeprefix("file://").rsplit("/", 1)[0]
     assert export.startswith(str(tmp_path / "store" / released))
     assert f"released export: {export}" in text

@@ -125,7 +125,7 @@ def test_header_and_layout(local_store, target):
     assert manifest.names() == ["part-00000.safetensors"]
     path = local_store.local_path(manifest.key("part-00000.safetensors"))
     with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
+        meta = json.loads(f.metadata()["specdraft"])
         tokens = sum(len(r[0]) for r in ROWS[:10])
         assert json.loads(meta["aux_layer_ids"]) == list(IDS)
         assert meta["target"] == target.identity and "#" in meta["target"]
@@ -139,6 +139,21 @@ def test_header_and_layout(local_store, target):
     assert meta2 == meta and cu.tolist() == np.cumsum([0] + [len(r[0]) for r in ROWS[:10]]).tolist()
     # footprint: 8H+5 bytes per token, plus the header and 8 bytes per sequence
     assert manifest.total_bytes <= tokens * (8 * H + 5) + 8 * 11 + 1024
+
+
+def test_parts_are_a_function_of_their_content(local_store, target):
+    """Written twice, the parts are the same bytes (safetensors' writer orders several metadata keys
+    at random: the facts travel as one key); a safetensors file without them is refused by name."""
+    first, _ = write(local_store, target, ROWS, name="a", part_bytes=60_000)
+    again, _ = write(local_store, target, ROWS, name="b", part_bytes=60_000)
+    assert len(first.names("part-")) > 1
+    assert {n: e["sha256"] for n, e in first.files.items()} == {n: e["sha256"] for n, e in again.files.items()}
+    from safetensors.torch import save
+
+    local_store.write_bytes("foreign.safetensors", save({"cu_seqlens": torch.zeros(1, dtype=torch.int64)},
+                                                        metadata={"format": "pt"}))
+    with pytest.raises(ValueError, match="foreign.safetensors: not a hidden-state part.*'specdraft'"):
+        read_part_index(local_store, "foreign.safetensors")
 
 
 def test_fp8_within_tolerance_and_half_the_bytes(local_store, target):

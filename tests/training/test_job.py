@@ -2,8 +2,9 @@
 
 import pytest
 
-from training.job import TargetSpec, TrainJob
+from training.job import TrainJob
 from training.recipe import TrainConfig
+from training.targets.spec import TargetSpec
 
 
 def _job(**kw):
@@ -23,7 +24,7 @@ def test_json_round_trip_keeps_every_field():
     with pytest.raises(ValueError, match="unknown TrainJob fields"):
         TrainJob.from_dict(job.to_dict() | {"target_dir": "/x"})
     with pytest.raises(ValueError, match="unknown TargetSpec fields"):
-        TrainJob.from_dict(job.to_dict() | {"target": {"spec": "/x", "kind": "hf"}})
+        TrainJob.from_dict(job.to_dict() | {"target": {"path": "/x", "kind": "hf"}})
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainJob.from_dict(job.to_dict() | {"train": {"learning_rate": 1}})
 
@@ -38,22 +39,42 @@ def test_exactly_one_data_source():
 
 def test_target_spec_carries_the_resource_settings_to_the_backend():
     vllm = _job().target.load_kwargs(device="cuda:1")
-    assert vllm == {"trust_remote_code": True, "dtype": "bf16", "chat_template_kwargs": {"enable_thinking": False},
-                    "tensor_parallel_size": 2}  # no device argument: vLLM places itself
+    assert vllm == {"trust_remote_code": True, "dtype": "bf16", "device": "auto", "tensor_parallel_size": 2,
+                    "chat_template_kwargs": {"enable_thinking": False}}  # device "auto": vLLM places itself
     hf = TargetSpec("/m", device="auto", dtype="float32").load_kwargs(device="cuda:1")
     assert hf == {"trust_remote_code": False, "dtype": "float32", "device": "cuda:1"}  # each rank its own GPU
     assert TargetSpec("/m", device="cpu").load_kwargs(device="cuda:1")["device"] == "cpu"  # explicit wins
     assert TargetSpec("http://h:8000/v1", backend="openai", model_dir="/m").weights_dir() == "/m"
 
 
+def test_dtype_is_resolved_where_the_spec_is_built():
+    assert TargetSpec("/m").resolved(on_cuda=True).dtype == "bfloat16"
+    assert TargetSpec("/m").resolved(on_cuda=False).dtype == "float32"
+    assert TargetSpec("/m", device="cpu").resolved(on_cuda=True).dtype == "float32"  # the named device decides
+    assert TargetSpec("/m", device="cuda:0").resolved(on_cuda=False).dtype == "bfloat16"
+    assert TargetSpec("/m", dtype="bf16").resolved(on_cuda=False).dtype == "bfloat16"  # explicit wins, in torch's name
+    assert TargetSpec("/m", backend="vllm").resolved(on_cuda=True).dtype == "auto"  # vLLM's own rule
+    with pytest.raises(ValueError, match="unknown dtype 'fp12'"):
+        TargetSpec("/m", dtype="fp12").resolved()
+    # Hashable and equal by value: the resource's load cache and the Ray pools key on it.
+    a, b = TargetSpec("/m", chat_template_kwargs={"x": 1}), TargetSpec("/m", chat_template_kwargs={"x": 1})
+    assert a == b and hash(a) == hash(b) and len({a, b, TargetSpec("/m")}) == 2
+
+
 def test_draft_asset_hands_the_resource_target_to_the_job():
     from resources.target_model import TargetModelResource
-    from spec_assets.draft import target_spec
 
-    spec = target_spec(TargetModelResource(target="/models/t", backend="vllm", device="cuda", trust_remote_code=True))
-    assert (spec.spec, spec.backend, spec.device, spec.trust_remote_code) == ("/models/t", "vllm", "cuda", True)
-    assert spec.chat_template_kwargs is None
+    spec = TargetModelResource(target="/models/t", backend="vllm", device="cuda", trust_remote_code=True).spec()
+    assert (spec.path, spec.backend, spec.device, spec.trust_remote_code) == ("/models/t", "vllm", "cuda", True)
+    assert spec.chat_template_kwargs == {}
+    cpu = TargetModelResource(target="/m", device="cpu")
+    assert cpu.spec().dtype == "float32" and cpu.identity() == TargetModelResource(target="/m").identity()
+    bf16 = TargetModelResource(target="/m", device="cpu", dtype="bf16")
+    assert bf16.spec().dtype == "bfloat16" and bf16.identity().endswith("+dtype=bfloat16")  # features change
     # The chat settings arrive as the dict the field holds (SPECDRAFT_CHAT_TEMPLATE_KWARGS reaches the
     # field through definitions.py).
     on_resource = TargetModelResource(target="/m", chat_template_kwargs='{"enable_thinking": false}')
-    assert target_spec(on_resource).chat_template_kwargs == {"enable_thinking": False}
+    assert on_resource.spec().chat_template_kwargs == {"enable_thinking": False}
+    # The job carries the resolved spec through JSON unchanged.
+    job = _job(target=on_resource.spec())
+    assert TrainJob.from_json(job.to_json()).target == on_resource.spec()

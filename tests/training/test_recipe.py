@@ -19,9 +19,11 @@ def test_small_and_large_corpora_both_get_a_run_of_enough_steps():
     assert steps(s, small) >= recipe.TARGET_STEPS / 2 and steps(big, large) >= recipe.TARGET_STEPS / 2
     assert s.max_tokens_per_batch == 512 and big.max_tokens_per_batch == recipe.MAX_BATCH_TOKENS
     assert s.lr == big.lr == recipe.BASE_LR and s.warmup_ratio == recipe.WARMUP_RATIO
-    # a held-out slice when the corpus can spare one
+    # a held-out slice at every size that can spare one: small corpora overfit first (bench_real_chat)
     assert s.validation_rows == 75 and big.validation_rows == recipe.MAX_VALIDATION_ROWS
-    assert resolve(TrainConfig(), CorpusStats(tokens=5_000, rows=50)).validation_rows == 0
+    held = {rows: resolve(TrainConfig(), CorpusStats(tokens=5_000, rows=rows)).validation_rows
+            for rows in (5, 10, 50, 131, 400)}
+    assert held == {5: 0, 10: 1, 50: 5, 131: 8, 400: 20}
     assert s.resolved and big.resolved and not TrainConfig().resolved
 
 

@@ -30,7 +30,10 @@ from training.resample import (
     check_mixture,
     draw_temperature,
     passthrough,
+    LocalBatches,
+    resample_batch,
     resample_conversations,
+    resample_rows,
     strip_reasoning,
     turn_seed,
 )
@@ -462,6 +465,29 @@ def test_resume_after_kill_reproduces_uninterrupted_run(target, rows, local_stor
     assert res.table.equals(reference.table) and res.rejects.equals(reference.rejects)
     assert res.finish_reasons == reference.finish_reasons and res.tokens_generated == reference.tokens_generated
     assert set(res.table["temperature"].to_pylist()) > {0.0}  # sampled rows are compared too
+
+
+class ReversedBatches(LocalBatches):
+    """Batches finishing last-first, as Ray actors may return them (ray_pool.PoolBatches)."""
+
+    def run(self, batches, cfg):
+        for no, batch in reversed(batches):
+            yield no, resample_batch(self.target, batch, cfg, self.generator, no), " (reversed)"
+
+
+def test_the_driver_result_does_not_depend_on_the_order_batches_finish(target, rows, local_store):
+    """resample_rows, the one driver of the local and the Ray path: progress saved in any order,
+    output in input order, the same table as batches run one after another."""
+    cfg = ResampleConfig(max_new_tokens=10, batch_size=3)
+    reference = resample_conversations(target, rows, cfg, log=lambda _: None)
+    lines = []
+    progress = ResampleProgress(local_store, "r/_progress")
+    res = resample_rows(ReversedBatches(target), rows, cfg, progress=progress, log=lines.append)
+    assert res.table.equals(reference.table) and res.rejects.equals(reference.rejects)
+    n = -(-len(rows) // 3)
+    assert lines[1].startswith(f"resample: batch {n}/{n} (reversed):") and len(progress.chunk_keys()) == n
+    again = resample_rows(ReversedBatches(target), rows, cfg, progress=progress, log=lambda _: None)
+    assert again.n_resumed == len(progress.load()) > 0 and again.table.equals(reference.table)
 
 
 def test_resume_after_mid_batch_kill_and_duplicate_chunk(target, rows, local_store):

@@ -82,7 +82,8 @@ def build_run_fixture(root: Path, *, n_rows: int = 48, seed: int = 0) -> dict:
 
 
 def job_spec(fx: dict, run_prefix: str, train_cfg: dict, *, online: bool = False, export_dir=None):
-    from training.job import TargetSpec, TrainJob
+    from training.job import TrainJob
+    from training.targets.spec import TargetSpec
 
     return TrainJob(
         store_root=fx["store"].root, run_prefix=run_prefix, vocab_map=VOCAB_PREFIX,
@@ -189,7 +190,7 @@ def test_offline_training_learns_and_reports(fx):
     # the checkpoint holds the resolved config: what was set explicitly, the recipe's values for the rest
     assert ck.step == total and ck.state["config"] == res.config
     assert all(res.config[k] == v for k, v in cfg.to_dict().items() if v is not None)
-    assert res.recipe_fields == ["warmup_ratio", "validation_rows"] and res.config["validation_rows"] == 0  # a small corpus
+    assert res.recipe_fields == ["warmup_ratio", "validation_rows"] and res.config["validation_rows"] == 4  # 48 rows: even a small corpus holds some out
     assert set(ck.model) == {n for n, p in draft.named_parameters() if p.requires_grad}
 
     # A finished run resumes as a no-op with the same weights; a changed config is refused.

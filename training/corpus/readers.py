@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Iterator
 
-import fsspec
-
+from training import filesystem as files
 from training.corpus.schema import CorpusError
-from training.storage import s3_storage_options
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 _CHUNK = 1 << 20  # bytes per read while splitting JSONL into lines
 _PARQUET_BATCH = 1024  # rows converted to Python at a time
 _SNIFF = 1 << 16  # bytes read to find the first non-blank character of a .json file
-
-# A refused or unroutable endpoint must fail within seconds, not botocore's default ~10 s of
-# legacy retries per call; standard mode still retries throttling and transient 5xx answers.
-_S3_CONNECT_TIMEOUT_S = 5
-_S3_MAX_ATTEMPTS = 3
 
 
 @dataclass
@@ -53,28 +45,9 @@ def source_kind(url: str) -> str | None:
     return None
 
 
-def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for `url`: the ObjectStore's S3 settings plus bounded retries and timeouts."""
-    if not url.startswith("s3://"):
-        return {}
-    options = s3_storage_options()
-    config = dict(options.get("config_kwargs") or {})
-    config.setdefault("connect_timeout", _S3_CONNECT_TIMEOUT_S)
-    # botocore reads AWS_MAX_ATTEMPTS / AWS_RETRY_MODE itself; an explicit Config would override them.
-    if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
-        config.setdefault("retries", {"max_attempts": _S3_MAX_ATTEMPTS, "mode": "standard"})
-    options["config_kwargs"] = config
-    # Reuse one S3 client per endpoint and settings (fsspec keys its instance cache on the
-    # options and drops it after a fork): building a botocore client costs ~0.4 s, more than
-    # listing or reading a shard. Sources are only read, and the store's options already turn
-    # the listings cache off, so a reused client still sees new files.
-    options["skip_instance_cache"] = False
-    return options
-
-
 def filesystem(url: str):
-    """(fs, path) for a local path, file:// or s3:// URL."""
-    return fsspec.core.url_to_fs(url, **storage_options(url))
+    """(fs, path) for a local path, file:// or s3:// URL, reusing the S3 client across files."""
+    return files.filesystem(url, files.REUSE_CLIENT)
 
 
 def iter_records(url: str) -> Iterator[RawRecord]:

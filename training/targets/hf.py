@@ -24,25 +24,22 @@ from training.targets.base import (
     check_sequences,
     render_prompt,
 )
-
-_DTYPES = {
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "fp32": "float32", "float32": "float32", "float": "float32",
-}
+from training.targets.spec import auto_dtype, dtype_name
 
 
 def resolve_dtype(dtype, device: str):
-    """`auto` = bf16 on GPU (what targets ship in), fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    """The torch dtype for `dtype` on `device` ("auto": spec.auto_dtype's rule)."""
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if str(dtype) not in _DTYPES:
-        raise TargetError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'")
-    return getattr(torch, _DTYPES[str(dtype)])
+    if dtype is None:
+        dtype = "auto"
+    try:
+        name = dtype_name(dtype)
+    except ValueError as exc:
+        raise TargetError(str(exc)) from None
+    return getattr(torch, auto_dtype(str(device).startswith("cuda")) if name == "auto" else name)
 
 
 def resolve_device(device: str | None) -> str:

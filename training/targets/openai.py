@@ -1,26 +1,25 @@
-"""Generation through any OpenAI-compatible /v1/chat/completions server (`vllm serve`, SGLang, ...).
+"""Generation through any OpenAI-compatible /v1/chat/completions server (`vllm serve`, SGLang, ...),
+with the `openai` SDK's async client.
 
-Generation only: hidden states never cross an HTTP API. Requests run on a bounded thread pool;
-connection errors, 429 and 5xx are retried with exponential backoff, other 4xx fail at once with
-the server's message. The API key comes from OPENAI_API_KEY (or the variable named by
-`api_key_env`) and only ever goes into the Authorization header, never into logs or errors.
+Generation only: hidden states never cross an HTTP API. A call's requests run concurrently, at most
+`max_concurrency` at once. The SDK retries connection errors, 408, 409, 429 and 5xx answers
+`max_retries` times with exponential backoff, waiting what the server's Retry-After asks for when
+it sends one; other 4xx fail at once with the server's message. The API key comes from
+OPENAI_API_KEY (or the variable named by `api_key_env`; "EMPTY" without one, as a vLLM server
+without --api-key takes) and only ever goes into the Authorization header, never into logs or errors.
 """
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import json
 import os
-import random
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from training.targets.base import Generation, SamplingParams, TargetError, TargetModel
 
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# The statuses the openai SDK retries (besides a server's explicit x-should-retry).
+RETRIED_STATUS = (408, 409, 429)
 
 
 class OpenAIError(TargetError):
@@ -48,7 +47,6 @@ class OpenAITarget(TargetModel):
         max_concurrency: int = 8,
         timeout_s: float = 600.0,
         max_retries: int = 5,
-        backoff_s: float = 1.0,
         api_key_env: str = "OPENAI_API_KEY",
         allow_empty: bool = False,
         extra_body: dict | None = None,
@@ -63,7 +61,6 @@ class OpenAITarget(TargetModel):
         self.max_concurrency = max(1, int(max_concurrency))
         self.timeout_s = timeout_s
         self.max_retries = int(max_retries)
-        self.backoff_s = backoff_s
         self.api_key_env = api_key_env
         self.allow_empty = allow_empty
         self.extra_body = dict(extra_body or {})
@@ -81,7 +78,7 @@ class OpenAITarget(TargetModel):
     def model_name(self) -> str:
         """The served model: as given, or the first (usually only) one the server lists."""
         if self._model_name is None:
-            data = self._request("GET", "/models", None)
+            data = asyncio.run(self._run(lambda client: [self._call("GET", "/models", client.models.with_raw_response.list())]))[0]
             models = [m.get("id") for m in data.get("data") or [] if m.get("id")]
             if not models:
                 raise OpenAIError(f"{self.base_url}/models lists no model; pass model=...")
@@ -126,13 +123,59 @@ class OpenAITarget(TargetModel):
             raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
         model = self.model_name
         tools = tools or [None] * len(conversations)
-        with ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="openai-gen") as pool:
-            futures = [pool.submit(self._complete, model, i, c, s, t)
-                       for i, (c, s, t) in enumerate(zip(conversations, sampling, tools))]
-            return [f.result() for f in futures]
+        bodies = [self._body(model, c, s, t) for c, s, t in zip(conversations, sampling, tools)]
+        limit = asyncio.Semaphore(self.max_concurrency)
 
-    def _complete(self, model: str, index: int, conversation: list[dict], params: SamplingParams,
-                  tools=None) -> Generation:
+        async def post(client, body):
+            async with limit:
+                request = client.chat.completions.with_raw_response.create(
+                    model=body.pop("model"), messages=body.pop("messages"), extra_body=body)
+                return await self._call("POST", "/chat/completions", request)
+
+        answers = asyncio.run(self._run(lambda client: [post(client, b) for b in bodies]))
+        return [self._generation(i, data) for i, data in enumerate(answers)]
+
+    async def _run(self, requests):
+        """Await the coroutines `requests(client)` makes with one SDK client; their results in order."""
+        import openai
+
+        key = os.environ.get(self.api_key_env) or "EMPTY"
+        async with openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=self.max_retries,
+                                      timeout=self.timeout_s) as client:
+            return await asyncio.gather(*requests(client))
+
+    async def _call(self, method: str, path: str, request) -> dict:
+        """The JSON answer of one SDK request (retried by the SDK); OpenAIError naming the request otherwise."""
+        import openai
+
+        url = self.base_url + path
+        attempts = self.max_retries + 1
+        try:
+            raw = await request
+        except openai.APIStatusError as exc:
+            body = exc.response.content
+            key = os.environ.get(self.api_key_env)
+            if key:  # a server may echo the key it refused ("invalid api key: sk-..."): never pass it on
+                body = body.replace(key.encode(), b"<redacted>")
+            detail, code = _excerpt(body), exc.status_code
+            if code in RETRIED_STATUS or code >= 500:
+                raise OpenAIError(f"{method} {url}: failed after {attempts} attempts, last: HTTP {code}: {detail}") from None
+            hint = ""
+            if "return_token_ids" in detail:
+                hint = (" (this server does not take return_token_ids: set return_token_ids false on the "
+                        "generation resource; replies are then re-encoded from text)")
+            raise OpenAIError(f"{method} {url}: HTTP {code}: {detail}{hint}") from None
+        except openai.APIConnectionError as exc:  # refused, reset, timed out: the innermost cause says which
+            raise OpenAIError(f"{method} {url}: failed after {attempts} attempts, last: {_root_cause(exc)}") from None
+        content = raw.content
+        if not content.strip():
+            raise OpenAIError(f"{method} {url}: empty response body")
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise OpenAIError(f"{method} {url}: response is not JSON: {_excerpt(content)}") from None
+
+    def _body(self, model: str, conversation: list[dict], params: SamplingParams, tools=None) -> dict:
         body = {
             "model": model,
             "messages": [_request_message(m) for m in conversation],
@@ -154,7 +197,9 @@ class OpenAITarget(TargetModel):
             body["chat_template_kwargs"] = server_kwargs
         if self.return_token_ids:
             body["return_token_ids"] = True
-        data = self._request("POST", "/chat/completions", body)
+        return body
+
+    def _generation(self, index: int, data: dict) -> Generation:
         choices = data.get("choices") or []
         message = (choices[0].get("message") or {}) if choices else {}
         text = message.get("content")
@@ -196,45 +241,6 @@ class OpenAITarget(TargetModel):
             token_ids=token_ids, prompt_token_ids=prompt_token_ids, reasoning=reasoning, tool_calls=calls,
         )
 
-    def _request(self, method: str, path: str, body: dict | None) -> dict:
-        url = self.base_url + path
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        payload = json.dumps(body).encode() if body is not None else None
-        for attempt in range(self.max_retries + 1):
-            request = urllib.request.Request(url, data=payload, headers=headers, method=method)
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as exc:
-                body = exc.read()
-                if key:  # a server may echo the key it refused ("invalid api key: sk-..."): never pass it on
-                    body = body.replace(key.encode(), b"<redacted>")
-                detail = _excerpt(body)
-                if exc.code not in RETRY_STATUS:
-                    hint = ""
-                    if "return_token_ids" in detail:
-                        hint = (" (this server does not take return_token_ids: set return_token_ids false on the "
-                                "generation resource; replies are then re-encoded from text)")
-                    raise OpenAIError(f"{method} {url}: HTTP {exc.code}: {detail}{hint}") from None
-                failure = f"HTTP {exc.code}: {detail}"
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-                failure = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-            else:
-                if not raw.strip():
-                    raise OpenAIError(f"{method} {url}: empty response body")
-                try:
-                    return json.loads(raw)
-                except ValueError:
-                    raise OpenAIError(f"{method} {url}: response is not JSON: {_excerpt(raw)}") from None
-            if attempt == self.max_retries:
-                raise OpenAIError(f"{method} {url}: failed after {attempt + 1} attempts, last: {failure}")
-            # Jitter keeps many workers from retrying in lockstep against a recovering server.
-            time.sleep(self.backoff_s * (2 ** attempt) * (0.5 + random.random() / 2))
-        raise AssertionError("unreachable")
-
 
 def _request_message(message: dict) -> dict:
     """A stored message as the chat completions API takes it: its set fields (reasoning_content in
@@ -244,6 +250,18 @@ def _request_message(message: dict) -> dict:
         out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
                              for c in json.loads(out["tool_calls"])]
     return out
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause of a failed connection in words: the SDK's error wraps httpx's, which
+    wraps the socket's ("All connection attempts failed" around "Connection refused")."""
+    chain = [exc]
+    while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+        chain.append(inner)
+    root = chain[-1]
+    if isinstance(root, OSError) and root.errno:
+        return f"{type(root).__name__}: {os.strerror(root.errno)} ({root.strerror})"
+    return f"{type(root).__name__}: {root}"
 
 
 def _excerpt(raw: bytes, limit: int = 300) -> str:

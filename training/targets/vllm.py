@@ -52,13 +52,17 @@ def engine_defaults() -> dict:
     There `gpu_memory_utilization` is the share of *host* memory the KV cache may take (85% of the
     machine by default, refused when that much is not free), so the cache gets a fixed size instead:
     VLLM_CPU_KVCACHE_SPACE GiB when set, else 1 GiB (tens of thousands of tokens of a 135M model). Eager mode:
-    torch.compile's CPU kernels cost minutes per engine start for models this small. On a GPU: none.
+    torch.compile's CPU kernels cost minutes per engine start for models this small. No chunked
+    prefill: a step that prefills part of a prompt discards that request's sample and rewinds its
+    seeded generator with `set_offset`, which CPU generators refuse ("CPU Generator does not use
+    offset", the engine dies): every seeded resampling batch longer than one step's token budget
+    crashed. On a GPU: none.
     """
     import torch
 
     if torch.cuda.is_available():
         return {}
-    out = {"enforce_eager": True}
+    out = {"enforce_eager": True, "enable_chunked_prefill": False}
     if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
         out["kv_cache_memory_bytes"] = 1 << 30
     return out

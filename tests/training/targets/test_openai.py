@@ -20,8 +20,10 @@ class Server:
         self.target = target
         self.lock = threading.Lock()
         self.fail_next = 0  # answer this many chat requests with 503 first
+        self.fail_status, self.retry_after = 503, None  # ... or this status, with this Retry-After header
         self.mode = "ok"  # or "empty", "bad_request"
         self.requests = 0
+        self.times: list[float] = []  # when each chat request was answered
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth_seen: set[str] = set()
@@ -47,7 +49,9 @@ class Server:
                 finally:  # before replying: the client may send its next request as soon as it reads this one
                     with server.lock:
                         server.in_flight -= 1
-                self.send_json(code, obj)
+                        server.times.append(time.monotonic())
+                wait = {"Retry-After": server.retry_after} if fail and server.retry_after else {}
+                self.send_json(code, obj, headers=wait)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -56,7 +60,7 @@ class Server:
     def answer(self, body, fail):
         time.sleep(0.05)  # let concurrent requests overlap
         if fail:
-            return 503, {"error": {"message": "overloaded"}}
+            return self.fail_status, {"error": {"message": "overloaded"}}
         if self.mode == "bad_request":
             return 400, {"error": {"message": "max_tokens is too large"}}
         if self.mode == "strict" and "return_token_ids" in body:  # as api.openai.com answers unknown fields
@@ -138,14 +142,22 @@ def test_server_refusing_return_token_ids_says_what_to_set(server):
 
 def test_retries_5xx_then_succeeds(server):
     server.fail_next = 3
-    client = load_target(server.url.removesuffix("/v1"), backend="openai", model="tiny-llama", backoff_s=0.01, max_concurrency=1)
+    client = load_target(server.url.removesuffix("/v1"), backend="openai", model="tiny-llama", max_concurrency=1)
     [gen] = client.generate(CONVS[:1], PARAMS[:1])
     assert gen.n_tokens > 0 and server.requests == 4
 
 
+def test_429_waits_what_retry_after_asks(server):
+    """The SDK's own first backoff is under a second; the server asks for 2 s and gets them."""
+    server.fail_next, server.fail_status, server.retry_after = 1, 429, "2"
+    [gen] = load_target(server.url, backend="openai", model="m").generate(CONVS[:1], PARAMS[:1])
+    assert gen.n_tokens > 0 and server.requests == 2
+    assert server.times[1] - server.times[0] >= 1.9
+
+
 def test_gives_up_after_max_retries(server):
     server.fail_next = 100
-    client = load_target(server.url, backend="openai", model="m", backoff_s=0.001, max_retries=2)
+    client = load_target(server.url, backend="openai", model="m", max_retries=2)
     with pytest.raises(OpenAIError, match="after 3 attempts.*HTTP 503") as err:
         client.generate(CONVS[:1], PARAMS[:1])
     assert KEY not in str(err.value)
@@ -153,7 +165,7 @@ def test_gives_up_after_max_retries(server):
 
 def test_4xx_fails_at_once_with_the_servers_message(server):
     server.mode = "bad_request"
-    client = load_target(server.url, backend="openai", model="m", backoff_s=0.01)
+    client = load_target(server.url, backend="openai", model="m")
     with pytest.raises(OpenAIError, match="HTTP 400.*max_tokens is too large") as err:
         client.generate(CONVS[:1], PARAMS[:1])
     assert server.requests == 1 and KEY not in str(err.value)
@@ -169,8 +181,8 @@ def test_empty_reply_is_an_error(server):
 
 
 def test_connection_refused_is_retried_then_reported():
-    client = load_target("http://127.0.0.1:9/v1", backend="openai", model="m", backoff_s=0.001, max_retries=1)
-    with pytest.raises(OpenAIError, match="after 2 attempts"):
+    client = load_target("http://127.0.0.1:9/v1", backend="openai", model="m", max_retries=1)
+    with pytest.raises(OpenAIError, match="after 2 attempts, last: ConnectionRefusedError: Connection refused"):
         client.generate(CONVS[:1], PARAMS[:1])
 
 

@@ -184,7 +184,7 @@ def test_a_seeded_sampled_request_is_reproducible(server, target_dir):
 def test_a_server_that_went_away_fails_clearly_and_fast(server, target_dir):
     """Last in the module: stops the server. A dead endpoint is retried (backoff) and then named."""
     server.stop()
-    target = client(server, target_dir, max_retries=2, backoff_s=0.01)
+    target = client(server, target_dir, max_retries=2)
     started = time.monotonic()
     with pytest.raises(OpenAIError, match=re.escape(f"POST {server.url}/chat/completions: failed after 3 attempts") + ".*refused"):
         target.generate(CONVERSATIONS[:1], [GREEDY])

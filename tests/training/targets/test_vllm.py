@@ -90,6 +90,14 @@ def test_generation_keeps_the_engines_token_ids_and_equals_hf_greedy(vllm_fp32, 
     # sampled with a seed: reproducible
     seeded = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)]
     assert vllm_fp32.generate(CONVERSATIONS[:1], seeded)[0].token_ids == vllm_fp32.generate(CONVERSATIONS[:1], seeded)[0].token_ids
+    # A seeded batch whose prompts exceed one engine step's token budget: with chunked prefill, a
+    # partly prefilled request's generator is rewound with set_offset, which CPU generators refuse
+    # and the engine died (bench_real_chat's resampling). Every row comes back, each as if alone.
+    long = [[{"role": "user", "content": f"story {i}: " + "hello there " * 250}] for i in range(12)]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=4, seed=i) for i in range(12)]
+    batch = vllm_fp32.generate(long, params)
+    assert sum(len(g.prompt_token_ids) for g in batch) > 8192 and [g.n_tokens for g in batch] == [4] * 12
+    assert vllm_fp32.generate(long[5:6], params[5:6])[0].token_ids == batch[5].token_ids
 
 
 def _check_features(target, hf, tol: float) -> None:

@@ -1,0 +1,326 @@
+"""EAGLE-3 drafts of a real chat model: held-out tau against trainable tokens and recipe (issue 21).
+
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_real_chat.py                     # the default points
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_real_chat.py --only "p120 r1,all r4"
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_real_chat.py --table             # print results.json
+
+Target: SmolLM2-135M-Instruct (Llama, 30 layers, 576 wide, 49,152-token vocab, ChatML), built
+offline by ../shared/tools/build_smollm2.sh into bench/out/real_chat/smollm2 (or
+SPECDRAFT_REAL_CHAT_TARGET). Data: the fixtures' prompts and nothing else.
+  * train prompts: the distinct first user turns of multiturn_messages_demo.json (297) and
+    fastchat_dummy_conversation.json (52), in file order;
+  * held-out prompts: MT-bench's first turns (another benchmark: writing, roleplay, reasoning,
+    math, coding, extraction, STEM, humanities), never trained on; `--heldout` of them, stratified
+    by category.
+The target writes every reply (vLLM backend, `VLLMTarget.generate`, as resampled_corpus does):
+reply 0 of a prompt is greedy, replies 1.. are sampled at T=1 with seeds keyed by (prompt, reply).
+A training row is the rendered prompt + the reply's ids + the end-of-turn token; the loss mask
+covers the reply and the end-of-turn token, as tokenized_shards masks a resampled turn.
+Features: the hf target in bf16 (training.hidden_states); draft: the recipe's rule (training/recipe.py)
+for everything a point does not set, trained by training.trainer.train with held-out validation
+and best-epoch export; export: training.export; evaluation: training.evaluation.evaluate at k=4,
+T=0 and T=1 (EAGLE-3 and prompt lookup, simulated), and served by real vLLM at T=0 on the same
+prompt ids (served.py). Generated rows and features are cached under bench/out/real_chat/ by their
+settings; results merge into bench/out/real_chat/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared", Path("/work/shared")) if p.exists()),
+              ROOT.parent / "shared")
+DATA = SHARED / "fixtures" / "data"
+OUT = ROOT / "bench" / "out" / "real_chat"
+TARGET = Path(os.environ.get("SPECDRAFT_REAL_CHAT_TARGET", OUT / "smollm2"))
+RESULTS = OUT / "results.json"
+MAX_NEW_TOKENS = 256
+
+# name -> (prompts used (None: all), replies per prompt, train overrides)
+# The bigger points fix epochs below the recipe's (which would see 2M tokens): 2 CPU cores.
+POINTS: dict[str, tuple[int | None, int, dict]] = {
+    "p120 r1": (120, 1, {}),
+    "p120 r1 epochs 1": (120, 1, {"epochs": 1}),
+    "p120 r1 vocab 32000": (120, 1, {"draft_vocab": 32000}),
+    "all r1 vocab 32000 epochs 3": (None, 1, {"draft_vocab": 32000, "epochs": 3}),
+    "all r4 vocab 32000 epochs 2": (None, 4, {"draft_vocab": 32000, "epochs": 2}),
+}
+
+
+def build_target() -> Path:
+    if not (TARGET / "model.safetensors").exists():
+        subprocess.run(["bash", str(SHARED / "tools" / "build_smollm2.sh"), str(TARGET), sys.executable], check=True)
+    return TARGET
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+def train_prompts() -> list[str]:
+    seen: dict[str, None] = {}
+    for c in json.loads((DATA / "multiturn_messages_demo.json").read_text()):
+        first = c["messages"][0]
+        if first["role"] == "user":
+            seen.setdefault(first["content"], None)
+    for c in json.loads((DATA / "fastchat_dummy_conversation.json").read_text()):
+        first = c["conversations"][0]
+        if first["from"] == "human":
+            seen.setdefault(first["value"], None)
+    return list(seen)
+
+
+def heldout_prompts(n: int) -> list[dict]:
+    from training.evaluation.prompts import stratified_prompts
+
+    rows = [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
+    prompts = [{"id": f"mt-{r['question_id']}", "domain": r["category"],
+                "messages": [{"role": "user", "content": r["turns"][0]}]} for r in rows]
+    return stratified_prompts(prompts, n)
+
+
+def _key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# -- data ------------------------------------------------------------------------------------------
+def replies(prompts: list[str], n_replies: int, log) -> list[dict]:
+    """The target's replies, cached per reply index: {"prompt", "reply", "ids", "mask", "finish"}.
+    Reply index r is the same generation at every point, so a bigger point extends a smaller one."""
+    from training.targets.base import SamplingParams
+    from training.targets.vllm import VLLMTarget
+
+    rows, target = [], None
+    try:
+        for r in range(n_replies):
+            path = OUT / "replies" / f"r{r}-{_key(prompts=prompts, r=r, max_new=MAX_NEW_TOKENS)}.json"
+            if not path.exists():
+                target = target or VLLMTarget(str(TARGET))
+                t0 = time.perf_counter()
+                stop = target.tokenizer.convert_tokens_to_ids("<|im_end|>")
+                params = [SamplingParams(temperature=0.0 if r == 0 else 1.0, max_new_tokens=MAX_NEW_TOKENS,
+                                         seed=None if r == 0 else int(_key(i=i, r=r), 16) % 2**31)
+                          for i in range(len(prompts))]
+                gens = target.generate([[{"role": "user", "content": p}] for p in prompts], params)
+                out = []
+                for i, g in enumerate(gens):
+                    reply = list(g.token_ids) + ([stop] if g.finish_reason == "stop" else [])
+                    prompt = list(g.prompt_token_ids)
+                    out.append({"prompt": i, "reply": r, "ids": prompt + reply,
+                                "mask": [0] * len(prompt) + [1] * len(reply), "finish": g.finish_reason})
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(out))
+                n_tok = sum(sum(x["mask"]) for x in out)
+                log(f"  reply {r}: {len(out)} rows, {n_tok} reply tokens in {time.perf_counter() - t0:.0f}s "
+                    f"({n_tok / (time.perf_counter() - t0):.0f} tok/s)")
+            rows += json.loads(path.read_text())
+    finally:
+        if target is not None:
+            target.close()
+    return rows
+
+
+def heldout_coverage(held: list[dict], counts, vocab: int) -> dict:
+    """Share of the target's greedy held-out reply tokens (first 64, as evaluated) inside the draft
+    vocabulary built from `counts`, at the size the point uses and at larger ones: the draft cannot
+    propose a token outside it, so this caps held-out acceptance."""
+    import numpy as np
+
+    from training.vocab import build_vocab_map, coverage
+    from training.targets.base import SamplingParams
+    from training.targets.vllm import VLLMTarget
+
+    path = OUT / "replies" / f"heldout-{_key(ids=[p['id'] for p in held])}.json"
+    if not path.exists():
+        target = VLLMTarget(str(TARGET))
+        try:
+            gens = target.generate([p["messages"] for p in held], [SamplingParams(max_new_tokens=64)] * len(held))
+        finally:
+            target.close()
+        path.write_text(json.dumps([list(g.token_ids) for g in gens]))
+    ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in json.loads(path.read_text())])
+    held_counts = np.bincount(ids, minlength=len(counts))
+    return {str(n): round(coverage(held_counts, build_vocab_map(counts, n)["t2d"]), 4)
+            for n in sorted({vocab, 8192, 16384, 32000, len(counts)})}
+
+
+def features(store, rows: list[dict], log) -> tuple[str, "np.ndarray"]:
+    """hidden_states of `rows` (cached): (artifact prefix, masked-token counts over the target vocab)."""
+    import numpy as np
+
+    from training.hidden_states import write_hidden_states
+    from training.targets import load_target
+
+    key = _key(rows=[(r["prompt"], r["reply"]) for r in rows], max_new=MAX_NEW_TOKENS)
+    prefix = f"features/{key}"
+    if store.manifest(prefix) is None:
+        target = load_target(str(TARGET), backend="hf", device="cpu", dtype="bfloat16")
+        t0 = time.perf_counter()
+        with store.artifact(prefix, key) as writer:
+            write_hidden_states(target, [(r["ids"], r["mask"]) for r in rows], writer, max_tokens_per_batch=8192,
+                                dtype="bf16")
+            counts = np.zeros(target.facts.vocab_size, dtype=np.int64)
+            for r in rows:
+                np.add.at(counts, np.asarray(r["ids"])[np.asarray(r["mask"], dtype=bool)], 1)
+            writer.write_bytes("counts.int64.bin", counts.tobytes())
+        log(f"  features of {len(rows)} rows in {time.perf_counter() - t0:.0f}s")
+    m = store.manifest(prefix)
+    return prefix, np.frombuffer(store.read_bytes(m.key("counts.int64.bin")), dtype=np.int64)
+
+
+def train_export(store, prefix: str, counts, name: str, overrides: dict, log) -> tuple[Path, dict]:
+    """Train through the product's path (TrainJob -> train_main.run, as draft_model does) and export."""
+    from training.job import TrainJob
+    from training.train_main import run
+    from training.vocab import build_vocab_map, draft_vocab_size_by_coverage, save_vocab_map
+
+    overrides = dict(overrides)
+    vocab = overrides.pop("draft_vocab", None) or draft_vocab_size_by_coverage(counts)
+    vkey = f"vocab/{_key(prefix=prefix, vocab=vocab)}.safetensors"
+    store.write_bytes(vkey, save_vocab_map(build_vocab_map(counts, vocab)))
+    export_dir = OUT / "exports" / _key(name=name, prefix=prefix, **overrides)
+    job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"spec": str(TARGET)},
+                   vocab_map=vkey, hidden_states=[prefix], export_dir=str(export_dir),
+                   train={"log_every": 100, "checkpoint_every": 0, **overrides}, resume=False)
+    t0 = time.perf_counter()
+    result = run(job, log=log)
+    return export_dir, {"train_s": time.perf_counter() - t0, "draft_vocab": int(vocab), **result.summary()}
+
+
+def evaluate_export(export_dir: Path, prompts: list[dict], log) -> dict:
+    """Held-out tau at k=4: EAGLE-3 and prompt lookup simulated at T=0 and T=1, EAGLE-3 served by
+    vLLM at T=0 (the CPU build's sampled speculative decoding is broken: README, served table)."""
+    from training.evaluation import evaluate
+    from training.targets import load_target
+
+    target = load_target(str(TARGET), backend="hf", device="cpu", dtype="float32")
+    res = evaluate(target, str(export_dir), prompts, ks=[4], temperatures=[0.0, 1.0], max_new_tokens=64,
+                   served=True, log=log)
+    served = res.served_row(4, 0.0) or {}
+    return {
+        "tau_t0": res.tau("eagle3", 4, 0.0), "tau_t1": res.tau("eagle3", 4, 1.0),
+        "pl_t0": res.tau("prompt_lookup", 4, 0.0), "pl_t1": res.tau("prompt_lookup", 4, 1.0),
+        "served_tau_t0": served.get("served_tau"), "served_ratio_t0": served.get("ratio"),
+    }
+
+
+def mismatch_check(store, export_dir: Path, rows: list[dict], n: int, new_tokens: int, log) -> dict:
+    """Train/serve mismatch or memorization? On `n` greedy training rows, the exported draft's
+    acceptance two ways: replayed along the row's own first `new_tokens` reply tokens with the
+    training code (metrics.measure_acceptance over their features: teacher-forced TTT, what training
+    accuracy measures), and decoded from the prompt by the simulator and by vLLM (greedy decoding of
+    a greedy training prompt walks the same tokens). Equal figures: the served draft is the trained
+    one, and a gap to held-out prompts is the draft not generalizing beyond its rows."""
+    import torch
+
+    from training.evaluation import evaluate
+    from training.export import load_draft
+    from training.hidden_states import HiddenStateDataset
+    from training.metrics import measure_acceptance
+    from training.targets import load_target
+    from training.targets.weights import load_head_weights
+
+    picked = [r for r in rows if r["reply"] == 0][:n]
+    cut = [(r["ids"][: r["mask"].index(1) + new_tokens], r["mask"][: r["mask"].index(1) + new_tokens]) for r in picked]
+    prefix = f"features/check-{_key(rows=[r['prompt'] for r in picked], new_tokens=new_tokens)}"
+    if store.manifest(prefix) is None:
+        from training.hidden_states import write_hidden_states
+
+        target = load_target(str(TARGET), backend="hf", device="cpu", dtype="bfloat16")
+        with store.artifact(prefix, prefix) as writer:
+            write_hidden_states(target, cut, writer, dtype="bf16")
+    embed, head = load_head_weights(str(TARGET))
+    draft, _d2t, t2d, _cfg = load_draft(export_dir, embed_weight=embed)
+    m = measure_acceptance(draft.float(), HiddenStateDataset(store, [store.manifest(prefix)]), head.float(), t2d,
+                           ttt_length=4)
+    target = load_target(str(TARGET), backend="hf", device="cpu", dtype="float32")
+    prompts = [{"id": f"train-{r['prompt']}", "domain": "train", "input_ids": ids[: mask.index(1)]}
+               for r, (ids, mask) in zip(picked, cut)]
+    res = evaluate(target, str(export_dir), prompts, ks=[4], temperatures=[0.0], max_new_tokens=new_tokens,
+                   served=True, log=log)
+    served = res.served_row(4, 0.0) or {}
+    # How many of the decodes walk the row's own tokens (the simulator's target decodes in float32,
+    # the rows were written by vLLM in bfloat16: a near-tie can fork them).
+    same = 0
+    for p, (ids, _mask) in zip(prompts, cut):
+        with torch.inference_mode():
+            out = target.model.generate(torch.tensor([p["input_ids"]]), max_new_tokens=new_tokens, do_sample=False)
+        reply = ids[len(p["input_ids"]):]
+        same += int(out[0, len(p["input_ids"]):len(p["input_ids"]) + len(reply)].tolist() == reply)
+    return {"rows": len(picked), "same_path": same, "replayed_tau_k4": m["replayed_acceptance_length"][3],
+            "acc_0": m["acc"][0], "decoded_tau_k4": res.tau("eagle3", 4, 0.0), "served_tau_k4": served.get("served_tau")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=",".join(POINTS), help="comma-separated point names")
+    ap.add_argument("--data-only", action="store_true", help="generate the replies, nothing else")
+    ap.add_argument("--heldout", type=int, default=40)
+    ap.add_argument("--table", action="store_true", help="print the results so far")
+    ap.add_argument("--check", action="store_true", help="also the train/serve mismatch check on training rows")
+    args = ap.parse_args(argv)
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    if args.table:
+        print_table(json.loads(RESULTS.read_text()))
+        return 0
+    from training.storage import ObjectStore
+
+    build_target()
+    prompts, held = train_prompts(), heldout_prompts(args.heldout)
+    store = ObjectStore(str(OUT / "store"))
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    names = [n.strip() for n in args.only.split(",")]
+    for name in names:
+        n_prompts, n_replies, overrides = POINTS[name]
+        say(f"== {name}")
+        rows = replies(prompts, n_replies, say)
+        rows = [r for r in rows if n_prompts is None or r["prompt"] < n_prompts]
+        trainable = sum(sum(r["mask"]) for r in rows)
+        say(f"  {len(rows)} rows, {trainable} trainable tokens")
+        if args.data_only:
+            continue
+        prefix, counts = features(store, rows, say)
+        from training.vocab import draft_vocab_size_by_coverage
+
+        vocab = overrides.get("draft_vocab") or draft_vocab_size_by_coverage(counts)
+        cover = heldout_coverage(held, counts, vocab)
+        say(f"  held-out coverage by draft vocab size: {cover}")
+        export_dir, trained = train_export(store, prefix, counts, name, overrides, say)
+        measured = evaluate_export(export_dir, held, say)
+        results[name] = {"rows": len(rows), "trainable_tokens": trainable, **measured, "heldout_coverage": cover,
+                         **{k: trained[k] for k in ("train_s", "draft_vocab", "steps", "exported_step")},
+                         "epochs": trained["config"]["epochs"], "validation_rows": trained["config"]["validation_rows"],
+                         "heldout_curve": [(r["epoch"], round(r["simulated_acceptance_length"], 3))
+                                           for r in trained["validation"]],
+                         "train_acc_0": trained["acc"][0]}
+        if args.check:
+            results[name]["check"] = mismatch_check(store, export_dir, rows, 24, 64, say)
+        say(f"   {json.dumps(results[name])}")
+        on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        RESULTS.write_text(json.dumps(on_disk | {name: results[name]}, indent=1))
+        results = json.loads(RESULTS.read_text())
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    print("\n| point | rows | trainable tokens | epochs (exported) | tau T=0 sim | tau T=0 served | tau T=1 sim "
+          "| prompt lookup T=0 | T=1 | tau / PL (T=0, served) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        served = r.get("served_tau_t0")
+        ratio = f"{served / r['pl_t0']:.2f}x" if served else "-"
+        exported = next((e for e, _ in r["heldout_curve"] if r["exported_step"] is not None), None)
+        print(f"| {name} | {r['rows']} | {r['trainable_tokens']} | {r['epochs']} ({exported}) | {r['tau_t0']:.2f} | "
+              f"{served if served is None else round(served, 2)} | {r['tau_t1']:.2f} | {r['pl_t0']:.2f} | "
+              f"{r['pl_t1']:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
