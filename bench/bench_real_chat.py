@@ -51,8 +51,8 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     "p120 r1": (120, 1, {}),
     "p120 r1 epochs 1": (120, 1, {"epochs": 1}),
     "p120 r1 vocab 32000": (120, 1, {"draft_vocab": 32000}),
-    "all r1 vocab 32000 epochs 3": (None, 1, {"draft_vocab": 32000, "epochs": 3}),
-    "all r4 vocab 32000 epochs 2": (None, 4, {"draft_vocab": 32000, "epochs": 2}),
+    "all r1 epochs 2": (None, 1, {"epochs": 2}),
+    "all r4 epochs 1": (None, 4, {"epochs": 1}),
 }
 
 
@@ -154,10 +154,10 @@ def features(store, rows: list[dict], log) -> tuple[str, "np.ndarray"]:
     """hidden_states of `rows` (cached): (artifact prefix, masked-token counts over the target vocab)."""
     import numpy as np
 
-    from training.hidden_states import write_hidden_states
+    from training.hidden_states import FORMAT_VERSION, write_hidden_states
     from training.targets import load_target
 
-    key = _key(rows=[(r["prompt"], r["reply"]) for r in rows], max_new=MAX_NEW_TOKENS)
+    key = _key(rows=[(r["prompt"], r["reply"]) for r in rows], max_new=MAX_NEW_TOKENS, format=FORMAT_VERSION)
     prefix = f"features/{key}"
     if store.manifest(prefix) is None:
         target = load_target(str(TARGET), backend="hf", device="cpu", dtype="bfloat16")
@@ -185,7 +185,7 @@ def train_export(store, prefix: str, counts, name: str, overrides: dict, log) ->
     vkey = f"vocab/{_key(prefix=prefix, vocab=vocab)}.safetensors"
     store.write_bytes(vkey, save_vocab_map(build_vocab_map(counts, vocab)))
     export_dir = OUT / "exports" / _key(name=name, prefix=prefix, **overrides)
-    job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"spec": str(TARGET)},
+    job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"path": str(TARGET)},
                    vocab_map=vkey, hidden_states=[prefix], export_dir=str(export_dir),
                    train={"log_every": 100, "checkpoint_every": 0, **overrides}, resume=False)
     t0 = time.perf_counter()
@@ -228,7 +228,9 @@ def mismatch_check(store, export_dir: Path, rows: list[dict], n: int, new_tokens
 
     picked = [r for r in rows if r["reply"] == 0][:n]
     cut = [(r["ids"][: r["mask"].index(1) + new_tokens], r["mask"][: r["mask"].index(1) + new_tokens]) for r in picked]
-    prefix = f"features/check-{_key(rows=[r['prompt'] for r in picked], new_tokens=new_tokens)}"
+    from training.hidden_states import FORMAT_VERSION
+
+    prefix = f"features/check-{_key(rows=[r['prompt'] for r in picked], new_tokens=new_tokens, format=FORMAT_VERSION)}"
     if store.manifest(prefix) is None:
         from training.hidden_states import write_hidden_states
 

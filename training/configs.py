@@ -73,10 +73,18 @@ class ResampleConfig:
     batch_size: int | None = setting(None, "Rows per batch, the unit progress is saved in; None: the generation "
                                            "backend's own (hf, openai 32; vllm 256).")
     seed: int = setting(0, "Seed of the per-row temperature and per-turn sampling draws.")
+    replies_per_prompt: int = setting(1, "Target-written rows per conversation: the row itself and n - 1 copies "
+                                         "(ids '{id}~reply{j}') answered again at the mixture's temperatures above "
+                                         "0. More target-written data for a small corpus (bench_real_chat).")
 
     def __post_init__(self):
         # Keys arrive as strings from Dagster/JSON config; normalise once here.
         self.temperatures = check_mixture(self.temperatures)
+        if self.replies_per_prompt < 1:
+            raise ResampleError(f"replies_per_prompt must be at least 1, got {self.replies_per_prompt}")
+        if self.replies_per_prompt > 1 and not any(t > 0 and w > 0 for t, w in self.temperatures.items()):
+            raise ResampleError(f"replies_per_prompt={self.replies_per_prompt} needs a temperature above 0 in "
+                                f"the mixture {self.temperatures}: greedy copies would repeat the first reply")
         if self.on_length not in ("drop", "flag"):
             raise ResampleError(f"on_length must be 'drop' or 'flag', got {self.on_length!r}")
         if self.max_new_tokens < 1 or (self.batch_size is not None and self.batch_size < 1):

@@ -115,6 +115,30 @@ def draw_temperature(row_id: str, mixture: dict[float, float], seed: int) -> flo
     return next(t for t, w in reversed(mixture.items()) if w > 0)  # u within rounding of 1.0
 
 
+REPLY_MARK = "~reply"
+
+
+def with_replies(rows: list[dict], n: int) -> list[dict]:
+    """Each row followed by n - 1 copies the target answers again (replies_per_prompt): ids
+    `{id}~reply{j}`, so each copy has its own temperature, seeds and progress record."""
+    if n == 1:
+        return rows
+    clash = next((r["id"] for r in rows if REPLY_MARK in r["id"]), None)
+    if clash is not None:
+        raise ResampleError(f"row id {clash!r} contains {REPLY_MARK!r}, which marks the copies replies_per_prompt "
+                            "adds: rename it or keep replies_per_prompt at 1")
+    return [copy for row in rows for copy in (row, *({**row, "id": f"{row['id']}{REPLY_MARK}{j}"} for j in range(1, n)))]
+
+
+def row_temperature(row_id: str, cfg: ResampleConfig) -> float:
+    """A row's temperature: a copy made by with_replies draws only from the mixture's temperatures
+    above 0 (a greedy copy would repeat the first reply token for token)."""
+    mixture = cfg.temperatures
+    if cfg.replies_per_prompt > 1 and REPLY_MARK in row_id:
+        mixture = {t: w for t, w in mixture.items() if t > 0}
+    return draw_temperature(row_id, mixture, cfg.seed)
+
+
 def turn_seed(row_id: str, turn: int, seed: int) -> int:
     """Sampling seed of one assistant turn; 31 bits so every backend (int32 seeds included) takes it."""
     return _hash_u64("sample", seed, row_id, turn) & 0x7FFFFFFF
@@ -263,7 +287,7 @@ def resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: st
         turns = [i for i, m in enumerate(row["messages"]) if m["role"] == "assistant"]
         states.append({
             "row": row, "turns": turns, "messages": [dict(m) for m in row["messages"]],
-            "temperature": draw_temperature(row["id"], cfg.temperatures, cfg.seed),
+            "temperature": row_temperature(row["id"], cfg),
             "finish": None, "cut": [], "n_tokens": 0, "reject": None,
             "ids": [None] * len(turns), "digests": [None] * len(turns), "tools": row.get("tools"),
         })
@@ -374,7 +398,7 @@ def _assemble(rows: list[dict], done: dict[str, dict], n_resumed: int) -> Resamp
 
 def _check_saved(rec: dict, generator: str, cfg: ResampleConfig, progress: ResampleProgress) -> dict:
     """A saved row must come from this target and config; mixing runs would corrupt the output quietly."""
-    t = draw_temperature(rec["id"], cfg.temperatures, cfg.seed)
+    t = row_temperature(rec["id"], cfg)
     if rec["generator"] != generator or rec["temperature"] != t:
         raise ResampleError(
             f"{progress} holds row {rec['id']!r} from generator {rec['generator']!r} at temperature "
@@ -422,7 +446,7 @@ def resample_rows(
     backend error stops the run with ResampleError (finished batches stay saved); rows are never
     silently dropped.
     """
-    rows = _as_rows(rows)
+    rows = with_replies(_as_rows(rows), cfg.replies_per_prompt)
     done: dict[str, dict] = {}
     pending: list[dict] = []
     seen: set[str] = set()

@@ -110,6 +110,8 @@ def test_ray_path_equals_local_path_bitwise(cluster, tiny_target, tmp_path):
     # Chat settings the template reads: the actors must render with them as the local path does.
     env = graph_env(tmp_path, preamble_target(tiny_target, tmp_path / "preamble"), n_shards=1)
     cfg = config(batch_size=4, new_tokens=12)
+    # Several target replies per conversation: the copies are made by the one driver both paths run.
+    cfg["ops"]["resampled_corpus"]["config"]["replies_per_prompt"] = 2
     kwargs = '{"preamble": "Answer briefly."}'
     local, _, local_wall = materialize(env, tmp_path / "local", "", cfg, chat_template_kwargs=kwargs)
     assert local.success
@@ -123,6 +125,8 @@ def test_ray_path_equals_local_path_bitwise(cluster, tiny_target, tmp_path):
     (data,) = [p for p in s.list(f"tokenized_shards/{SHARD}", recursive=True) if p.endswith("/data.parquet")]
     first = s.read_parquet(data).column("input_ids").to_pylist()[0]
     assert "Answer briefly." in AutoTokenizer.from_pretrained(env["SPECDRAFT_TARGET"]).decode(first)  # it took effect
+    ids = s.read_parquet(data).column("id").to_pylist()
+    assert len(ids) > 2 and sum("~reply1" in i for i in ids) * 2 >= len(ids) - 2  # the copies reached tokenization
     # Progress streamed into the step's log, from actors on both nodes.
     text = "\n".join(logs)
     assert "ray: 2 target actors on" in text

@@ -209,9 +209,30 @@ def test_schema_matches_corpus_contract():
 
 def test_config_validation():
     assert ResampleConfig().temperatures == {0.0: 0.4, 0.7: 0.3, 1.0: 0.3}
-    for bad in ({"on_length": "truncate"}, {"temperatures": {}}, {"temperatures": {0.5: -1}}, {"batch_size": 0}):
+    for bad in ({"on_length": "truncate"}, {"temperatures": {}}, {"temperatures": {0.5: -1}}, {"batch_size": 0},
+                {"replies_per_prompt": 0}):
         with pytest.raises(ResampleError):
             ResampleConfig(**bad)
+    with pytest.raises(ResampleError, match="temperature above 0"):  # greedy copies would repeat reply 0
+        ResampleConfig(replies_per_prompt=2, temperatures={0.0: 1.0})
+
+
+def test_replies_per_prompt_adds_sampled_copies_and_keeps_the_first_reply(target, rows):
+    one = resample_conversations(target, rows[:6], ResampleConfig(max_new_tokens=8), log=lambda s: None)
+    three = resample_conversations(target, rows[:6], ResampleConfig(max_new_tokens=8, replies_per_prompt=3),
+                                   log=lambda s: None)
+    check_counts(three)
+    assert three.n_in == 18 and three.tokens_generated > one.tokens_generated
+    got = {r["id"]: r for r in three.table.to_pylist() + three.rejects.to_pylist()}
+    assert set(got) == {f"{r['id']}{s}" for r in rows[:6] for s in ("", "~reply1", "~reply2")}
+    # the first reply of each conversation is the one replies_per_prompt=1 writes; copies are sampled
+    assert [got[r["id"]] for r in one.table.to_pylist()] == one.table.to_pylist()
+    copies = [r for i, r in got.items() if "~reply" in i]
+    assert all(r["temperature"] in (0.7, 1.0) for r in copies if r.get("temperature") is not None)
+    firsts = {r["id"]: r["messages"] for r in one.table.to_pylist()}
+    assert any(r["messages"] != firsts.get(r["id"].split("~")[0]) for r in copies if r.get("messages"))
+    with pytest.raises(ResampleError, match="contains '~reply'"):
+        resample_conversations(target, [{**rows[0], "id": "a~reply1"}], ResampleConfig(replies_per_prompt=2))
 
 
 def test_strip_reasoning():
