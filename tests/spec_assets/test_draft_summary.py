@@ -24,6 +24,8 @@ def test_training_summary_names_the_best_epoch_and_the_formatter_rounds_it():
                                 "heldout_cond_acc": 0.61234, "heldout_replayed_tau": 1.5123456}
     assert s["recipe"]["epochs"] == 2 and s["recipe"]["max_tokens_per_batch"] == 1024
     assert [r["replayed_tau"] for r in s["heldout_curve"]] == [None, 1.7345678]  # records from before the replay
+    # export_checkpoint "last" that exported epoch 0's step: its record, not the best one, describes the draft
+    assert training_summary({**result, "exported_step": 10}, "offline", 2)["heldout_tau"] == 1.8212345
     # ... and the one formatter (spec_assets/metadata.py) rounds it for the UI: floats, per-k table, plot
     md = summary_metadata(s)
     assert md["final_loss"] == 1.235 and md["heldout_tau"] == 2.031 and isinstance(md["heldout_tau"], float)
