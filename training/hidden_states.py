@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from training.aux_layers import check_servable
+from training.aux_layers import family_layer_ids
 from training.packing import pack_by_tokens, pack_stream
 
 FORMAT_VERSION = "1"
@@ -60,6 +60,7 @@ class FeatureConfig:
     max_tokens_per_batch: int = 8192  # token budget of one packed target forward
     part_bytes: int = 1 << 30  # a part's size bound (one sequence larger than it gets a part alone)
     dtype: str = "bf16"  # bf16 | fp8 (e4m3 with per-row scales)
+    draft_family: str = "eagle3"  # eagle3 | dflash: whose target layers aux holds (training/aux_layers.py)
 
     def __post_init__(self):
         object.__setattr__(self, "aux_layer_ids", tuple(int(i) for i in self.aux_layer_ids))
@@ -210,8 +211,7 @@ def write_hidden_states(
     cfg = FeatureConfig(**options)
     dtype, part_bytes = cfg.dtype, cfg.part_bytes
     shard = shard or str(getattr(writer, "prefix", "?"))
-    ids = cfg.aux_layer_ids or tuple(target.default_aux_layer_ids())
-    ids = check_servable(ids, target.facts.num_layers, where=f"hidden_states {shard}")
+    ids = family_layer_ids(cfg.draft_family, cfg.aux_layer_ids, target.facts.num_layers, where=f"hidden_states {shard}")
     H = target.facts.hidden_size
     metadata = {
         "format": FORMAT_VERSION,
