@@ -39,6 +39,10 @@ class DraftModelConfig(dg.Config):
     # keeps the target's head_dim and KV heads, adds query heads, and exports its own embedding.
     draft_intermediate_size: Optional[int] = None
     draft_hidden_size: Optional[int] = None
+    # eagle3 (chain drafts) | dflash (block drafts: ttt_length + 1 slots, one draft forward per step;
+    # set hidden_states' draft_family alike, so the features hold the layers it fuses)
+    draft_family: str = "eagle3"
+    dflash_layers: int = 1  # a DFlash draft's decoder layers
 
     ttt_length: int = _DEFAULTS.ttt_length
     step_weight: float = _DEFAULTS.step_weight
@@ -227,6 +231,8 @@ def draft_model(
             head_init=config.head_init,
             draft_intermediate_size=config.draft_intermediate_size,
             draft_hidden_size=config.draft_hidden_size,
+            draft_family=config.draft_family,
+            dflash_layers=config.dflash_layers,
         )
         with tempfile.TemporaryDirectory() as tmp:
             job.export_dir = str(Path(tmp) / "export")
@@ -239,6 +245,7 @@ def draft_model(
                           # the resolved draft shape (recipe.draft_width unless configured)
                           "draft_width": {k: exported[k] for k in ("hidden_size", "intermediate_size",
                                                                    "num_attention_heads", "target_hidden_size")},
+                          "draft_family": config.draft_family,
                           "warm_start_from": warm_from.fingerprint if warm_from else None,
                           "export_path": store.url(writer.key("export"))}
 

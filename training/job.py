@@ -86,6 +86,8 @@ class TrainJob:
     draft_hidden_size: int | None = None
     resume: bool = True
     threads: int | None = None           # torch intra-op threads per process
+    draft_family: str = "eagle3"         # eagle3 | dflash (training/dflash: block drafts, train.ttt_length + 1 slots)
+    dflash_layers: int = 1               # a DFlash draft's decoder layers
 
     def __post_init__(self):
         if isinstance(self.target, dict):
@@ -103,6 +105,12 @@ class TrainJob:
             raise ValueError(f"head_init must be 'target' or 'random', not {self.head_init!r}")
         if self.aux_layer_ids is not None:
             self.aux_layer_ids = [int(i) for i in self.aux_layer_ids]
+        from training.aux_layers import FAMILIES
+
+        if self.draft_family not in FAMILIES:
+            raise ValueError(f"draft_family must be one of {FAMILIES}, not {self.draft_family!r}")
+        if int(self.dflash_layers) < 1:
+            raise ValueError(f"dflash_layers must be positive, got {self.dflash_layers}")
 
     @property
     def mode(self) -> str:

@@ -6,7 +6,7 @@ from spec_assets.draft import DraftModelConfig, training_summary, validation_plo
 from training.recipe import TrainConfig
 
 ASSET_ONLY = {"mode", "nproc", "warm_start", "export_embed_tokens", "head_init", "draft_intermediate_size",
-              "draft_hidden_size"}
+              "draft_hidden_size", "draft_family", "dflash_layers"}
 
 
 def test_every_train_field_is_settable_from_dagster_with_the_library_default():
