@@ -1,4 +1,5 @@
-"""Stage 5: the EAGLE-3 draft trained with training-time test, checkpointed, exported for vLLM/SGLang."""
+"""Stage 5: the draft (EAGLE-3 trained with training-time test, or a DFlash block draft),
+checkpointed, exported for vLLM (and SGLang for EAGLE-3)."""
 
 import json
 import tempfile
@@ -171,7 +172,8 @@ def _acc_table(rows: list[dict]) -> dg.TableMetadataValue:
 
 @dg.asset(
     # 3: the draft's default width follows recipe.draft_width (drafts of targets under 256 wide change)
-    code_version="3",
+    # 4: draft_family (eagle3 | dflash) in the summary; a dflash draft exports DFlashDraftModel
+    code_version="4",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="train",
     io_manager_key="artifact_refs",

@@ -34,7 +34,7 @@ class EvalReportConfig(dg.Config):
     argmax_draft: bool = False  # sampled runs: propose the draft's argmax (vLLM's way) instead of sampling
     ignore_eos: bool = False  # always generate max_new_tokens (fixed-length timing)
     warmup: bool = True  # one short untimed run first
-    served: bool = True  # also decode in real vLLM (method eagle3) when it is installed: served tau per k
+    served: bool = True  # also decode in real vLLM (method eagle3 or dflash, the export's) when installed: served tau per k
 
 
 def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]) -> tuple[list[dict], dict[str, str]]:
@@ -70,7 +70,9 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
 
 
 @dg.asset(
-    code_version="2",
+    # 3: the report names the draft's family (eagle3 | dflash), and c / est. speedup count a DFlash
+    # block as one draft forward per step
+    code_version="3",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="evaluate",
     io_manager_key="artifact_refs",
