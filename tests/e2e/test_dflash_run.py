@@ -35,8 +35,8 @@ def test_specdraft_run_trains_and_serves_a_dflash_draft(demo_target_dir, tmp_pat
                        "SPECDRAFT_CORPUS": str(tmp_path / "corpus")}.items():
         monkeypatch.setenv(key, value)
     assert main(["run", "--config-json", json.dumps(CONFIG)]) == 0
-    err = capsys.readouterr().err
-    assert "T=0: DFlash tau " in err and "\"method\": \"dflash\"" in err
+    out = capsys.readouterr().out  # a run that passed says what it made on stdout
+    assert "T=0: DFlash tau " in out and "\"method\": \"dflash\"" in out
 
     from resources.object_store import read_ref
     from training.evaluation import load_result
