@@ -8,7 +8,7 @@ copied from the target (vLLM shares the target's, so the export leaves it out).
 
 One draft forward, after the target verified up to position p (vLLM's DFlashProposer):
     context c_s = hidden_norm(fc(cat(aux_s)))  for every verified position s <= p (the target's
-                  residual stream after each of `layer_ids`), one vector per position, shared by all layers
+                  residual stream after each of `aux_layer_ids`), one vector per position, shared by all layers
     block       = [x_{p+1}, MASK, ..., MASK] at positions p+1 .. p+1+k (x_{p+1} the target's own token)
     per layer   x = input_layernorm(h); q, k, v = proj(x) with per-head q_norm/k_norm and RoPE;
                 the context adds keys k_norm(k_proj(c_s)) (RoPE at s) and values v_proj(c_s);
@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training.eagle3.attention import doc_layout
 from training.aux_layers import check_dflash_servable, default_dflash_layer_ids
+from training.eagle3.attention import doc_layout
 from training.eagle3.model import MLP, DraftConfig, Eagle3Draft, RMSNorm, rope_inv_freq, rotate_half
 from training.targets.config import TargetFacts, rope_from_config
+
 
 def mask_token_for(counts) -> int:
     """The mask token: the highest target id among the least frequent in the draft's training tokens
