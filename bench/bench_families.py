@@ -13,8 +13,9 @@ with the HF target: the DFlash draft and, beside it (compare), the EAGLE-3 draft
 at k = 1..K and T = 0 and 1 (sampled drafts, the textbook rejection rule). Printed per family and k:
 tau (tokens per target forward), draft forwards per step, c (one draft forward's time over one
 verification forward's, measured in this simulator) and the estimated speedup tau / (1 + n c).
-Results go to bench/out/families/results.json. stories260K (head_dim 8) is not used: vLLM's CPU
-attention cannot serve its head size, so only the demo target is checked end to end.
+Results go to bench/out/families/results.json (`--out` names another folder). stories260K (head_dim
+8) is not used: vLLM's CPU attention serves head sizes 32..512 only (cpu_attn.py
+get_supported_head_sizes), and this bench does not read its TinyStories data.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def train_family(family, target_dir, source, vmap, store, args):
     result = train(job.train, source, draft, head.float(), vmap["t2d"], store, job.run_prefix, log=print,
                    resume=False, loss_fn=family_loss(family))
     seconds = time.perf_counter() - t0
-    out = OUT / f"export-{family}"
+    out = args.out / f"export-{family}"
     if family == "dflash":
         from training.dflash.export import export_dflash
 
@@ -79,7 +80,9 @@ def main() -> None:
     ap.add_argument("--dflash-layers", type=int, default=1)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
+    out_dir = args.out = args.out.resolve()
 
     from transformers import AutoTokenizer
 
@@ -91,11 +94,11 @@ def main() -> None:
     from training.tokenization import tokenize_conversations
     from training.vocab import build_vocab_map
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     target_dir = ensure_demo_target()
     tok = AutoTokenizer.from_pretrained(target_dir)
     target = load_target(str(target_dir), backend="hf", device="cpu", dtype="float32")
-    store = ObjectStore((OUT / "store").as_uri())
+    store = ObjectStore((out_dir / "store").as_uri())
     table = tokenize_conversations(tok, generate_conversations(args.rows, seed=0)).table
     rows = list(zip(table.column("input_ids").to_pylist(), table.column("loss_mask").to_pylist()))
     counts = np.zeros(target.facts.vocab_size, dtype=np.int64)
@@ -115,8 +118,9 @@ def main() -> None:
     result = evaluate(target, str(trained["dflash"][0]), prompts, compare=[str(trained["eagle3"][0])],
                       ks=list(range(1, args.k + 1)), temperatures=[0.0, 1.0], max_new_tokens=args.max_new,
                       served=False, log=print)
-    (OUT / "results.json").write_text(json.dumps({"args": vars(args), "train_seconds": {f: t[1] for f, t in trained.items()},
-                                                  "eval": result.to_json()}, indent=1))
+    (out_dir / "results.json").write_text(json.dumps({
+        "args": {**vars(args), "out": str(out_dir)}, "train_seconds": {f: t[1] for f, t in trained.items()},
+        "eval": result.to_json()}, indent=1))
     print(f"\ndemo target, {args.rows} rows, {args.steps} steps per family, {len(prompts)} held-out prompts, "
           f"{args.max_new} new tokens; DFlash {args.dflash_layers} layer(s); c measured in the HF simulator")
     print("| T | k | method | tau | draft forwards/step | c | est. speedup |")
