@@ -111,6 +111,10 @@ class TrainJob:
             raise ValueError(f"draft_family must be one of {FAMILIES}, not {self.draft_family!r}")
         if int(self.dflash_layers) < 1:
             raise ValueError(f"dflash_layers must be positive, got {self.dflash_layers}")
+        if self.draft_family == "dflash" and (self.draft_hidden_size is not None or self.export_embed_tokens):
+            # vLLM shares the target's embedding with a DFlash draft only at the target's width
+            raise ValueError("a DFlash draft is the target's width and shares its embedding: leave "
+                             "draft_hidden_size unset and export_embed_tokens off")
 
     @property
     def mode(self) -> str:

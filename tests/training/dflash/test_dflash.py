@@ -116,3 +116,15 @@ def test_export_config_and_roundtrip(tmp_path):
     assert back.cfg == d.cfg and torch.equal(d2t2, d2t) and torch.equal(t2d2, t2d)
     for (n, p), (n2, p2) in zip(d.state_dict().items(), back.state_dict().items()):
         assert n == n2 and torch.equal(p, p2)
+
+
+def test_job_refuses_what_a_dflash_draft_cannot_be():
+    from training.job import TrainJob
+
+    base = dict(store_root="file:///x", run_prefix="r", target={"spec": "t"}, vocab_map="v", hidden_states=["h"])
+    assert TrainJob(**base, draft_family="dflash", dflash_layers=2).dflash_layers == 2
+    for bad in ({"draft_family": "medusa"}, {"draft_family": "dflash", "dflash_layers": 0},
+                {"draft_family": "dflash", "draft_hidden_size": 256},
+                {"draft_family": "dflash", "export_embed_tokens": True}):
+        with pytest.raises(ValueError):
+            TrainJob(**base, **bad)
