@@ -12,7 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-DRAFTS = ("eagle3", "dflash")  # the draft families (training/aux_layers.FAMILIES), as method names
+from training.aux_layers import FAMILIES
+
+DRAFTS = FAMILIES  # the draft families, as method names
 METHODS = (*DRAFTS, "prompt_lookup", "plain")
 LABELS = {"eagle3": "EAGLE-3 draft", "dflash": "DFlash draft", "prompt_lookup": "prompt lookup", "plain": "no draft"}
 COLORS = {"eagle3": "tab:blue", "dflash": "tab:green", "prompt_lookup": "tab:orange"}
