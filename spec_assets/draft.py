@@ -1,4 +1,5 @@
-"""Stage 5: the EAGLE-3 draft trained with training-time test, checkpointed, exported for vLLM/SGLang."""
+"""Stage 5: the draft (EAGLE-3 trained with training-time test, or a DFlash block draft),
+checkpointed, exported for vLLM (and SGLang for EAGLE-3)."""
 
 import json
 import tempfile
@@ -100,7 +101,8 @@ def training_summary(result: dict, mode: str, shards: int) -> dict:
 
 @dg.asset(
     # 3: the draft's default width follows recipe.draft_width (drafts of targets under 256 wide change)
-    # 4: corpora of 10 to 199 rows are validated too, and their best epoch exported
+    # 4: corpora of 10 to 199 rows are validated too, and their best epoch exported; draft_family
+    # (eagle3 | dflash) in the summary, a dflash draft exports DFlashDraftModel
     code_version="4",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="train",
@@ -174,6 +176,7 @@ def draft_model(
                           # the resolved draft shape (recipe.draft_width unless configured)
                           "draft_width": {k: exported[k] for k in ("hidden_size", "intermediate_size",
                                                                    "num_attention_heads", "target_hidden_size")},
+                          "draft_family": config.draft_family,
                           "warm_start_from": warm_from.fingerprint if warm_from else None,
                           "export_path": store.url(writer.key("export"))}
 

@@ -57,7 +57,9 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
 
 
 @dg.asset(
-    code_version="2",
+    # 3: the report names the draft's family (eagle3 | dflash), and c / est. speedup count a DFlash
+    # block as one draft forward per step
+    code_version="3",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="evaluate",
     io_manager_key="artifact_refs",

@@ -55,14 +55,14 @@ def hidden_states(
     tokenized = store.manifest(tokenized_shards.prefix)
 
     def build(writer):
-        from training.aux_layers import check_servable
+        from training.aux_layers import family_layer_ids
 
         # Local, or Ray actors holding the target compute the writer's batches (SPECDRAFT_RAY_ADDRESS).
         model = ray_cluster.feature_target(target, log=context.log.info)
         # Resolved and checked before any actor starts on a batch; the summary (also the writer's)
         # names the aux ids used and the hidden size.
-        aux_ids = check_servable(tuple(config.aux_layer_ids) or model.default_aux_layer_ids(),
-                                 model.facts.num_layers, where=f"hidden_states {context.partition_key}")
+        aux_ids = family_layer_ids(config.draft_family, config.aux_layer_ids, model.facts.num_layers,
+                                   where=f"hidden_states {context.partition_key}")
         rows = ray_cluster.prefetch(model, _iter_rows(store, tokenized.key("data.parquet")),
                                     config.max_tokens_per_batch, aux_ids)
         write_hidden_states(model, rows, writer, log=context.log.info, shard=context.partition_key,

@@ -11,10 +11,13 @@ from pathlib import Path
 from spec_assets.evaluation import GATE_CHECK
 
 
-def serve_commands(target: str, export_dir: str, k: int) -> list[str]:
-    """The vLLM and SGLang command lines that serve `target` with the EAGLE-3 draft in `export_dir`
-    proposing k tokens per step (a chain: SGLang's top-k 1, k steps, k+1 tokens verified)."""
-    speculative_config = json.dumps({"method": "eagle3", "model": export_dir, "num_speculative_tokens": k})
+def serve_commands(target: str, export_dir: str, k: int, family: str = "eagle3") -> list[str]:
+    """The vLLM and SGLang command lines that serve `target` with the draft in `export_dir` proposing
+    k tokens per step (EAGLE-3, a chain: SGLang's top-k 1, k steps, k+1 tokens verified). A DFlash
+    block draft: vLLM only (specdraft checks no other engine's DFlash)."""
+    speculative_config = json.dumps({"method": family, "model": export_dir, "num_speculative_tokens": k})
+    if family == "dflash":
+        return [f"vllm serve {target} --speculative-config '{speculative_config}'"]
     return [
         f"vllm serve {target} --speculative-config '{speculative_config}'",
         f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
@@ -49,6 +52,7 @@ def draft_summary(results, defs) -> list[str]:
     The artifacts are found by their pointers: that run wrote the latest ones."""
     from resources.object_store import read_ref
     from training.evaluation import load_result
+    from training.evaluation.report import LABELS
 
     runs = [r for r in results if _materialized(r, "eval_report")]
     if not runs:
@@ -61,7 +65,7 @@ def draft_summary(results, defs) -> list[str]:
     lines = [f"draft vs prompt lookup at k={k} (tau: tokens per target forward; ceiling {k + 1}):"]
     for t in result.temperatures:
         served = result.served_row(k, t)
-        lines.append(f"  T={t:g}: EAGLE-3 tau {_fmt(result.tau('eagle3', k, t))}, "
+        lines.append(f"  T={t:g}: {LABELS[result.draft_method].removesuffix(' draft')} tau {_fmt(result.tau(result.draft_method, k, t))}, "
                      f"prompt lookup {_fmt(result.tau('prompt_lookup', k, t))}"
                      + (f"; served by vLLM {_fmt(served['served_tau'])}" if served else ""))
     note = store.manifest(read_ref(store, "draft_model").prefix).summary.get("data_note")
@@ -81,7 +85,7 @@ def draft_summary(results, defs) -> list[str]:
         lines.append(f"not released; the evaluated draft's export: {export}")
     target = defs.resources["target"].process_config_and_initialize().model_path()
     lines.append("serve it with" + ("" if passed else " (it did not pass the gate)") + ":")
-    lines += [f"  {command}" for command in serve_commands(target, export, k)]
+    lines += [f"  {command}" for command in serve_commands(target, export, k, result.draft_method)]
     if not export.startswith("/"):
         lines.append(f"  (copy {export} to a local folder first and name that folder)")
     return lines

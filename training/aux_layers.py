@@ -87,3 +87,46 @@ def hf_ids_from_export(config: dict) -> tuple[int, ...]:
     if config.get("eagle_aux_hidden_state_layer_ids"):
         return tuple(int(i) for i in config["eagle_aux_hidden_state_layer_ids"])
     return tuple(int(i) + 1 for i in config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+
+
+# -- per draft family ------------------------------------------------------------------------------
+# DFlash (vLLM's DFlashQwen3ForCausalLM) fuses any number of target layers, named in the draft's
+# `dflash_config.target_layer_ids` as "output of decoder layer i" (vLLM adds one and captures in front
+# of layer i+1, eagle3_utils.get_eagle3_aux_layers_from_config): HF id i+1, the SGLang convention.
+FAMILIES = ("eagle3", "dflash")
+N_DFLASH = 5  # layers a DFlash draft fuses by default (the published DFlash drafts fuse five)
+
+
+def default_dflash_layer_ids(num_layers: int, n: int = N_DFLASH) -> tuple[int, ...]:
+    """HF ids spread evenly over 1..L-1 (the shallowest feeds the draft the token, the deepest the
+    target's prediction); fewer than n when the target has fewer servable layers."""
+    L = int(num_layers)
+    if L < 2:
+        raise AuxLayerError(f"a {L}-layer target has no layer in 1..{L - 1} for DFlash to fuse")
+    n = min(int(n), L - 1)
+    if n == 1:
+        return (L - 1,)
+    return tuple(1 + (i * (L - 2)) // (n - 1) for i in range(n))
+
+
+def check_dflash_servable(ids: Sequence[int], num_layers: int, *, where: str = "") -> tuple[int, ...]:
+    """`ids` as a tuple if vLLM can feed exactly these layers to a DFlash draft, else AuxLayerError:
+    at least one id, each in 1..L-1, strictly ascending."""
+    ids = tuple(int(i) for i in ids)
+    L = int(num_layers)
+    at = f"{where}: " if where else ""
+    if not ids or any(not 1 <= i <= L - 1 for i in ids) or any(b <= a for a, b in zip(ids, ids[1:])):
+        raise AuxLayerError(
+            f"{at}DFlash layer ids {list(ids)} must be one or more strictly ascending HF hidden_states ids in "
+            f"1..{L - 1} of this {L}-layer target (vLLM captures each once, in layer order)")
+    return ids
+
+
+def family_layer_ids(family: str, ids: Sequence[int], num_layers: int, *, where: str = "") -> tuple[int, ...]:
+    """The HF ids a draft family fuses: `ids` checked for that family, or its default when empty.
+    hidden_states stores exactly these (so the family is part of its fingerprint)."""
+    if family == "eagle3":
+        return check_servable(tuple(ids) or default_aux_layer_ids(num_layers), num_layers, where=where)
+    if family == "dflash":
+        return check_dflash_servable(tuple(ids) or default_dflash_layer_ids(num_layers), num_layers, where=where)
+    raise ValueError(f"{where + ': ' if where else ''}draft_family must be one of {FAMILIES}, not {family!r}")

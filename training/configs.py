@@ -128,8 +128,9 @@ class FeatureConfig:
     max_tokens_per_batch: int = setting(8192, "Token budget of one packed target forward.")
     part_bytes: int = setting(1 << 30, "A part's size bound (one sequence larger than it gets a part alone).")
     dtype: str = setting("bf16", "bf16 | fp8 (e4m3 with per-row scales).")
-    aux_layer_ids: tuple[int, ...] = setting((), "HF hidden_states ids; empty: (2, L//2, L-3) "
-                                                 "(training/aux_layers.py).")
+    aux_layer_ids: tuple[int, ...] = setting((), "HF hidden_states ids; empty: the draft family's default "
+                                                 "(training/aux_layers.py; EAGLE-3: (2, L//2, L-3)).")
+    draft_family: str = setting("eagle3", "eagle3 | dflash: whose target layers to store (part of the fingerprint).")
 
     def __post_init__(self):
         object.__setattr__(self, "aux_layer_ids", tuple(int(i) for i in self.aux_layer_ids))
@@ -159,7 +160,7 @@ class EvalConfig:
                                         "sampling it.")
     ignore_eos: bool = setting(False, "Generate max_new_tokens whatever the target says (fixed-length timing).")
     warmup: bool = setting(True, "One short untimed run first, so lazy init does not land in the first prompt.")
-    served: bool = setting(True, "Also decode the prompts in real vLLM with the export (method eagle3) at every k "
+    served: bool = setting(True, "Also decode the prompts in real vLLM with the export (method eagle3 or dflash, the export's) at every k "
                                  "and temperature when vLLM is installed: served tau beside the simulated one.")
 
     def __post_init__(self):

@@ -122,11 +122,17 @@ def export_draft(
     (hidden_size > target_hidden_size) always writes its own zero-padded embedding [V, H]: vLLM
     shares the target's only when the shapes match, and SGLang's set_embed skips a draft whose
     target_hidden_size differs."""
-    from safetensors.torch import save_file
-
     draft = getattr(draft, "module", draft)
     config = export_config(draft.cfg, target_config, dtype)
     tensors = export_tensors(draft, d2t, t2d, dtype, include_embed)
+    return write_export(tensors, config, out_dir)
+
+
+def write_export(tensors: dict, config: dict, out_dir) -> Path:
+    """Write model.safetensors + config.json as the directory out_dir, replacing an existing one
+    atomically (every draft family's export goes through here)."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

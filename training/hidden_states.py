@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from training.aux_layers import check_servable
+from training.aux_layers import family_layer_ids
 from training.configs import FeatureConfig
 from training.packing import pack_by_tokens, pack_stream
 
@@ -195,8 +195,7 @@ def write_hidden_states(
     cfg = FeatureConfig(**options)
     dtype, part_bytes = cfg.dtype, cfg.part_bytes
     shard = shard or str(getattr(writer, "prefix", "?"))
-    ids = cfg.aux_layer_ids or tuple(target.default_aux_layer_ids())
-    ids = check_servable(ids, target.facts.num_layers, where=f"hidden_states {shard}")
+    ids = family_layer_ids(cfg.draft_family, cfg.aux_layer_ids, target.facts.num_layers, where=f"hidden_states {shard}")
     H = target.facts.hidden_size
     metadata = {
         "format": FORMAT_VERSION,

@@ -18,7 +18,8 @@ from training.recipe import TrainConfig
 from training.targets.spec import TargetSpec
 
 # TrainJob's fields that draft_model's Dagster config sets (spec_assets/draft.py).
-DRAFT_FIELDS = ("export_embed_tokens", "head_init", "draft_intermediate_size", "draft_hidden_size")
+DRAFT_FIELDS = ("export_embed_tokens", "head_init", "draft_intermediate_size", "draft_hidden_size", "draft_family",
+                "dflash_layers")
 
 
 def _known(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
@@ -56,6 +57,10 @@ class TrainJob:
     draft_hidden_size: int | None = setting(None, "The draft's residual width; None: recipe.draft_width's rule (the "
                                                   "target's own from 256 wide up). A wider draft keeps the target's "
                                                   "head_dim and KV heads, adds query heads, exports its own embedding.")
+    draft_family: str = setting("eagle3", "eagle3 (chain drafts) | dflash (block drafts: ttt_length + 1 slots, one "
+                                          "draft forward per step); set hidden_states' draft_family alike, so the "
+                                          "features hold the layers it fuses.")
+    dflash_layers: int = setting(1, "A DFlash draft's decoder layers.")
     resume: bool = True
     threads: int | None = None           # torch intra-op threads per process
 
@@ -75,6 +80,16 @@ class TrainJob:
             raise ValueError(f"head_init must be 'target' or 'random', not {self.head_init!r}")
         if self.aux_layer_ids is not None:
             self.aux_layer_ids = [int(i) for i in self.aux_layer_ids]
+        from training.aux_layers import FAMILIES
+
+        if self.draft_family not in FAMILIES:
+            raise ValueError(f"draft_family must be one of {FAMILIES}, not {self.draft_family!r}")
+        if int(self.dflash_layers) < 1:
+            raise ValueError(f"dflash_layers must be positive, got {self.dflash_layers}")
+        if self.draft_family == "dflash" and (self.draft_hidden_size is not None or self.export_embed_tokens):
+            # vLLM shares the target's embedding with a DFlash draft only at the target's width
+            raise ValueError("a DFlash draft is the target's width and shares its embedding: leave "
+                             "draft_hidden_size unset and export_embed_tokens off")
 
     @property
     def mode(self) -> str:

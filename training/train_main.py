@@ -52,7 +52,6 @@ def build_online_source(job: TrainJob, store: ObjectStore, aux_layer_ids, device
 
 def run(job: TrainJob, log=print):
     """Build draft, source and heads from the job and train; returns the TrainResult."""
-    from training.eagle3.model import DraftConfig, Eagle3Draft
     from training.targets.weights import load_head_weights, model_dir
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -80,28 +79,60 @@ def run(job: TrainJob, log=print):
         if aux_ids is not None and tuple(aux_ids) != stored:
             raise ValueError(f"aux_layer_ids {aux_ids} differ from the hidden states' {stored}")
         aux_ids = stored
-    facts = TargetFacts.from_config(target_config)
-    hidden, inter = draft_width(facts.hidden_size, facts.intermediate_size, job.draft_hidden_size,
-                                job.draft_intermediate_size)
-    draft_cfg = DraftConfig.from_target_config(target_config, int(t2d.sum()), aux_ids, inter, hidden)
+    draft, draft_cfg = build_draft(job, target_config, embed, lm_head, t2d, vmap, aux_ids, device)
     if offline is not None and offline.hidden_size != draft_cfg.target_hidden_size:
         raise ValueError(f"hidden states have H={offline.hidden_size}, the target config {draft_cfg.target_hidden_size}")
-    torch.manual_seed(job.train.seed)  # same init on every rank and on every resume (then overwritten)
-    draft = Eagle3Draft(draft_cfg, embed).to(device)
-    if job.head_init == "target":  # a warm start or a resumed checkpoint overwrites it
-        draft.init_head_from_target(lm_head, t2d)
     if job.init_from:
         warm_start(draft, store, job.init_from, log=log if rank == 0 else (lambda _: None))
     source = offline or build_online_source(job, store, draft_cfg.aux_layer_ids, device)
     result = train(job.train, source, draft, lm_head, t2d, store, job.run_prefix,
-                   log=log if rank == 0 else (lambda _: None), resume=job.resume)
+                   log=log if rank == 0 else (lambda _: None), resume=job.resume, loss_fn=family_loss(job.draft_family))
     if rank == 0:
-        if job.export_dir:
+        if job.export_dir and job.draft_family == "dflash":
+            from training.dflash.export import export_dflash
+
+            export_dflash(draft, d2t, t2d, target_config, job.export_dir)
+        elif job.export_dir:
             from training.export import export_draft
 
             export_draft(draft, d2t, t2d, target_config, job.export_dir, include_embed=job.export_embed_tokens)
         store.write_json(f"{job.run_prefix.strip('/')}/result.json", result.summary())
     return result
+
+
+def build_draft(job: TrainJob, target_config: dict, embed, lm_head, t2d, vmap, aux_ids, device):
+    """The job's draft, of its family, seeded alike on every rank -> (draft, its config)."""
+    torch.manual_seed(job.train.seed)  # same init on every rank and on every resume (then overwritten)
+    if job.draft_family == "dflash":
+        from training.dflash.model import DFlashConfig, DFlashDraft, mask_token_for
+
+        cfg = DFlashConfig.from_target_config(
+            target_config, int(t2d.sum()), mask_token_for(vmap["counts"]), layer_ids=aux_ids,
+            num_layers=job.dflash_layers, intermediate_size=job.draft_intermediate_size,
+            block_size=job.train.ttt_length + 1)
+        draft = DFlashDraft(cfg, embed).to(device)
+    else:
+        from training.eagle3.model import DraftConfig, Eagle3Draft
+
+        facts = TargetFacts.from_config(target_config)
+        hidden, inter = draft_width(facts.hidden_size, facts.intermediate_size, job.draft_hidden_size,
+                                    job.draft_intermediate_size)
+        cfg = DraftConfig.from_target_config(target_config, int(t2d.sum()), aux_ids, inter, hidden)
+        draft = Eagle3Draft(cfg, embed).to(device)
+    if job.head_init == "target":  # a warm start or a resumed checkpoint overwrites it
+        draft.init_head_from_target(lm_head, t2d)
+    return draft, cfg
+
+
+def family_loss(family: str):
+    """The training objective of a draft family (the trainer's loss_fn)."""
+    if family == "dflash":
+        from training.dflash.loss import dflash_forward
+
+        return dflash_forward
+    from training.eagle3.loss import ttt_forward
+
+    return ttt_forward
 
 
 def warm_start(draft, store: ObjectStore, key: str, log=print) -> None:

@@ -29,6 +29,11 @@ CPU_BUDGET_S = 120.0
 @pytest.fixture(scope="module")
 def demo_features(demo_target_dir, tmp_path_factory):
     """Stored hidden states of the demo target over training and held-out conversations."""
+    return build_demo_features(demo_target_dir, tmp_path_factory.mktemp("quality"))
+
+
+def build_demo_features(demo_target_dir, tmp, draft_family: str = "eagle3"):
+    """demo_features' dict, with the target layers `draft_family` fuses."""
     from transformers import AutoTokenizer
 
     from training.targets import load_target
@@ -37,7 +42,7 @@ def demo_features(demo_target_dir, tmp_path_factory):
 
     tok = AutoTokenizer.from_pretrained(demo_target_dir)
     target = load_target(str(demo_target_dir), backend="hf", device="cpu", dtype="float32")
-    store = ObjectStore((tmp_path_factory.mktemp("quality") / "store").as_uri())
+    store = ObjectStore((tmp / "store").as_uri())
 
     def rows_of(conversations):
         table = tokenize_conversations(tok, conversations).table
@@ -45,7 +50,7 @@ def demo_features(demo_target_dir, tmp_path_factory):
 
     def features(name, rows):
         with store.artifact(f"hidden_states/{name}", "fp") as w:
-            write_hidden_states(target, rows, w, max_tokens_per_batch=4096)
+            write_hidden_states(target, rows, w, max_tokens_per_batch=4096, draft_family=draft_family)
         return HiddenStateDataset(store, [store.manifest(f"hidden_states/{name}")])
 
     train_rows = rows_of(generate_conversations(TRAIN_ROWS, seed=0))

@@ -102,16 +102,25 @@ def ttt_forward(
     targets = [(p[1 + k : T], valids[k]) for k in range(steps)]
     results = draft(batch["aux"].to(dev), ids, batch["cu_seqlens"].to(dev), targets)
 
+    return step_statistics(results, valids, [top[1 + k : T] for k in range(steps)], T - 1, ttt_length, step_weight)
+
+
+def step_statistics(results, valids, tops, rows: int, ttt_length: int, step_weight: float) -> TTTOutput:
+    """Per-step loss and statistics of a chain of draft positions (EAGLE-3's TTT steps, DFlash's
+    block slots). results[k] = (CE summed over step k's valid rows, draft argmax per row); valids[k]
+    and tops[k] (the target argmax as a draft id) per row. Step k covers the first len(valids[k])
+    of `rows` rows; run_lengths[r] counts row r's leading right steps."""
+    dev = tops[0].device if tops else torch.device("cpu")
     loss = torch.zeros((), device=dev)
-    chain = torch.ones(T - 1, dtype=torch.bool, device=dev)  # rows whose steps so far were all right
-    run = torch.zeros(T - 1, dtype=torch.long, device=dev)
+    chain = torch.ones(rows, dtype=torch.bool, device=dev)  # rows whose steps so far were all right
+    run = torch.zeros(rows, dtype=torch.long, device=dev)
     stats = []  # tensors, turned into floats with one device sync at the end
-    for k, ((ce_sum, draft_top), valid) in enumerate(zip(results, valids)):
+    for k, ((ce_sum, draft_top), valid, top) in enumerate(zip(results, valids, tops)):
         n = valid.numel()
         n_valid = valid.sum()
         step_loss = ce_sum / n_valid.clamp(min=1)
         loss = loss + step_weight**k * step_loss
-        correct = (draft_top == top[1 + k : T]) & valid
+        correct = (draft_top == top) & valid
         prev = chain[:n]
         n_cond = (prev & valid).sum()
         stats.append(
@@ -127,9 +136,9 @@ def ttt_forward(
         )
         chain = prev & correct
         run[:n] += chain
-    rows = torch.stack(stats).tolist() if stats else []
-    pad = [[0.0] * 5] * (ttt_length - len(rows))  # fixed length: steps a short row could not run
-    cols = list(zip(*(rows + pad))) if ttt_length else [()] * 5
+    table = torch.stack(stats).tolist() if stats else []
+    pad = [[0.0] * 5] * (ttt_length - len(table))  # fixed length: steps a short row could not run
+    cols = list(zip(*(table + pad))) if ttt_length else [()] * 5
     return TTTOutput(
         loss=loss,
         step_losses=list(cols[0]),
@@ -139,4 +148,3 @@ def ttt_forward(
         n_cond=[int(x) for x in cols[4]],
         run_lengths=run,
     )
-

@@ -1,4 +1,4 @@
-"""Acceptance evaluation of a trained EAGLE-3 draft (DESIGN.md, "Evaluation").
+"""Acceptance evaluation of a trained draft, EAGLE-3 or DFlash (DESIGN.md, "Evaluation").
 
     from training.evaluation import evaluate, write_report, gate
     result = evaluate(target, export_dir, prompts, ks=[1, 3, 5], temperatures=[0.0, 0.7])
@@ -6,7 +6,7 @@
     passed, detail = gate(result, k=3, min_tau=1.6)
 
 For every temperature, each prompt is decoded three ways with the same HF target: plain decoding
-(the timing reference, tau = 1), chain speculative decoding with the draft, and prompt-lookup
+(the timing reference, tau = 1), speculative decoding with the draft (chain or block), and prompt-lookup
 (n-gram) drafting with the same k (the no-draft-model baseline). Results are split by the prompts'
 `domain` and aggregated over all of them (domain "all").
 
@@ -54,9 +54,15 @@ def prompt_ids(target, prompt: dict, max_tokens: int) -> list[int]:
 
 
 def _load_draft(draft, model, device):
-    """(draft, d2t, description) from an export directory or a (draft, d2t, t2d) tuple."""
+    """(draft, d2t, description) from an export directory (either family) or a (draft, d2t, t2d) tuple."""
     if isinstance(draft, (str, os.PathLike)):
         from safetensors import safe_open
+
+        from training.dflash.export import is_dflash_export, load_dflash
+
+        if is_dflash_export(draft):  # shares the target's embedding, as vLLM does
+            d, d2t, _t2d, _cfg = load_dflash(draft, model.get_input_embeddings().weight.detach(), device=device)
+            return d, d2t, os.fspath(draft)
 
         from training.export import WEIGHTS, load_draft
 
@@ -83,17 +89,34 @@ def _check_pair(draft, model) -> None:
         raise ValueError(f"draft aux layers {cfg.aux_layer_ids} beyond the target's {tc.num_hidden_layers} layers")
 
 
+def family_of(draft) -> str:
+    """The draft family of a loaded draft: "dflash" for a DFlashDraft, else "eagle3"."""
+    from training.dflash.model import DFlashDraft
+
+    return "dflash" if isinstance(draft, DFlashDraft) else "eagle3"
+
+
+def _proposer(draft, d2t, argmax_draft: bool):
+    from training.evaluation.block_draft import DFlashProposer
+    from training.evaluation.speculative import Eagle3Proposer
+
+    return (DFlashProposer if family_of(draft) == "dflash" else Eagle3Proposer)(draft, d2t, argmax_draft=argmax_draft)
+
+
 def evaluate(
     target,
     draft,
     prompts: Sequence[dict],
     log: Callable[[str], None] | None = None,
+    compare: Sequence = (),
     **options: Any,
 ) -> EvalResult:
     """Measure the draft against prompt lookup and plain decoding on `target`.
 
     target: an HF-backed TargetModel (`load_target(path, "hf")`; anything with `.model`, an HF
-    causal LM, and `.tokenizer`). draft: a serving export directory, or (draft, d2t, t2d).
+    causal LM, and `.tokenizer`). draft: a serving export directory (EAGLE-3 or DFlash), or
+    (draft, d2t, t2d); it is the one gated and served. compare: drafts of other families, simulated
+    on the same prompts beside it (their rows carry their family as method).
     prompts: dicts with `id`, `domain` and `messages` (or `input_ids`); empty assistant turns (question
     files) are written by the target first, each later turn asked after its own reply (prompts.expand_turns).
     options: EvalConfig fields.
@@ -102,7 +125,7 @@ def evaluate(
 
     from training.evaluation.prompt_lookup import PromptLookupProposer
     from training.evaluation.prompts import expand_turns, renderable_prompts
-    from training.evaluation.speculative import DecodeConfig, Eagle3Proposer, TargetRunner, generate
+    from training.evaluation.speculative import DecodeConfig, TargetRunner, generate
 
     cfg = EvalConfig(**options)
     if not prompts:
@@ -121,24 +144,34 @@ def evaluate(
                          f"{dict(Counter(r['reason'] for r in refused))}, e.g. {refused[0]['detail'][:300]}")
     prompts = expand_turns(target, prompts, cfg.history_max_new_tokens)
     d, d2t, draft_name = _load_draft(draft, model, device)
-    _check_pair(d, model)
-    runner = TargetRunner(model, d.cfg.aux_layer_ids)
+    drafts = [(family_of(d), d, d2t)]
+    for other in compare:
+        od, od2t, _ = _load_draft(other, model, device)
+        if family_of(od) in [f for f, _, _ in drafts]:
+            raise ValueError(f"compare: a second {family_of(od)} draft; compare drafts of other families")
+        drafts.append((family_of(od), od, od2t))
+    for _, dd, _ in drafts:
+        _check_pair(dd, model)
+    # A runner per family: each captures the target layers its draft fuses.
+    runners = {f: TargetRunner(model, dd.cfg.aux_layer_ids) for f, dd, _ in drafts}
+    runner = runners[drafts[0][0]]
     stops = frozenset() if cfg.ignore_eos else frozenset(getattr(target, "stop_token_ids", lambda: set())())
     encoded = [(p.get("id", str(i)), str(p.get("domain") or "default"), prompt_ids(target, p, cfg.max_prompt_tokens))
                for i, p in enumerate(prompts)]
-    eagle = Eagle3Proposer(d, d2t, argmax_draft=cfg.argmax_draft)
+    proposers = [(f, _proposer(dd, dd2t, cfg.argmax_draft)) for f, dd, dd2t in drafts]
     lookup = PromptLookupProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
 
     def run(proposer, k: int, t: float, i: int, ids, new_tokens: int, salt: int):
         g = torch.Generator(device=device)
         g.manual_seed(cfg.seed * 1_000_003 + i * 7_919 + k * 101 + salt)  # reproducible per prompt/method/k
         dc = DecodeConfig(k=k, temperature=t, max_new_tokens=new_tokens, stop_token_ids=stops)
-        return generate(runner, ids, dc, proposer, g)
+        return generate(runners.get(getattr(proposer, "name", None), runner), ids, dc, proposer, g)
 
     if cfg.warmup:
         _, _, ids = encoded[0]
         run(None, 0, 0.0, 0, ids, 4, 0)
-        run(eagle, max(cfg.ks), 0.0, 0, ids, 2 * max(cfg.ks), 0)
+        for _, proposer in proposers:
+            run(proposer, max(cfg.ks), 0.0, 0, ids, 2 * max(cfg.ks), 0)
 
     domains = sorted({dom for _, dom, _ in encoded})
     rows: dict[tuple, MethodStats] = {}
@@ -158,7 +191,9 @@ def evaluate(
                     r = rows[(method, k, t, key)]
                     r.exact_match = (r.exact_match or 0) + same
 
-    methods = [("eagle3", eagle, 2), ("prompt_lookup", lookup, 3)]
+    # salts: the evaluated draft 2 (as before), prompt lookup 3, compared families 4..
+    methods = [(proposers[0][0], proposers[0][1], 2), ("prompt_lookup", lookup, 3),
+               *((f, pr, 4 + i) for i, (f, pr) in enumerate(proposers[1:]))]
     for t in cfg.temperatures:
         # Prompt by prompt, every method back to back: on a shared or throttling machine, load
         # drift then hits the plain reference and the drafted runs alike (wall speedups stay fair).
@@ -178,12 +213,14 @@ def evaluate(
             say(f"T={t:g} k={k} {method}: tau {r.tau:.3f}, c {r.c:.3f}, wall speedup "
                 f"{rows[('plain', 0, t, ALL)].time_per_token / r.time_per_token:.2f}")
 
-    order = {m: i for i, m in enumerate(("plain", "eagle3", "prompt_lookup"))}
+    order = {m: i for i, m in enumerate(("plain", drafts[0][0], "prompt_lookup", *(f for f, _, _ in drafts[1:])))}
     ordered = sorted(rows.values(), key=lambda r: (r.temperature, order[r.method], r.k, r.domain != ALL, r.domain))
     config = {
         **asdict(cfg),
         "target": getattr(target, "name", None) or str(getattr(target, "name_or_path", type(target).__name__)),
         "draft": draft_name,
+        "draft_family": drafts[0][0],
+        "compared_families": [f for f, _, _ in drafts[1:]],
         "draft_vocab_size": d.cfg.draft_vocab_size,
         "aux_layer_ids": list(d.cfg.aux_layer_ids),
         "device": str(device),
@@ -207,12 +244,13 @@ def evaluate(
             config["served_by"] = f"skipped: {reason}"
         else:
             result.served = _served_rows(target, str(draft), [ids for _, _, ids in encoded], cfg, stops,
-                                        config["dtype"], rows, say)
+                                        config["dtype"], rows, say, drafts[0][0])
             config["served_by"] = "vLLM"
     return result.finalize()
 
 
-def _served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, dtype: str, rows: dict, say) -> list[dict]:
+def _served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, dtype: str, rows: dict, say,
+                 family: str) -> list[dict]:
     """The export decoded by vLLM on the simulator's prompt ids, one row per (temperature, k), beside the
     simulated tau; greedy rows must reproduce vLLM's plain decoding token for token."""
     import torch
@@ -228,7 +266,7 @@ def _served_rows(target, export: str, prompt_ids: list, cfg: EvalConfig, stops, 
     for r in runs:
         if r.k == 0:
             continue
-        simulated = rows[("eagle3", r.k, r.temperature, ALL)].tau
+        simulated = rows[(family, r.k, r.temperature, ALL)].tau
         base = plain[r.temperature]
         out.append({
             "temperature": r.temperature, "k": r.k, "served_tau": r.tau, "simulated_tau": simulated,

@@ -12,8 +12,17 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-METHODS = ("eagle3", "prompt_lookup", "plain")
-LABELS = {"eagle3": "EAGLE-3 draft", "prompt_lookup": "prompt lookup", "plain": "no draft"}
+from training.aux_layers import FAMILIES
+
+DRAFTS = FAMILIES  # the draft families, as method names
+METHODS = (*DRAFTS, "prompt_lookup", "plain")
+LABELS = {"eagle3": "EAGLE-3 draft", "dflash": "DFlash draft", "prompt_lookup": "prompt lookup", "plain": "no draft"}
+COLORS = {"eagle3": "tab:blue", "dflash": "tab:green", "prompt_lookup": "tab:orange"}
+
+
+def draft_forwards(method: str, k: int) -> int:
+    """Draft forwards per step at draft length k: a DFlash block is one forward, a chain k."""
+    return 1 if method == "dflash" else k
 PLOTS = ("tau_vs_k.png", "acceptance_by_position.png", "tau_by_domain.png")
 ALL = "all"  # the domain name of the aggregate over every prompt
 
@@ -80,16 +89,22 @@ class MethodStats:
         return [a / self.steps if self.steps else 0.0 for a in self.accepted_at]
 
     @property
+    def forwards(self) -> int:
+        """Draft forwards per step (draft_forwards)."""
+        return draft_forwards(self.method, self.k)
+
+    @property
     def c(self) -> float:
         """One draft forward's time over one target verification forward's time."""
         if self.k <= 0 or not self.target_time or not self.steps:
             return 0.0
-        return (self.draft_time / (self.steps * self.k)) / (self.target_time / self.steps)
+        return (self.draft_time / (self.steps * self.forwards)) / (self.target_time / self.steps)
 
     @property
     def est_speedup(self) -> float:
-        """tau / (1 + k c): the speedup if a verification forward costs one decoding step."""
-        return self.tau / (1.0 + self.k * self.c)
+        """tau / (1 + n c), n = draft forwards per step: the speedup if a verification forward costs
+        one decoding step (a chain pays k draft forwards per step, a DFlash block one)."""
+        return self.tau / (1.0 + self.forwards * self.c)
 
     @property
     def time_per_token(self) -> float:
@@ -105,7 +120,7 @@ class MethodStats:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(tau=self.tau, acceptance=self.acceptance, acceptance_rate=self.acceptance_rate,
-                 c=self.c, est_speedup=self.est_speedup, time_per_token=self.time_per_token,
+                 c=self.c, forwards=self.forwards, est_speedup=self.est_speedup, time_per_token=self.time_per_token,
                  wall_speedup=self.wall_speedup)
         return _clean(d)
 
@@ -133,8 +148,19 @@ class EvalResult:
                 return r
         return None
 
-    def tau(self, method: str = "eagle3", k: int = 3, temperature: float = 0.0, domain: str = ALL) -> float:
-        r = self.row(method, k, temperature, domain)
+    @property
+    def draft_method(self) -> str:
+        """The evaluated (gated, served) draft's family."""
+        return self.config.get("draft_family", "eagle3")
+
+    @property
+    def drafted(self) -> list[str]:
+        """Every draft family with rows, the evaluated one first (others ran for comparison)."""
+        present = {r.method for r in self.rows}
+        return [self.draft_method] + [m for m in DRAFTS if m in present and m != self.draft_method]
+
+    def tau(self, method: str | None = None, k: int = 3, temperature: float = 0.0, domain: str = ALL) -> float:
+        r = self.row(method or self.draft_method, k, temperature, domain)
         return r.tau if r is not None else float("nan")
 
     @property
@@ -161,11 +187,13 @@ class EvalResult:
         """The figures for asset metadata, over all prompts. Headline numbers (tau, prompt-lookup
         tau, c, speedups) at k (default: the largest) and temperature (default: the lowest);
         `tau_by_k` one row per (temperature, k) evaluated; `acceptance_by_position` one row per
-        draft position at (k, temperature): P(accepted | reached) of EAGLE-3 and prompt lookup."""
+        draft position at (k, temperature): P(accepted | reached) of the draft and prompt lookup.
+        Other draft families evaluated beside it add `{family}_tau` / `{family}_est_speedup` columns."""
         k = max(self.ks) if k is None else k
         t = min(self.temperatures) if temperature is None else temperature
-        e, p = self.row("eagle3", k, t), self.row("prompt_lookup", k, t)
-        out: dict[str, Any] = {"k": k, "temperature": t, "ceiling": k + 1}
+        dm = self.draft_method
+        e, p = self.row(dm, k, t), self.row("prompt_lookup", k, t)
+        out: dict[str, Any] = {"k": k, "temperature": t, "ceiling": k + 1, "draft_family": dm}
         if e is not None:
             out.update(tau=e.tau, c=e.c, est_speedup=e.est_speedup, wall_speedup=e.wall_speedup)
             if e.exact_match is not None:
@@ -180,15 +208,16 @@ class EvalResult:
             out["served_by_k"] = [{c: r[c] for c in ("temperature", "k", "served_tau", "simulated_tau", "ratio",
                                                      "like_for_like", "tokens_per_s", "speedup")} for r in self.served]
         out["tau_by_k"] = [
-            {"temperature": tt, "k": kk, "tau": self.tau("eagle3", kk, tt),
+            {"temperature": tt, "k": kk, "tau": self.tau(dm, kk, tt),
              "prompt_lookup_tau": self.tau("prompt_lookup", kk, tt), "ceiling": kk + 1,
-             "est_speedup": r.est_speedup if (r := self.row("eagle3", kk, tt)) is not None else None}
+             "est_speedup": r.est_speedup if (r := self.row(dm, kk, tt)) is not None else None,
+             **{f"{m}_{c}": getattr(self.row(m, kk, tt), c, None) for m in self.drafted[1:] for c in ("tau", "est_speedup")}}
             for tt in self.temperatures for kk in self.ks
         ]
         if e is not None:
             lookup = p.acceptance if p is not None else [None] * k
             out["acceptance_by_position"] = [
-                {"position": i + 1, "eagle3": a, "prompt_lookup": b} for i, (a, b) in enumerate(zip(e.acceptance, lookup))
+                {"position": i + 1, dm: a, "prompt_lookup": b} for i, (a, b) in enumerate(zip(e.acceptance, lookup))
             ]
         return _clean(out)
 
@@ -209,9 +238,9 @@ def gate(result: EvalResult, k: int, min_tau: float, temperature: float | None =
     """Passes when the draft's tau at k (over all prompts, at `temperature`, default the lowest
     evaluated) beats prompt lookup's and is at least min_tau."""
     t = min(result.temperatures) if temperature is None else temperature
-    e, p = result.row("eagle3", k, t), result.row("prompt_lookup", k, t)
+    e, p = result.row(result.draft_method, k, t), result.row("prompt_lookup", k, t)
     if e is None or not e.steps:
-        return False, f"no EAGLE-3 measurement at k={k}, temperature={t} (evaluated k: {result.ks})"
+        return False, f"no {LABELS[result.draft_method].removesuffix(' draft')} measurement at k={k}, temperature={t} (evaluated k: {result.ks})"
     reasons = []
     if p is not None and p.steps and not e.tau > p.tau:
         reasons.append(f"tau {e.tau:.3f} does not beat prompt lookup's {p.tau:.3f}")
@@ -250,7 +279,8 @@ def plot_tau_vs_k(result: EvalResult) -> bytes:
     ks = result.ks
     for j, t in enumerate(result.temperatures):
         ls = _STYLES[j % len(_STYLES)]
-        for method, color in (("eagle3", "tab:blue"), ("prompt_lookup", "tab:orange")):
+        for method in (*result.drafted, "prompt_lookup"):
+            color = COLORS[method]
             ys = [result.tau(method, k, t) for k in ks]
             ax.plot(ks, ys, ls, marker="o", color=color, label=f"{LABELS[method]}, T={t:g}")
     ax.plot(ks, [k + 1 for k in ks], "-", color="gray", alpha=0.6, label="ceiling k+1")
@@ -269,7 +299,8 @@ def plot_acceptance_by_position(result: EvalResult, k: int) -> bytes:
     pos = list(range(1, k + 1))
     for j, t in enumerate(result.temperatures):
         ls = _STYLES[j % len(_STYLES)]
-        for method, color in (("eagle3", "tab:blue"), ("prompt_lookup", "tab:orange")):
+        for method in (*result.drafted, "prompt_lookup"):
+            color = COLORS[method]
             r = result.row(method, k, t)
             if r is None:
                 continue
@@ -288,11 +319,13 @@ def plot_acceptance_by_position(result: EvalResult, k: int) -> bytes:
 def plot_tau_by_domain(result: EvalResult, k: int, temperature: float) -> bytes:
     fig, ax = _figure()
     domains = result.domains or [ALL]
-    width = 0.38
+    methods = (*result.drafted, "prompt_lookup")
+    width = 0.76 / len(methods)
     xs = range(len(domains))
-    for off, method, color in ((-width / 2, "eagle3", "tab:blue"), (width / 2, "prompt_lookup", "tab:orange")):
+    for i, method in enumerate(methods):
+        off = (i - (len(methods) - 1) / 2) * width
         ys = [result.tau(method, k, temperature, d) for d in domains]
-        ax.bar([x + off for x in xs], ys, width, color=color, label=LABELS[method])
+        ax.bar([x + off for x in xs], ys, width, color=COLORS[method], label=LABELS[method])
     ax.axhline(k + 1, color="gray", ls="--", lw=1, label="ceiling k+1")
     ax.axhline(1.0, color="black", lw=0.8, alpha=0.4)
     ax.set_xticks(list(xs))
@@ -327,7 +360,9 @@ def report_markdown(result: EvalResult, embed_png: dict[str, bytes] | None = Non
     Dagster metadata); links=True refers to the PNG files by name instead (for report.md)."""
     k = max(result.ks) if k is None else k
     cfg = result.config
-    lines = ["# EAGLE-3 draft evaluation", ""]
+    dm = result.draft_method
+    name = LABELS[dm].removesuffix(" draft")
+    lines = [f"# {LABELS[dm]} evaluation", ""]
     lines.append(
         f"Target `{cfg.get('target', '?')}`, draft `{cfg.get('draft', '?')}`; {cfg.get('n_prompts', '?')} prompts "
         f"({', '.join(result.domains) or 'one domain'}), up to {cfg.get('max_new_tokens', '?')} new tokens, "
@@ -336,46 +371,57 @@ def report_markdown(result: EvalResult, embed_png: dict[str, bytes] | None = Non
     lines.append("")
     lines.append(
         "tau = tokens emitted per target verification forward (ceiling k+1); c = one draft forward's "
-        "time over one verification forward's; estimated speedup = tau / (1 + k c); wall speedup = "
+        "time over one verification forward's; estimated speedup = tau / (1 + n c), n = draft forwards per "
+        "step (k for a chain draft, 1 for a DFlash block); wall speedup = "
         "plain decoding's time per token over the method's, measured in this simulator (batch 1, "
         "HF eager: indicative only; serving numbers come from bench/bench_vllm_speedup.py)."
     )
     lines += ["", "## Acceptance length", ""]
-    lines.append("| T | k | EAGLE-3 tau | prompt-lookup tau | ceiling | c | est. speedup | wall speedup | "
+    lines.append(f"| T | k | {name} tau | prompt-lookup tau | ceiling | c | est. speedup | wall speedup | "
                  "prompt-lookup wall speedup | greedy exact |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for t in result.temperatures:
         for kk in result.ks:
-            e, p = result.row("eagle3", kk, t), result.row("prompt_lookup", kk, t)
+            e, p = result.row(dm, kk, t), result.row("prompt_lookup", kk, t)
             exact = "–" if e is None or e.exact_match is None else f"{e.exact_match}/{e.n_prompts}"
             lines.append(
                 f"| {t:g} | {kk} | {_f(e and e.tau)} | {_f(p and p.tau)} | {kk + 1} | {_f(e and e.c, 3)} | "
                 f"{_f(e and e.est_speedup)} | {_f(e and e.wall_speedup)} | {_f(p and p.wall_speedup)} | {exact} |"
             )
-    lines += ["", "## Acceptance by position (EAGLE-3, P(accepted | reached))", ""]
+    if len(result.drafted) > 1:
+        lines += ["", "## Draft families side by side", ""]
+        lines.append("| T | k | method | tau | draft forwards / step | c (one draft forward) | est. speedup |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for t in result.temperatures:
+            for kk in result.ks:
+                for m in (*result.drafted, "prompt_lookup"):
+                    if (r := result.row(m, kk, t)) is not None:
+                        lines.append(f"| {t:g} | {kk} | {LABELS[m]} | {_f(r.tau)} | {r.forwards} | {_f(r.c, 3)} | "
+                                     f"{_f(r.est_speedup)} |")
+    lines += ["", f"## Acceptance by position ({name}, P(accepted | reached))", ""]
     kmax = max(result.ks)
     lines.append("| T | k | " + " | ".join(f"pos {i + 1}" for i in range(kmax)) + " |")
     lines.append("|---|---|" + "---|" * kmax)
     for t in result.temperatures:
         for kk in result.ks:
-            e = result.row("eagle3", kk, t)
+            e = result.row(dm, kk, t)
             if e is None:
                 continue
             cells = [_f(a) for a in e.acceptance] + [""] * (kmax - kk)
             lines.append(f"| {t:g} | {kk} | " + " | ".join(cells) + " |")
     if result.domains:
         lines += ["", f"## By domain (k={k})", ""]
-        lines.append("| domain | T | prompts | EAGLE-3 tau | prompt-lookup tau | EAGLE-3 wall speedup |")
+        lines.append(f"| domain | T | prompts | {name} tau | prompt-lookup tau | {name} wall speedup |")
         lines.append("|---|---|---|---|---|---|")
         for d in result.domains:
             for t in result.temperatures:
-                e, p = result.row("eagle3", k, t, d), result.row("prompt_lookup", k, t, d)
+                e, p = result.row(dm, k, t, d), result.row("prompt_lookup", k, t, d)
                 n = e.n_prompts if e is not None else 0
                 lines.append(f"| {d} | {t:g} | {n} | {_f(e and e.tau)} | {_f(p and p.tau)} | "
                              f"{_f(e and e.wall_speedup)} |")
     if result.served:
         lines += ["", "## Served by vLLM", ""]
-        lines.append("The export decoded by real vLLM (`method: eagle3`) on the same prompt ids; tau = 1 + accepted / "
+        lines.append(f"The export decoded by real vLLM (`method: {dm}`) on the same prompt ids; tau = 1 + accepted / "
                      "drafts from vLLM's counters. vLLM drafts the argmax at every temperature, so a sampled row is "
                      "like-for-like with the simulator only when it ran with `argmax_draft`. Speedup: vLLM's "
                      "tokens/s with the draft over without, every prompt in one batch.")

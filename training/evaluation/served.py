@@ -80,9 +80,11 @@ def serve(
 ) -> list[ServedRun]:
     """ServedRuns for k=0 (no draft) and each k in `ks` (skipped when `export` is None), per temperature."""
     runs = []
+    method = None if export is None else speculative_method(export)
     for k in [0, *([] if export is None else ks)]:
         request = {
             "target": str(target), "export": None if k == 0 else str(Path(export).resolve()), "k": int(k),
+            "method": method,
             "prompt_ids": [[int(t) for t in p] for p in prompt_ids], "temperatures": [float(t) for t in temperatures],
             "max_new_tokens": int(max_new_tokens), "stop_token_ids": [int(t) for t in stop_token_ids],
             "ignore_eos": bool(ignore_eos), "seed": int(seed), "max_num_seqs": int(max_num_seqs),
@@ -94,6 +96,13 @@ def serve(
             taus = ", ".join(f"T={r.temperature:g} tau {r.tau:.3f}" for r in runs[-len(temperatures):] if r.tau)
             log(f"vLLM {'k=' + str(k) if k else 'without a draft'}: {time.perf_counter() - t0:.0f}s {taus}")
     return runs
+
+
+def speculative_method(export) -> str:
+    """vLLM's speculative method for an export directory: "dflash" for a DFlash draft, else "eagle3"."""
+    from training.dflash.export import is_dflash_export
+
+    return "dflash" if is_dflash_export(export) else "eagle3"
 
 
 def _run_child(request: dict) -> list[dict]:
@@ -145,7 +154,8 @@ def _engine_runs(request: dict) -> list[dict]:
     k = request["k"]
     llm = LLM(
         model=request["target"], dtype=request["dtype"], seed=request["seed"],
-        speculative_config={"method": "eagle3", "model": request["export"], "num_speculative_tokens": k} if k else None,
+        speculative_config={"method": request["method"], "model": request["export"], "num_speculative_tokens": k}
+        if k else None,
         disable_log_stats=False,  # the spec-decode counters are kept only with stats on
         max_num_seqs=request["max_num_seqs"], **engine_defaults(),
     )

@@ -21,3 +21,19 @@ def make_draft(target, draft_ids: torch.Tensor | None = None, seed: int = 0, hea
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[ids] = True
     return draft, d2t, t2d
+
+
+def make_dflash(target, draft_ids: torch.Tensor | None = None, seed: int = 0, layers: int = 1, block: int = 6):
+    """A random DFlashDraft for `target` (mask token: its last id) and its vocab maps, as make_draft."""
+    from training.dflash.model import DFlashConfig, DFlashDraft
+
+    model = target.model
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(vocab) if draft_ids is None else torch.sort(draft_ids).values
+    cfg = DFlashConfig.from_target_config(model.config.to_dict(), ids.numel(), vocab - 1, num_layers=layers,
+                                          block_size=block)
+    torch.manual_seed(seed)
+    draft = DFlashDraft(cfg, model.get_input_embeddings().weight).eval()
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[ids] = True
+    return draft, ids - torch.arange(ids.numel()), t2d

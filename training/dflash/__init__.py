@@ -1,0 +1,1 @@
+"""DFlash block draft: model, training objective and serving export (see DESIGN.md)."""
