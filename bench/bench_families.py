@@ -51,7 +51,7 @@ def train_family(family, target_dir, source, vmap, store, args):
 
     cfg_t = json.loads((target_dir / "config.json").read_text())
     embed, head = load_head_weights(str(target_dir))
-    job = TrainJob(store_root=store.root, run_prefix=f"runs/{family}", target={"spec": str(target_dir)},
+    job = TrainJob(store_root=store.root, run_prefix=f"runs/{family}", target={"path": str(target_dir)},
                    vocab_map="unused", hidden_states=["unused"], draft_family=family, dflash_layers=args.dflash_layers,
                    train=TrainConfig(ttt_length=args.k, lr=4e-3, epochs=50, max_steps=args.steps,
                                      max_tokens_per_batch=2048, warmup_ratio=0.05, log_every=max(args.steps // 4, 1)))

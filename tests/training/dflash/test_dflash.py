@@ -121,7 +121,7 @@ def test_export_config_and_roundtrip(tmp_path):
 def test_job_refuses_what_a_dflash_draft_cannot_be():
     from training.job import TrainJob
 
-    base = dict(store_root="file:///x", run_prefix="r", target={"spec": "t"}, vocab_map="v", hidden_states=["h"])
+    base = dict(store_root="file:///x", run_prefix="r", target={"path": "t"}, vocab_map="v", hidden_states=["h"])
     assert TrainJob(**base, draft_family="dflash", dflash_layers=2).dflash_layers == 2
     for bad in ({"draft_family": "medusa"}, {"draft_family": "dflash", "dflash_layers": 0},
                 {"draft_family": "dflash", "draft_hidden_size": 256},
