@@ -172,7 +172,8 @@ def test_tokenization_of_accepted_rows_reconciles(fuzz, ingested):
 
 def test_source_corpus_asset_reconciles(fuzz, tmp_path):
     """The Dagster asset over the fuzz file: finishes, and its metadata and tables add up."""
-    from spec_assets.corpus import _top_reasons, source_corpus
+    from spec_assets.corpus import source_corpus
+    from spec_assets.metadata import top_counts
     from spec_assets.partitions import corpus_shards
     from tests.spec_assets.conftest import make_resources
     from training.storage import ObjectStore
@@ -189,9 +190,9 @@ def test_source_corpus_asset_reconciles(fuzz, tmp_path):
     assert (md["rows_read"], md["rows_accepted"], md["rows_rejected"]) == (corpus.n_read, corpus.n_accepted, corpus.n_rejected)
     assert md["rows_train"] + md["rows_heldout"] == corpus.n_accepted
     assert md["formats"] == corpus.formats
-    # The metadata keeps the most frequent reasons and folds the rest (spec_assets.corpus.MAX_REASONS);
+    # The metadata keeps the most frequent reasons and folds the rest (spec_assets.metadata.top_counts);
     # rejects.parquet below keeps every row's own reason.
-    assert md["rejects_by_reason"] == _top_reasons(sorted(corpus.by_reason.items(), key=lambda r: (-r[1], r[0])))
+    assert md["rejects_by_reason"] == top_counts(dict(corpus.by_reason))
 
     store = ObjectStore(root)
     ref = result.output_for_node("source_corpus")
