@@ -27,6 +27,12 @@ def test_small_and_large_corpora_both_get_a_run_of_enough_steps():
     assert s.resolved and big.resolved and not TrainConfig().resolved
 
 
+def test_data_note_names_the_measured_floor():
+    assert recipe.data_note(recipe.MIN_TRAINABLE_TOKENS + 1) is None
+    note = recipe.data_note(17_887)
+    assert note.startswith("the draft trained on 17,887 trainable tokens") and "replies_per_prompt" in note
+
+
 def test_explicit_values_win_and_ranks_share_the_batch():
     stats = CorpusStats(tokens=300_000, rows=1_500)
     cfg = resolve(TrainConfig(epochs=2, lr=1e-4, max_tokens_per_batch=333, warmup_ratio=0.2, validation_rows=0), stats)
