@@ -9,7 +9,8 @@ id i is the input of decoder layer i, HF's hidden_states[i]; id L is the last la
 *before* the final norm, so `last` applies the target's final RMSNorm here, in float32 like HF.
 
 An engine serves one mode (generation, or features for one set of layer ids): feature extraction
-needs prefix caching and chunked prefill off, which generation wants on. On a GPU two engines would
+needs prefix caching and chunked prefill off, which generation wants on (on a GPU; the CPU build
+turns chunked prefill off everywhere, engine_defaults). On a GPU two engines would
 not share its memory, so switching mode releases the previous engine; on the CPU build each mode
 keeps its engine (1 GiB of KV cache each), so a run that alternates resampling and features shard
 after shard starts each engine once.
