@@ -39,25 +39,26 @@ def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor, draft_vocab: int, tar
         raise ValueError("d2t and t2d disagree (draft ids must map to the t2d tokens in ascending order)")
 
 
-def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """config.json of the serving export (DESIGN.md). The aux layer ids go under two keys, each in
-    its reader's convention (training/aux_layers.py), so both engines feed the layers trained on:
-    top-level `eagle_aux_hidden_state_layer_ids` = HF ids (vLLM), `eagle_config.
-    eagle_aux_hidden_state_layer_ids` = HF ids - 1 (SGLang). Raises ValueError when the draft was
-    not built for this target, AuxLayerError for ids no engine can feed."""
+def check_target(cfg, target_hidden_size: int, target_config: dict) -> TargetFacts:
+    """The target's facts, or ValueError when the draft (an EAGLE-3 or DFlash config) was not built for
+    it: its RoPE, width or vocabulary differ."""
     facts = TargetFacts.from_config(target_config)
     if (facts.rope_theta, facts.rope_scaling) != (cfg.rope_theta, cfg.rope_scaling):
         raise ValueError(f"draft RoPE {(cfg.rope_theta, cfg.rope_scaling)} is not the target's "
                          f"{(facts.rope_theta, facts.rope_scaling)}")
-    if (facts.hidden_size, facts.vocab_size) != (cfg.target_hidden_size, cfg.target_vocab_size):
-        raise ValueError(f"the draft (H={cfg.target_hidden_size}, vocab={cfg.target_vocab_size}) was not built for this "
+    if (facts.hidden_size, facts.vocab_size) != (target_hidden_size, cfg.target_vocab_size):
+        raise ValueError(f"the draft (H={target_hidden_size}, vocab={cfg.target_vocab_size}) was not built for this "
                          f"target (H={facts.hidden_size}, vocab={facts.vocab_size})")
-    aux = check_servable(cfg.aux_layer_ids, facts.num_layers, where="export")
-    config = {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "model_type": "llama",
+    return facts
+
+
+def layer_config(cfg, dtype: torch.dtype) -> dict:
+    """The config.json keys every draft family's export shares: the decoder layers' shape, RoPE (also
+    as `rope_parameters`, the draft's own flat form, which transformers-5 readers and vLLM on them
+    take: the target's full-attention RoPE even where the target has one per layer type, Gemma 3),
+    and the vocabularies."""
+    return {
         "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": 1,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
@@ -66,24 +67,37 @@ def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = to
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": copy.deepcopy(cfg.rope_scaling),
+        "rope_parameters": cfg.rope_parameters(),
         "max_position_embeddings": cfg.max_position_embeddings,
         "vocab_size": cfg.target_vocab_size,
         "draft_vocab_size": cfg.draft_vocab_size,
-        "target_hidden_size": cfg.target_hidden_size,
         "tie_word_embeddings": False,
         "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": _DTYPE_NAMES[dtype],
+    }
+
+
+def export_config(cfg: DraftConfig, target_config: dict, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """config.json of the serving export (DESIGN.md). The aux layer ids go under two keys, each in
+    its reader's convention (training/aux_layers.py), so both engines feed the layers trained on:
+    top-level `eagle_aux_hidden_state_layer_ids` = HF ids (vLLM), `eagle_config.
+    eagle_aux_hidden_state_layer_ids` = HF ids - 1 (SGLang). Raises ValueError when the draft was
+    not built for this target, AuxLayerError for ids no engine can feed."""
+    facts = check_target(cfg, cfg.target_hidden_size, target_config)
+    aux = check_servable(cfg.aux_layer_ids, facts.num_layers, where="export")
+    return {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        **layer_config(cfg, dtype),
+        "target_hidden_size": cfg.target_hidden_size,
+        "mlp_bias": False,
         "eagle_aux_hidden_state_layer_ids": vllm_ids(aux),  # vLLM: HF hidden_states ids
         "eagle_config": {
             "eagle_aux_hidden_state_layer_ids": sglang_ids(aux),  # SGLang: "output of layer i" = HF i+1
             "use_aux_hidden_state": True,
         },
     }
-    # transformers-5 readers (and vLLM on them) take RoPE from here: the draft's own flat form, i.e.
-    # the target's full-attention RoPE even where the target has one per layer type (Gemma 3).
-    config["rope_parameters"] = cfg.rope_parameters()
-    return config
 
 
 def export_tensors(draft: Eagle3Draft, d2t, t2d, dtype=torch.bfloat16, include_embed: bool = False) -> dict:

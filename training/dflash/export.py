@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import torch
 
 from training.dflash.model import DFlashConfig, DFlashDraft
-from training.export import _DTYPE_NAMES, CONFIG, WEIGHTS, check_vocab_maps, write_export
-from training.targets.config import TargetFacts
+from training.export import CONFIG, WEIGHTS, check_target, check_vocab_maps, layer_config, write_export
 
 ARCHITECTURE = "DFlashDraftModel"  # vLLM's registry: qwen3_dflash.DFlashQwen3ForCausalLM
 
@@ -20,36 +18,15 @@ def export_config(cfg: DFlashConfig, target_config: dict, dtype: torch.dtype = t
     """config.json: a Qwen3 config (vLLM builds the draft's layers from it) plus `dflash_config`:
     `target_layer_ids` in DFlash's "output of layer i" convention (HF id - 1; vLLM adds one back),
     `mask_token_id` (the embedding vLLM feeds the masked slots), `causal: false` (non-causal blocks)."""
-    facts = TargetFacts.from_config(target_config)
-    if (facts.hidden_size, facts.vocab_size) != (cfg.hidden_size, cfg.target_vocab_size):
-        raise ValueError(f"the draft (H={cfg.hidden_size}, vocab={cfg.target_vocab_size}) was not built for this "
-                         f"target (H={facts.hidden_size}, vocab={facts.vocab_size})")
-    if (facts.rope_theta, facts.rope_scaling) != (cfg.rope_theta, cfg.rope_scaling):
-        raise ValueError(f"draft RoPE {(cfg.rope_theta, cfg.rope_scaling)} is not the target's "
-                         f"{(facts.rope_theta, facts.rope_scaling)}")
+    check_target(cfg, cfg.hidden_size, target_config)
     return {
         "architectures": [ARCHITECTURE],
         "model_type": "qwen3",
-        "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.intermediate_size,
-        "hidden_act": cfg.hidden_act,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": copy.deepcopy(cfg.rope_scaling),
-        "rope_parameters": cfg.rope_parameters(),
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "vocab_size": cfg.target_vocab_size,
-        "draft_vocab_size": cfg.draft_vocab_size,
+        **layer_config(cfg, dtype),
         "target_hidden_size": cfg.hidden_size,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
         "use_sliding_window": False,
         "block_size": cfg.block_size,
-        "torch_dtype": _DTYPE_NAMES[dtype],
         "dflash_config": {
             "target_layer_ids": [i - 1 for i in cfg.aux_layer_ids],
             "mask_token_id": cfg.mask_token_id,
