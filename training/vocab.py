@@ -121,9 +121,14 @@ def check_vocab_map(vmap: dict[str, torch.Tensor]) -> None:
                          "expected int64, bool, int64")
     if t2d.shape != counts.shape:
         raise ValueError(f"t2d {tuple(t2d.shape)} and counts {tuple(counts.shape)} disagree on the target vocab")
-    target_ids = torch.arange(d2t.numel()) + d2t
-    if not torch.equal(target_ids, torch.nonzero(t2d).flatten()):
+    if not torch.equal(draft_to_target(d2t), torch.nonzero(t2d).flatten()):
         raise ValueError("d2t does not map the draft ids onto exactly the ascending target ids where t2d is true")
+
+
+def draft_to_target(d2t: torch.Tensor, device=None) -> torch.Tensor:
+    """The target id of every draft id: target_id = draft_id + d2t[draft_id] (DESIGN.md, "Vocab map")."""
+    d2t = d2t.to(device or d2t.device, torch.long)
+    return torch.arange(d2t.numel(), device=d2t.device) + d2t
 
 
 def save_vocab_map(vmap: dict[str, torch.Tensor], f: BinaryIO | None = None) -> bytes:

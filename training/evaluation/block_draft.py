@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from training.dflash.model import DFlashDraft
+from training.vocab import draft_to_target
 
 
 class DFlashProposer:
@@ -23,7 +24,7 @@ class DFlashProposer:
     def __init__(self, draft: DFlashDraft, d2t: torch.Tensor, argmax_draft: bool = False):
         self.draft = draft.eval()
         self.device = draft.fc.weight.device
-        self.draft_to_target = torch.arange(d2t.numel(), device=self.device) + d2t.to(self.device, torch.long)
+        self.draft_to_target = draft_to_target(d2t, self.device)
         self.target_vocab = draft.cfg.target_vocab_size
         self.argmax_draft = argmax_draft  # vLLM drafts each slot's argmax at every temperature
         self.ctx = None

@@ -34,6 +34,7 @@ import torch
 from training.eagle3.model import Eagle3Draft, KVCache
 from training.targets.base import apply_final_logit_transforms
 from training.targets.hf import decoder_layers
+from training.vocab import draft_to_target
 
 
 @dataclass
@@ -166,8 +167,7 @@ class Eagle3Proposer:
     def __init__(self, draft: Eagle3Draft, d2t: torch.Tensor, argmax_draft: bool = False):
         self.draft = draft.eval()
         self.device = draft.fc.weight.device
-        # target_id = draft_id + d2t[draft_id] (DESIGN.md, "Vocab map")
-        self.draft_to_target = (torch.arange(d2t.numel(), device=self.device) + d2t.to(self.device, torch.long))
+        self.draft_to_target = draft_to_target(d2t, self.device)
         self.target_vocab = draft.cfg.target_vocab_size
         # argmax_draft: propose the draft argmax even when sampling, as vLLM's EAGLE proposer does
         # (q is then a point mass; still unbiased). The default samples x ~ q, the textbook scheme,
