@@ -61,6 +61,11 @@ def _metadata_value(record, key: str):
     return value.value if value is not None else None
 
 
+def _family(record) -> str:
+    # Materializations from before draft_model code version 4 name no family: EAGLE-3 was the only one.
+    return _metadata_value(record, "draft_family") or "eagle3"
+
+
 def _trained_on(record) -> str | None:
     """The vocab_map data version (its fingerprint) a draft_model materialization read, from its
     DataProvenance: "the same data" for drafts. vocab_map is the fan-in over every shard's
@@ -87,16 +92,14 @@ def compared_drafts(instance, store, draft: ArtifactRef, page: int = 100) -> tup
             break
         cursor = got.cursor
     own = next((r for r in records if _metadata_value(r, "fingerprint") == draft.fingerprint), None)
-    # Materializations from before draft_model code version 4 name no family: EAGLE-3 was the only one.
-    family = (_metadata_value(own, "draft_family") or "eagle3") if own else None
     vocab = _trained_on(own) if own else None
-    others = [f for f in FAMILIES if f != family]
     if vocab is None:
         return {}, {"vocab_map": None, "note": f"No other family compared: this instance holds no lineage "
                                                f"(vocab_map) of draft_model {draft.fingerprint[:12]}."}
+    others = [f for f in FAMILIES if f != _family(own)]
     found: dict[str, ArtifactRef] = {}
     for r in records:
-        fp, fam = _metadata_value(r, "fingerprint"), _metadata_value(r, "draft_family") or "eagle3"
+        fp, fam = _metadata_value(r, "fingerprint"), _family(r)
         if fam in others and fam not in found and fp and _trained_on(r) == vocab:
             prefix = artifact_prefix("draft_model", None, fp)
             if store.manifest(prefix) is not None:  # else deleted from the store: an older one may remain

@@ -141,8 +141,9 @@ class FeatureConfig:
 @dataclass
 class EvalConfig:
     """eval_report: decoding, prompts and the quality gate. `evaluate` reads the decoding fields;
-    max_prompts, gate_k, min_tau and compare_families are for its caller (prompts.stratified_prompts, report.write_report
-    and report.gate) and recorded with the result."""
+    max_prompts, gate_k, min_tau and compare_families are for its caller (prompts.stratified_prompts,
+    report.write_report and report.gate, spec_assets.evaluation.compared_drafts) and recorded with
+    the result."""
 
     ks: list[int] = setting([1, 2, 3, 4, 5, 6, 7], "Draft lengths measured.")
     temperatures: list[float] = setting([0.0, 1.0], "Sampling temperatures measured.")
