@@ -96,7 +96,7 @@ def train(env, export, family: str, data: str = "A") -> str:
     return mat.metadata["fingerprint"].value
 
 
-def evaluate(env, **config):
+def run_eval_report(env, **config):
     """eval_report on the latest draft_model: (report.json's result, metadata, gate check)."""
     instance, res = env
     result = dg.materialize([vocab_stand_in, draft_stand_in, source_corpus, eval_report], selection=["eval_report"],
@@ -111,7 +111,7 @@ def evaluate(env, **config):
 
 def test_eval_report_puts_the_other_familys_newest_draft_of_the_same_data_beside_it(env, exports):
     train(env, exports["eagle3"], "eagle3")
-    alone, meta, _ = evaluate(env)
+    alone, meta, _ = run_eval_report(env)
     # no other family yet: the report says so in one line, nothing fails
     assert alone.drafted == ["eagle3"] and "No dflash draft trained on the same data" in alone.config["compare_note"]
     assert "## Draft families side by side\n\nNo dflash draft" in meta["report"].value
@@ -121,7 +121,7 @@ def test_eval_report_puts_the_other_familys_newest_draft_of_the_same_data_beside
     other_data = train(env, exports["eagle3"], "eagle3", data="B")  # ... and a newer one of other data
     assert other_data != newest
     train(env, exports["dflash"], "dflash")
-    result, meta, check = evaluate(env)
+    result, meta, check = run_eval_report(env)
     assert result.draft_method == "dflash" and result.drafted == ["dflash", "eagle3"]
     assert result.config["compared_families"] == ["eagle3"] and not result.config["compare_note"]
     compared = result.config["compared_drafts"]["eagle3"]  # named by its place in the store
@@ -140,6 +140,6 @@ def test_eval_report_puts_the_other_familys_newest_draft_of_the_same_data_beside
     assert check.check_name == GATE_CHECK
 
     # compare_families off: the DFlash draft alone, with its own fingerprint (the compared draft is upstream)
-    off, meta_off, _ = evaluate(env, compare_families=False)
+    off, meta_off, _ = run_eval_report(env, compare_families=False)
     assert off.drafted == ["dflash"] and "compare_families: false" in off.config["compare_note"]
     assert meta_off["fingerprint"].value != meta["fingerprint"].value
