@@ -64,6 +64,23 @@ def validation_plot_md(validation: list[dict]) -> str:
     return png_md(buf.getvalue(), "held-out validation per epoch")
 
 
+def check_feature_family(store, refs: dict[str, ArtifactRef], family: str) -> None:
+    """Offline training fuses the layers hidden_states stored: a dg.Failure unless every shard's
+    features are of draft_model's family (hidden_states' summary names it)."""
+    stored = {shard: store.manifest(ref.prefix).summary.get("draft_family") for shard, ref in refs.items()}
+    wrong = {shard: f for shard, f in stored.items() if f != family}
+    if not wrong:
+        return
+    shard, other = next(iter(wrong.items()))
+    where = f"hidden_states [{shard}]" + (f" and {len(wrong) - 1} more shards" if len(wrong) > 1 else "")
+    if other is None:
+        raise dg.Failure(f"{where} does not record whose layers it stored (written before hidden_states code "
+                         f"version 4): materialize hidden_states again with draft_family: {family!r}")
+    raise dg.Failure(f"draft_model's draft_family is {family!r} but {where} stored the target layers of "
+                     f"{other!r}: set hidden_states' draft_family to {family!r} as well (ops.hidden_states.config."
+                     f"draft_family) and materialize it, or draft_model's to {other!r}")
+
+
 def training_summary(result: dict, mode: str, shards: int) -> dict:
     """The manifest summary of a training run: headline numbers as plain floats (the Plots tab charts
     them; spec_assets/metadata.py rounds them for display), the resolved recipe, per-k rows and the
@@ -133,6 +150,8 @@ def draft_model(
     data_asset, refs = (("hidden_states", hidden_states) if config.mode == "offline"
                         else ("tokenized_shards", tokenized_shards))
     refs = dict(sorted(refs.items()))
+    if config.mode == "offline":
+        check_feature_family(store, refs, config.draft_family)
     upstream = {f"{data_asset}/{s}": r.fingerprint for s, r in refs.items()} | {"vocab_map": vocab_map.fingerprint}
     warm_from = None
     if config.warm_start:

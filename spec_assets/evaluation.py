@@ -13,7 +13,7 @@ from spec_assets.artifact_step import materialize_artifact
 from spec_assets.instance import target_pool
 from spec_assets.stage_config import stage_config
 from training.configs import EvalConfig
-from training.storage import ArtifactRef
+from training.storage import ArtifactRef, artifact_prefix
 
 GATE_CHECK = "beats_prompt_lookup"
 
@@ -56,10 +56,65 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
     return folder / "export"
 
 
+def _metadata_value(record, key: str):
+    value = record.asset_materialization.metadata.get(key)
+    return value.value if value is not None else None
+
+
+def _family(record) -> str:
+    # Materializations from before draft_model code version 4 name no family: EAGLE-3 was the only one.
+    return _metadata_value(record, "draft_family") or "eagle3"
+
+
+def _trained_on(record) -> str | None:
+    """The vocab_map data version (its fingerprint) a draft_model materialization read, from its
+    DataProvenance: "the same data" for drafts. vocab_map is the fan-in over every shard's
+    tokenized_shards, so one fingerprint fixes the tokenized rows (corpus, resampling, chat template,
+    target) and the draft vocabulary; hidden_states differ by family by design."""
+    provenance = dg.DataProvenance.from_tags(record.asset_materialization.tags or {})
+    version = provenance.input_data_versions.get(dg.AssetKey("vocab_map")) if provenance else None
+    return version.value if version is not None else None
+
+
+def compared_drafts(instance, store, draft: ArtifactRef, page: int = 100) -> tuple[dict[str, ArtifactRef], dict]:
+    """The newest draft_model materialization of each other family trained on the same data as `draft`
+    (the same vocab_map, `_trained_on`) whose artifact is still in the store, and what was compared
+    on: {"vocab_map": fingerprint or None, "note": one line when a family has no such draft}. Read
+    from Dagster's public records, newest first."""
+    from training.aux_layers import FAMILIES
+
+    records, cursor = [], None
+    while True:  # draft_model is materialized rarely: every record is few pages
+        got = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("draft_model")),
+                                              limit=page, cursor=cursor)
+        records += got.records
+        if not got.has_more:
+            break
+        cursor = got.cursor
+    own = next((r for r in records if _metadata_value(r, "fingerprint") == draft.fingerprint), None)
+    vocab = _trained_on(own) if own else None
+    if vocab is None:
+        return {}, {"vocab_map": None, "note": f"No other family compared: this instance holds no lineage "
+                                               f"(vocab_map) of draft_model {draft.fingerprint[:12]}."}
+    others = [f for f in FAMILIES if f != _family(own)]
+    found: dict[str, ArtifactRef] = {}
+    for r in records:
+        fp, fam = _metadata_value(r, "fingerprint"), _family(r)
+        if fam in others and fam not in found and fp and _trained_on(r) == vocab:
+            prefix = artifact_prefix("draft_model", None, fp)
+            if store.manifest(prefix) is not None:  # else deleted from the store: an older one may remain
+                found[fam] = ArtifactRef("draft_model", None, fp, prefix)
+    missing = [f for f in others if f not in found]
+    note = (f"No {' or '.join(missing)} draft trained on the same data (vocab_map {vocab[:12]}) to compare: "
+            f"train one with draft_model's (and hidden_states') draft_family: {missing[0]}.") if missing else None
+    return found, {"vocab_map": vocab, "note": note}
+
+
 @dg.asset(
     # 3: the report names the draft's family (eagle3 | dflash), and c / est. speedup count a DFlash
-    # block as one draft forward per step
-    code_version="3",
+    # block as one draft forward per step. 4: the newest draft of each other family trained on the
+    # same data is simulated beside it (compare_families)
+    code_version="4",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="evaluate",
     io_manager_key="artifact_refs",
@@ -95,21 +150,38 @@ def eval_report(
         raise dg.Failure("eval_report has no held-out prompts: the shards' heldout.parquet files are empty; "
                          "set SPECDRAFT_EVAL_PROMPTS to a prompt file or source_corpus heldout_fraction > 0")
 
+    # Like with like: the other families' newest drafts of the same data, simulated beside this one
+    # (only this one is gated, served and released).
+    compared, compared_on = (compared_drafts(context.instance, store, draft_model) if config.compare_families
+                             else ({}, {"vocab_map": None, "note": "Other families not compared (compare_families: false)."}))
+    if compared_on["note"]:
+        context.log.info(compared_on["note"])
+
+    def export_url(ref: ArtifactRef) -> str:
+        """The export's folder in the store (not the temporary download folder)."""
+        return store.url(store.manifest(ref.prefix).key("export/config.json").rsplit("/", 1)[0])
+
     def build(writer):
         with tempfile.TemporaryDirectory() as tmp:
+            others = [str(_local_export(store, ref, Path(tmp) / family)) for family, ref in compared.items()]
             # The simulator runs the HF model whatever the pipeline's backend; vLLM is measured by `served`.
-            result = evaluate(target.load(backend="hf"), str(_local_export(store, draft_model, Path(tmp))), prompts,
-                              log=context.log.info, **config.model_dump(exclude={"prompts_url"}))
-        # Name the draft by where it lives in the store, not by the temporary download folder.
-        config_key = store.manifest(draft_model.prefix).key("export/config.json")
-        result.config["draft"] = store.url(config_key.rsplit("/", 1)[0])
+            result = evaluate(target.load(backend="hf"), str(_local_export(store, draft_model, Path(tmp) / "draft")),
+                              prompts, log=context.log.info, compare=others,
+                              **config.model_dump(exclude={"prompts_url"}))
+        result.config["draft"] = export_url(draft_model)
+        result.config["compared_drafts"] = {family: export_url(ref) for family, ref in compared.items()}
+        result.config["compare_note"] = compared_on["note"]
         report = write_report(result, writer, k=config.gate_k)
         writer.summary = {"prompts": len(prompts), "prompts_rejected": result.config["prompts_rejected"],
                           **report["summary"], "min_tau": config.min_tau,
+                          "compared_drafts": {family: ref.fingerprint for family, ref in compared.items()},
+                          "compared_on_vocab_map": compared_on["vocab_map"],
                           "report_md": report["markdown"]}
 
     output = materialize_artifact(
-        context, store, build=build, upstream={"draft_model": draft_model.fingerprint, **prompt_sources},
+        context, store, build=build,
+        upstream={"draft_model": draft_model.fingerprint, **prompt_sources,
+                  **{f"compared/{family}": ref.fingerprint for family, ref in compared.items()}},
         config=config.model_dump(), target=target.identity(),
     )
     yield output

@@ -32,8 +32,9 @@ def _iter_rows(store, key: str, batch_rows: int = 256):
     partitions_def=corpus_shards,
     # 2: aux ids vLLM and SGLang cannot feed are refused, small targets get distinct default ids,
     # inf/NaN features are refused. 3: parts written by safetensors' own writer (its tensor order
-    # and header, not ours): the same tensors, other bytes.
-    code_version="3",
+    # and header, not ours): the same tensors, other bytes. 4: the summary names the draft family
+    # whose layers it stored (draft_model refuses features of another family).
+    code_version="4",
     pool=target_pool(),  # loads the target: one step per device slot across runs (spec_assets/instance.py)
     group_name="features",
     io_manager_key="artifact_refs",

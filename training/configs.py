@@ -141,8 +141,9 @@ class FeatureConfig:
 @dataclass
 class EvalConfig:
     """eval_report: decoding, prompts and the quality gate. `evaluate` reads the decoding fields;
-    max_prompts, gate_k and min_tau are for its caller (prompts.stratified_prompts, report.write_report
-    and report.gate) and recorded with the result."""
+    max_prompts, gate_k, min_tau and compare_families are for its caller (prompts.stratified_prompts,
+    report.write_report and report.gate, spec_assets.evaluation.compared_drafts) and recorded with
+    the result."""
 
     ks: list[int] = setting([1, 2, 3, 4, 5, 6, 7], "Draft lengths measured.")
     temperatures: list[float] = setting([0.0, 1.0], "Sampling temperatures measured.")
@@ -160,6 +161,9 @@ class EvalConfig:
                                         "sampling it.")
     ignore_eos: bool = setting(False, "Generate max_new_tokens whatever the target says (fixed-length timing).")
     warmup: bool = setting(True, "One short untimed run first, so lazy init does not land in the first prompt.")
+    compare_families: bool = setting(True, "eval_report: also simulate the newest draft of each other family "
+                                           "(eagle3 | dflash) trained on the same data (the same vocab_map), "
+                                           "beside the evaluated one; only the evaluated one is gated and released.")
     served: bool = setting(True, "Also decode the prompts in real vLLM with the export (method eagle3 or dflash, the export's) at every k "
                                  "and temperature when vLLM is installed: served tau beside the simulated one.")
 

@@ -264,6 +264,7 @@ def write_hidden_states(
         "seconds": seconds,
         "dtype": dtype,
         "aux_layer_ids": list(ids),
+        "draft_family": cfg.draft_family,  # whose layers these are: draft_model checks it names the same
         "hidden_size": H,
         "target": target.identity,
         "format": FORMAT_VERSION,

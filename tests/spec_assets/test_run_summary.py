@@ -81,3 +81,16 @@ def test_draft_summary_says_tau_the_gate_the_export_and_how_to_serve_it(tmp_path
     assert "quality gate beats_prompt_lookup: FAILED" in failed
     assert f"not released; the evaluated draft's export: {tmp_path / 'store' / 'draft_model/_/d1/export'}" in failed
     assert "(it did not pass the gate)" in failed
+
+
+def test_draft_summary_names_the_compared_family_beside_the_released_one(tmp_path):
+    store = ObjectStore((tmp_path / "store").as_uri())
+    taus = {**TAUS, ("dflash", 1, 0.0): 1.5, ("dflash", 3, 0.0): 2.1}
+    res = rows_for({k: v for k, v in taus.items() if k[2] == 0.0}, config={"draft_family": "dflash"})
+    res.config["draft"] = store.url("draft_model/_/d1/export")
+    _artifact(store, "eval_report", "e1", lambda w: setattr(w, "summary", write_report(res, w, k=3)["summary"]))
+    _artifact(store, "draft_model", "d1", lambda w: setattr(w, "summary", {}))
+    defs = SimpleNamespace(resources={"object_store": ObjectStoreResource(root=store.root),
+                                      "target": TargetModelResource(target="/models/llama")})
+    text = "\n".join(draft_summary([FakeRun({"eval_report"}, False)], defs))
+    assert ("T=0: DFlash tau 2.10, prompt lookup 1.40; compared (simulated, not gated): EAGLE-3 tau 2.60") in text

@@ -188,7 +188,8 @@ class EvalResult:
         tau, c, speedups) at k (default: the largest) and temperature (default: the lowest);
         `tau_by_k` one row per (temperature, k) evaluated; `acceptance_by_position` one row per
         draft position at (k, temperature): P(accepted | reached) of the draft and prompt lookup.
-        Other draft families evaluated beside it add `{family}_tau` / `{family}_est_speedup` columns."""
+        Other draft families evaluated beside it (`compared_families`) add `{family}_tau`, `{family}_c` and
+        `{family}_est_speedup` at (k, temperature), and `{family}_tau` / `{family}_est_speedup` columns."""
         k = max(self.ks) if k is None else k
         t = min(self.temperatures) if temperature is None else temperature
         dm = self.draft_method
@@ -200,6 +201,10 @@ class EvalResult:
                 out["greedy_exact_match"] = f"{e.exact_match}/{e.n_prompts}"
         if p is not None:
             out.update(prompt_lookup_tau=p.tau, prompt_lookup_wall_speedup=p.wall_speedup)
+        out["compared_families"] = self.drafted[1:]
+        for m in self.drafted[1:]:
+            if (r := self.row(m, k, t)) is not None:
+                out.update({f"{m}_tau": r.tau, f"{m}_c": r.c, f"{m}_est_speedup": r.est_speedup})
         if (s := self.served_row(k, t)) is not None:
             out.update(served_tau=s["served_tau"], served_over_simulated=s["ratio"])
             if s["exact_match"] is not None:
@@ -398,6 +403,12 @@ def report_markdown(result: EvalResult, embed_png: dict[str, bytes] | None = Non
                     if (r := result.row(m, kk, t)) is not None:
                         lines.append(f"| {t:g} | {kk} | {LABELS[m]} | {_f(r.tau)} | {r.forwards} | {_f(r.c, 3)} | "
                                      f"{_f(r.est_speedup)} |")
+        compared = cfg.get("compared_drafts") or {}
+        if compared:
+            lines += ["", "Compared (simulated only; the gate and the release are the "
+                      f"{name} draft's): " + ", ".join(f"{LABELS[m]} `{compared[m]}`" for m in sorted(compared)) + "."]
+    elif cfg.get("compare_note"):
+        lines += ["", "## Draft families side by side", "", cfg["compare_note"]]
     lines += ["", f"## Acceptance by position ({name}, P(accepted | reached))", ""]
     kmax = max(result.ks)
     lines.append("| T | k | " + " | ".join(f"pos {i + 1}" for i in range(kmax)) + " |")

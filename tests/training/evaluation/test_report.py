@@ -46,14 +46,15 @@ def test_per_position_bookkeeping():
     assert p.tau == pytest.approx(6 / 3)
 
 
-def rows_for(taus: dict, ks=(1, 3), temperatures=(0.0,), domains=("chat", "code")):
-    """An EvalResult whose eagle3 / prompt_lookup tau per (k, T) is taus[(method, k, T)]."""
+def rows_for(taus: dict, ks=(1, 3), temperatures=(0.0,), domains=("chat", "code"), config=None):
+    """An EvalResult whose tau per (method, k, T) is taus[(method, k, T)] (methods: eagle3, dflash,
+    prompt_lookup); config: added to the result's."""
     rows = []
     for t in temperatures:
         for dom in (*domains, "all"):
             rows.append(MethodStats("plain", 0, t, dom, n_prompts=1, steps=10, tokens=10, wall_time=1.0))
             for k in ks:
-                for method in ("eagle3", "prompt_lookup"):
+                for method in dict.fromkeys(m for m, _, _ in taus):
                     tau = taus[(method, k, t)]
                     steps = 100
                     acc = round((tau - 1) * steps)
@@ -63,7 +64,7 @@ def rows_for(taus: dict, ks=(1, 3), temperatures=(0.0,), domains=("chat", "code"
                                             accepted_at=per, draft_time=0.1 * k, target_time=1.0,
                                             wall_time=(steps + acc) / (tau * 10), exact_match=1 if t == 0 else None))
     return EvalResult(config={"target": "tiny", "draft": "d", "n_prompts": 2, "max_new_tokens": 8, "seed": 0,
-                              "device": "cpu"}, rows=rows).finalize()
+                              "device": "cpu", **(config or {})}, rows=rows).finalize()
 
 
 TAUS = {("eagle3", 1, 0.0): 1.7, ("eagle3", 3, 0.0): 2.6, ("prompt_lookup", 1, 0.0): 1.2,
@@ -85,6 +86,27 @@ def test_gate():
     worse[("eagle3", 1, 0.0)] = 1.1
     ok, detail = gate(rows_for(worse, temperatures=(0.0, 0.7)), 1, 1.0)
     assert not ok and "does not beat prompt lookup" in detail
+
+
+def test_the_gate_and_headline_are_the_released_familys_only():
+    """A compared family beside the released one neither passes nor fails the gate for it."""
+    taus = {("eagle3", 1, 0.0): 1.7, ("eagle3", 3, 0.0): 2.6, ("dflash", 1, 0.0): 1.05, ("dflash", 3, 0.0): 1.1,
+            ("prompt_lookup", 1, 0.0): 1.2, ("prompt_lookup", 3, 0.0): 1.4}
+    released_dflash = rows_for(taus, config={"draft_family": "dflash"})
+    ok, detail = gate(released_dflash, 3, 1.5)
+    assert not ok and "tau 1.100" in detail and "2.600" not in detail  # the weak DFlash draft fails
+    ok, detail = gate(rows_for(taus, config={"draft_family": "eagle3"}), 3, 1.5)
+    assert ok and "tau 2.600" in detail  # the same rows pass when EAGLE-3 is the one released
+    out = released_dflash.summary(k=3)
+    assert out["tau"] == pytest.approx(1.1) and out["compared_families"] == ["eagle3"]
+    assert out["eagle3_tau"] == pytest.approx(2.6) and out["eagle3_est_speedup"] == released_dflash.row("eagle3", 3).est_speedup
+    md = report_markdown(released_dflash)
+    assert "## Draft families side by side" in md and "| 0 | 3 | EAGLE-3 draft | 2.60 | 3 |" in md
+    # Without another family the section is one line, the note eval_report writes.
+    alone = rows_for({k: v for k, v in taus.items() if k[0] != "dflash"},
+                     config={"compare_note": "No dflash draft trained on the same data to compare."})
+    assert alone.summary(k=3)["compared_families"] == []
+    assert "## Draft families side by side\n\nNo dflash draft trained on the same data to compare.\n" in report_markdown(alone)
 
 
 def test_summary_has_headline_floats_and_rows_per_k_and_position():
