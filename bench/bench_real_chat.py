@@ -53,6 +53,10 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     "p120 r1 vocab 32000": (120, 1, {"draft_vocab": 32000}),
     "all r1 epochs 2": (None, 1, {"epochs": 2}),
     "all r4 epochs 1": (None, 4, {"epochs": 1}),
+    # the recipe at the 50k-token scale: lr and tokens per optimizer step
+    "all r1 epochs 2 lr 1e-3": (None, 1, {"epochs": 2, "lr": 1e-3}),
+    "all r1 epochs 2 lr 3e-4": (None, 1, {"epochs": 2, "lr": 3e-4}),
+    "all r1 epochs 2 batch 2048": (None, 1, {"epochs": 2, "max_tokens_per_batch": 2048}),
 }
 
 
@@ -188,6 +192,10 @@ def train_export(store, prefix: str, counts, name: str, overrides: dict, log) ->
     job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"path": str(TARGET)},
                    vocab_map=vkey, hidden_states=[prefix], export_dir=str(export_dir),
                    train={"log_every": 100, "checkpoint_every": 0, **overrides}, resume=False)
+    done = f"{job.run_prefix}/result.json"
+    if (export_dir / "model.safetensors").exists() and store.exists(done):
+        log(f"  reusing the finished run {job.run_prefix} (delete it to retrain)")
+        return export_dir, {"train_s": None, "draft_vocab": int(vocab), **store.read_json(done)}
     t0 = time.perf_counter()
     result = run(job, log=log)
     return export_dir, {"train_s": time.perf_counter() - t0, "draft_vocab": int(vocab), **result.summary()}
