@@ -201,19 +201,21 @@ def train_export(store, prefix: str, counts, name: str, overrides: dict, log) ->
     return export_dir, {"train_s": time.perf_counter() - t0, "draft_vocab": int(vocab), **result.summary()}
 
 
-def evaluate_export(export_dir: Path, prompts: list[dict], log) -> dict:
-    """Held-out tau at k=4: EAGLE-3 and prompt lookup simulated at T=0 and T=1, EAGLE-3 served by
-    vLLM at T=0 (the CPU build's sampled speculative decoding is broken: README, served table)."""
+def evaluate_export(export_dir: Path, prompts: list[dict], temperatures: list[float], log) -> dict:
+    """Held-out tau at k=4: EAGLE-3 and prompt lookup simulated at `temperatures` (T=0 and T=1 by
+    default), EAGLE-3 served by vLLM at T=0 (the CPU build's sampled speculative decoding is broken:
+    README, served table)."""
     from training.evaluation import evaluate
     from training.targets import load_target
 
     target = load_target(str(TARGET), backend="hf", device="cpu", dtype="float32")
-    res = evaluate(target, str(export_dir), prompts, ks=[4], temperatures=[0.0, 1.0], max_new_tokens=64,
+    res = evaluate(target, str(export_dir), prompts, ks=[4], temperatures=temperatures, max_new_tokens=64,
                    served=True, log=log)
     served = res.served_row(4, 0.0) or {}
+    at = lambda method, t: res.tau(method, 4, t) if t in temperatures else None  # noqa: E731
     return {
-        "tau_t0": res.tau("eagle3", 4, 0.0), "tau_t1": res.tau("eagle3", 4, 1.0),
-        "pl_t0": res.tau("prompt_lookup", 4, 0.0), "pl_t1": res.tau("prompt_lookup", 4, 1.0),
+        "tau_t0": at("eagle3", 0.0), "tau_t1": at("eagle3", 1.0),
+        "pl_t0": at("prompt_lookup", 0.0), "pl_t1": at("prompt_lookup", 1.0),
         "served_tau_t0": served.get("served_tau"), "served_ratio_t0": served.get("ratio"),
     }
 
@@ -274,6 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=40)
     ap.add_argument("--table", action="store_true", help="print the results so far")
     ap.add_argument("--check", action="store_true", help="also the train/serve mismatch check on training rows")
+    ap.add_argument("--temperatures", default="0,1", help="simulated temperatures (served: T=0 only)")
     args = ap.parse_args(argv)
     say = lambda s: print(s, flush=True)  # noqa: E731
     if args.table:
@@ -302,12 +305,14 @@ def main(argv=None) -> int:
         cover = heldout_coverage(held, counts, vocab)
         say(f"  held-out coverage by draft vocab size: {cover}")
         export_dir, trained = train_export(store, prefix, counts, name, overrides, say)
-        measured = evaluate_export(export_dir, held, say)
+        measured = evaluate_export(export_dir, held, [float(t) for t in args.temperatures.split(",")], say)
         results[name] = {"rows": len(rows), "trainable_tokens": trainable, **measured, "heldout_coverage": cover,
                          **{k: trained[k] for k in ("train_s", "draft_vocab", "steps", "exported_step")},
                          "epochs": trained["config"]["epochs"], "validation_rows": trained["config"]["validation_rows"],
-                         "heldout_curve": [(r["epoch"], round(r["simulated_acceptance_length"], 3))
+                         "heldout_curve": [(r["epoch"] + 1, round(r["simulated_acceptance_length"], 3))
                                            for r in trained["validation"]],
+                         "exported_epoch": next((r["epoch"] + 1 for r in trained["validation"]
+                                                 if r["step"] == trained["exported_step"]), None),
                          "train_acc_0": trained["acc"][0]}
         if args.check:
             results[name]["check"] = mismatch_check(store, export_dir, rows, 24, 64, say)
@@ -326,10 +331,10 @@ def print_table(results: dict) -> None:
     for name, r in results.items():
         served = r.get("served_tau_t0")
         ratio = f"{served / r['pl_t0']:.2f}x" if served else "-"
-        exported = next((e for e, _ in r["heldout_curve"] if r["exported_step"] is not None), None)
-        print(f"| {name} | {r['rows']} | {r['trainable_tokens']} | {r['epochs']} ({exported}) | {r['tau_t0']:.2f} | "
-              f"{served if served is None else round(served, 2)} | {r['tau_t1']:.2f} | {r['pl_t0']:.2f} | "
-              f"{r['pl_t1']:.2f} | {ratio} |")
+        exported = r.get("exported_epoch")
+        f2 = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        print(f"| {name} | {r['rows']} | {r['trainable_tokens']} | {r['epochs']} ({exported}) | {f2(r['tau_t0'])} | "
+              f"{f2(served)} | {f2(r['tau_t1'])} | {f2(r['pl_t0'])} | {f2(r['pl_t1'])} | {ratio} |")
 
 
 if __name__ == "__main__":
