@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD .venv/bin/python bench/bench_families.py                  # demo target, ~15 min on 2 cores
     PYTHONPATH=$PWD .venv/bin/python bench/bench_families.py --steps 300 --dflash-layers 2
-    PYTHONPATH=$PWD .venv/bin/python bench/bench_families.py --target stories260k   # ~20 min on 2 cores
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_families.py --target stories260k   # ~55 min on 2 shared cores
 
 Targets (`--target`):
 - demo: the embedded demo target (training/demo; H=128, 8 layers). Data: `--rows` (600) demo
