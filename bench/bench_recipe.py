@@ -104,10 +104,22 @@ def variants() -> dict[str, tuple[dict, dict, int | None]]:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def load_prompts(n_heldout: int) -> tuple[list[str], list[str]]:
+def split_rows(n_heldout: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows) of DATA ({id, prompt, completion}): the last `n_heldout` rows
+    are held out. Ids must be unique, so no held-out prompt is also trained on under another row."""
     rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
-    prompts = [r["prompt"] for r in rows]
-    return prompts[:-n_heldout], prompts[-n_heldout:]
+    seen: set = set()
+    dup = [r["id"] for r in rows if r["id"] in seen or seen.add(r["id"])]
+    if dup:
+        raise ValueError(f"{DATA}: {len(dup)} duplicate ids, e.g. {dup[0]!r}")
+    if not 0 < n_heldout < len(rows):
+        raise ValueError(f"{DATA}: cannot hold out {n_heldout} of its {len(rows)} rows")
+    return rows[:-n_heldout], rows[-n_heldout:]
+
+
+def load_prompts(n_heldout: int) -> tuple[list[str], list[str]]:
+    train, heldout = split_rows(n_heldout)
+    return [r["prompt"] for r in train], [r["prompt"] for r in heldout]
 
 
 def _key(**parts) -> str:
