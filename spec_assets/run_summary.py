@@ -1,6 +1,6 @@
 """What a `specdraft run` made, said at its end: the draft's tau against prompt lookup at the gate's
-k (per temperature evaluated; the other families' drafts eval_report compared beside it), whether the quality gate passed, where the export is, the vLLM and
-SGLang commands that serve it, and `make ui` to look closer."""
+k (per temperature evaluated; the other families' drafts eval_report compared beside it), whether
+the quality gate passed, where the export is, the vLLM and SGLang commands that serve it, and `make ui` to look closer."""
 
 from __future__ import annotations
 
@@ -65,9 +65,9 @@ def draft_summary(results, defs) -> list[str]:
     lines = [f"draft vs prompt lookup at k={k} (tau: tokens per target forward; ceiling {k + 1}):"]
     for t in result.temperatures:
         served = result.served_row(k, t)
-        compared = ", ".join(f"{LABELS[m].removesuffix(' draft')} tau {_fmt(result.tau(m, k, t))}" for m in result.drafted[1:])
-        lines.append(f"  T={t:g}: {LABELS[result.draft_method].removesuffix(' draft')} tau {_fmt(result.tau(result.draft_method, k, t))}, "
-                     f"prompt lookup {_fmt(result.tau('prompt_lookup', k, t))}"
+        tau_of = lambda m: f"{LABELS[m].removesuffix(' draft')} tau {_fmt(result.tau(m, k, t))}"  # noqa: E731
+        compared = ", ".join(tau_of(m) for m in result.drafted[1:])
+        lines.append(f"  T={t:g}: {tau_of(result.draft_method)}, prompt lookup {_fmt(result.tau('prompt_lookup', k, t))}"
                      + (f"; served by vLLM {_fmt(served['served_tau'])}" if served else "")
                      + (f"; compared (simulated, not gated): {compared}" if compared else ""))
     note = store.manifest(read_ref(store, "draft_model").prefix).summary.get("data_note")
