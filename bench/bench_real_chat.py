@@ -57,6 +57,11 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     "all r1 epochs 2 lr 1e-3": (None, 1, {"epochs": 2, "lr": 1e-3}),
     "all r1 epochs 2 lr 3e-4": (None, 1, {"epochs": 2, "lr": 3e-4}),
     "all r1 epochs 2 batch 2048": (None, 1, {"epochs": 2, "max_tokens_per_batch": 2048}),
+    # TTT length and draft vocabulary at the 50k-token scale
+    "all r1 epochs 2 ttt 4": (None, 1, {"epochs": 2, "ttt_length": 4}),
+    "all r1 epochs 2 vocab 16384": (None, 1, {"epochs": 2, "draft_vocab": 16384}),
+    # prompts the target writes (resampled_corpus.written_prompts), at the token count of "all r4"
+    "all r1 written 2 epochs 1": (None, 1, {"written_prompts": 2, "epochs": 1}),
 }
 
 
@@ -128,6 +133,48 @@ def replies(prompts: list[str], n_replies: int, log) -> list[dict]:
         if target is not None:
             target.close()
     return rows
+
+
+def written(store, prompts: list[str], m: int, log) -> list[dict]:
+    """`m` prompts the target writes per train prompt, answered greedily: the product's resampling
+    driver (resample_conversations, ResampleConfig.written_prompts) on the vllm backend. The train
+    prompts go in without an assistant turn, so only their written copies are generated (the rows
+    themselves are settled as no_assistant_turn). Saved per batch (ResampleProgress): a killed run
+    resumes. Rows as `replies` gives them; reply index "w{j}"."""
+    from training.configs import ResampleConfig
+    from training.resample import ResampleProgress, prompt_digest, resample_conversations
+    from training.targets.base import render_prompt
+    from training.targets.vllm import VLLMTarget
+
+    key = _key(prompts=prompts, written=m, max_new=MAX_NEW_TOKENS)
+    path = OUT / "replies" / f"written-{key}.json"
+    if not path.exists():
+        rows = [{"id": f"p{i:04d}", "messages": [{"role": "user", "content": p}], "source": "fixtures", "tools": None}
+                for i, p in enumerate(prompts)]
+        cfg = ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=MAX_NEW_TOKENS, written_prompts=m)
+        target = VLLMTarget(str(TARGET))
+        t0 = time.perf_counter()
+        try:
+            res = resample_conversations(target, rows, cfg, progress=ResampleProgress(store, f"written/{key}"),
+                                         log=lambda line: log(f"  {line}"))
+            stop = target.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            out = []
+            for r in res.table.to_pylist():
+                prompt = render_prompt(target.tokenizer, r["messages"][:-1])
+                assert prompt_digest(prompt) == r["prompt_digests"][0], r["id"]  # the prompt the target answered
+                reply = list(r["completion_ids"][0]) + ([stop] if r["finish_reason"] == "stop" else [])
+                i, j = r["id"].split("~prompt")
+                out.append({"prompt": int(i[1:]), "reply": f"w{j}", "ids": prompt + reply,
+                            "mask": [0] * len(prompt) + [1] * len(reply), "finish": r["finish_reason"],
+                            "user": r["messages"][-2]["content"]})
+        finally:
+            target.close()
+        rejected = {}
+        for r in res.rejects.to_pylist():
+            rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
+        log(f"  written prompts: {len(out)} kept, rejects {rejected} ({time.perf_counter() - t0:.0f}s)")
+        path.write_text(json.dumps(out))
+    return json.loads(path.read_text())
 
 
 def heldout_coverage(held: list[dict], counts, vocab: int) -> dict:
@@ -292,7 +339,9 @@ def main(argv=None) -> int:
     for name in names:
         n_prompts, n_replies, overrides = POINTS[name]
         say(f"== {name}")
-        rows = replies(prompts, n_replies, say)
+        overrides = dict(overrides)
+        n_written = overrides.pop("written_prompts", 0)
+        rows = replies(prompts, n_replies, say) + (written(store, prompts, n_written, say) if n_written else [])
         rows = [r for r in rows if n_prompts is None or r["prompt"] < n_prompts]
         trainable = sum(sum(r["mask"]) for r in rows)
         say(f"  {len(rows)} rows, {trainable} trainable tokens")

@@ -76,12 +76,18 @@ class ResampleConfig:
     replies_per_prompt: int = setting(1, "Target-written rows per conversation: the row itself and n - 1 copies "
                                          "(ids '{id}~reply{j}') answered again at the mixture's temperatures above "
                                          "0. More target-written data for a small corpus (bench_real_chat).")
+    written_prompts: int = setting(0, "Prompts the target writes per conversation (ids '{id}~prompt{j}'): after the "
+                                      "row's system turns the target continues its template's user-turn opening "
+                                      "at T=1 (the Magpie recipe), then answers that prompt at the mixture's "
+                                      "temperatures. Target-written data on topics beyond a small corpus's.")
 
     def __post_init__(self):
         # Keys arrive as strings from Dagster/JSON config; normalise once here.
         self.temperatures = check_mixture(self.temperatures)
         if self.replies_per_prompt < 1:
             raise ResampleError(f"replies_per_prompt must be at least 1, got {self.replies_per_prompt}")
+        if self.written_prompts < 0:
+            raise ResampleError(f"written_prompts must be at least 0, got {self.written_prompts}")
         if self.replies_per_prompt > 1 and not any(t > 0 and w > 0 for t, w in self.temperatures.items()):
             raise ResampleError(f"replies_per_prompt={self.replies_per_prompt} needs a temperature above 0 in "
                                 f"the mixture {self.temperatures}: greedy copies would repeat the first reply")

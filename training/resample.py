@@ -116,22 +116,45 @@ def draw_temperature(row_id: str, mixture: dict[float, float], seed: int) -> flo
 
 
 REPLY_MARK = "~reply"
+PROMPT_MARK = "~prompt"
+# A written prompt is sampled at T=1: the target's own spread of prompts (the Magpie recipe).
+WRITTEN_PROMPT_TEMPERATURE = 1.0
 
 
-def with_replies(rows: list[dict], n: int) -> list[dict]:
-    """Each row followed by n - 1 copies the target answers again (replies_per_prompt): ids
-    `{id}~reply{j}`, so each copy has its own temperature, seeds and progress record."""
-    if n == 1:
+def with_copies(rows: list[dict], cfg: ResampleConfig) -> list[dict]:
+    """Each row followed by the copies the target writes: replies_per_prompt - 1 answered again (ids
+    `{id}~reply{j}`) and written_prompts whose user turn the target writes (ids `{id}~prompt{j}`: the
+    row's leading system turns, then a user turn resample_batch fills and an assistant turn). Each
+    copy has its own temperature, seeds and progress record."""
+    n, w = cfg.replies_per_prompt, cfg.written_prompts
+    if n == 1 and w == 0:
         return rows
-    clash = next((r["id"] for r in rows if REPLY_MARK in r["id"]), None)
-    if clash is not None:
-        raise ResampleError(f"row id {clash!r} contains {REPLY_MARK!r}, which marks the copies replies_per_prompt "
-                            "adds: rename it or keep replies_per_prompt at 1")
-    return [copy for row in rows for copy in (row, *({**row, "id": f"{row['id']}{REPLY_MARK}{j}"} for j in range(1, n)))]
+    for mark, setting_name in ((REPLY_MARK, "replies_per_prompt"), (PROMPT_MARK, "written_prompts")):
+        clash = next((r["id"] for r in rows if mark in r["id"]), None)
+        if clash is not None:
+            raise ResampleError(f"row id {clash!r} contains {mark!r}, which marks the copies {setting_name} adds: "
+                                f"rename it or leave {setting_name} at its default")
+    out = []
+    for row in rows:
+        out += [row, *({**row, "id": f"{row['id']}{REPLY_MARK}{j}"} for j in range(1, n))]
+        system = []
+        for m in row["messages"]:
+            if m["role"] != "system":
+                break
+            system.append(dict(m))
+        out += [{**row, "id": f"{row['id']}{PROMPT_MARK}{j}", "tools": None,
+                 "messages": [*system, {"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}
+                for j in range(1, w + 1)]
+    return out
+
+
+def is_written(row_id: str, cfg: ResampleConfig) -> bool:
+    """A copy whose user turn the target writes (with_copies)."""
+    return cfg.written_prompts > 0 and PROMPT_MARK in row_id
 
 
 def row_temperature(row_id: str, cfg: ResampleConfig) -> float:
-    """A row's temperature: a copy made by with_replies draws only from the mixture's temperatures
+    """A row's temperature: a copy replies_per_prompt makes (with_copies) draws only from the mixture's temperatures
     above 0 (a greedy copy would repeat the first reply token for token)."""
     mixture = cfg.temperatures
     if cfg.replies_per_prompt > 1 and REPLY_MARK in row_id:
@@ -295,6 +318,10 @@ def resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: st
             states[-1]["reject"] = ("tools_unsupported", f"the {getattr(target, 'backend', type(target).__name__)} "
                                     "backend cannot show the target this conversation's tools and calls")
 
+    written = [s for s in states if s["reject"] is None and is_written(s["row"]["id"], cfg)]
+    if written:
+        _write_prompts(target, renderer, written, cfg, batch_no)
+
     for j in range(max(len(s["turns"]) for s in states)):
         active = []
         for s in states:
@@ -369,6 +396,48 @@ def resample_batch(target, batch: list[dict], cfg: ResampleConfig, generator: st
                         "prompt_digests": s["digests"] if known else None,
                         "reject_reason": None, "reject_detail": None})
     return out
+
+
+def _write_prompts(target, renderer, states: list[dict], cfg: ResampleConfig, batch_no: int) -> None:
+    """Fill each written copy's user turn with what the target writes after its template's user-turn
+    opening (one complete call for the batch); a prompt cut at max_new_tokens or empty rejects its row."""
+    from training.targets.base import SamplingParams
+    from training.tokenization.templates import RowReject, user_turn_opening
+
+    if renderer is None:
+        raise ResampleError("written_prompts needs the target's tokenizer to render its user-turn opening "
+                            "(the openai backend: set tokenizer to the served model's)")
+    active, prompts = [], []
+    for s in states:
+        try:
+            opening = user_turn_opening(renderer, s["messages"][:-2])
+        except RowReject as exc:
+            s["reject"] = (exc.reason, f"written prompt: {exc.detail}")
+            continue
+        active.append(s)
+        prompts.append(target.tokenizer(opening, add_special_tokens=False)["input_ids"])
+    if not active:
+        return
+    params = [SamplingParams(temperature=WRITTEN_PROMPT_TEMPERATURE, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             seed=turn_seed(s["row"]["id"], -1, cfg.seed)) for s in active]
+    try:
+        gens = target.complete(prompts, params)
+    except Exception as exc:
+        ids = [s["row"]["id"] for s in active]
+        raise ResampleError(f"writing prompts failed in batch {batch_no} ({len(ids)} rows, {ids[0]} .. {ids[-1]}): "
+                            f"{type(exc).__name__}: {exc}") from exc
+    if len(gens) != len(active):
+        raise ResampleError(f"batch {batch_no}: the backend wrote {len(gens)} prompts for {len(active)} rows")
+    for s, gen in zip(active, gens):
+        s["n_tokens"] += int(gen.n_tokens or 0)
+        text = (gen.text or "").strip()
+        if gen.finish_reason == "length":
+            s["reject"] = ("written_prompt_length", f"the target's prompt did not end within "
+                                                    f"max_new_tokens={cfg.max_new_tokens}")
+        elif not text:
+            s["reject"] = ("empty_prompt", "the target wrote an empty prompt")
+        else:
+            s["messages"][-2]["content"] = text
 
 
 def _assemble(rows: list[dict], done: dict[str, dict], n_resumed: int) -> ResampleResult:
@@ -446,7 +515,7 @@ def resample_rows(
     backend error stops the run with ResampleError (finished batches stay saved); rows are never
     silently dropped.
     """
-    rows = with_replies(_as_rows(rows), cfg.replies_per_prompt)
+    rows = with_copies(_as_rows(rows), cfg)
     done: dict[str, dict] = {}
     pending: list[dict] = []
     seen: set[str] = set()

@@ -110,8 +110,10 @@ def test_ray_path_equals_local_path_bitwise(cluster, tiny_target, tmp_path):
     # Chat settings the template reads: the actors must render with them as the local path does.
     env = graph_env(tmp_path, preamble_target(tiny_target, tmp_path / "preamble"), n_shards=1)
     cfg = config(batch_size=4, new_tokens=12)
-    # Several target replies per conversation: the copies are made by the one driver both paths run.
+    # Several target replies per conversation and prompts the target writes: the copies are made, and
+    # the prompts written (resample_batch), by the one driver both paths run.
     cfg["ops"]["resampled_corpus"]["config"]["replies_per_prompt"] = 2
+    cfg["ops"]["resampled_corpus"]["config"]["written_prompts"] = 1
     kwargs = '{"preamble": "Answer briefly."}'
     local, _, local_wall = materialize(env, tmp_path / "local", "", cfg, chat_template_kwargs=kwargs)
     assert local.success
@@ -126,7 +128,11 @@ def test_ray_path_equals_local_path_bitwise(cluster, tiny_target, tmp_path):
     first = s.read_parquet(data).column("input_ids").to_pylist()[0]
     assert "Answer briefly." in AutoTokenizer.from_pretrained(env["SPECDRAFT_TARGET"]).decode(first)  # it took effect
     ids = s.read_parquet(data).column("id").to_pylist()
-    assert len(ids) > 2 and sum("~reply1" in i for i in ids) * 2 >= len(ids) - 2  # the copies reached tokenization
+    replies, written = sum("~reply1" in i for i in ids), sum("~prompt1" in i for i in ids)
+    assert len(ids) > 2 and replies >= len(ids) - replies - written - 2  # the copies reached tokenization
+    # every conversation's written prompt came out of resampling, kept or a reject with its reason
+    out = [p for p in s.list(f"resampled_corpus/{SHARD}", recursive=True) if p.endswith(".parquet")]
+    assert sum("~prompt1" in i for p in out for i in s.read_parquet(p).column("id").to_pylist()) >= (len(ids) - written) // 2
     # Progress streamed into the step's log, from actors on both nodes.
     text = "\n".join(logs)
     assert "ray: 2 target actors on" in text

@@ -677,3 +677,74 @@ def test_harmony_replies_keep_analysis_and_final_channels_apart(rows, tmp_path):
     assert tok.n_in == res.n_ok and tok.n_rejected == 0 and tok.id_mismatches == 0
     assert tok.rows_from_generated_ids == tok.table.num_rows and tok.reasoning_turns == len(
         [m for m in replies if m["reasoning_content"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts the target writes
+
+
+def test_written_prompts_are_the_targets_own_and_answered(target, rows):
+    cfg = ResampleConfig(max_new_tokens=8, written_prompts=2)
+    res = resample_conversations(target, rows[:6], cfg, log=lambda s: None)
+    check_counts(res)
+    assert res.n_in == 18
+    got = {r["id"]: r for r in res.table.to_pylist() + res.rejects.to_pylist()}
+    assert set(got) == {f"{r['id']}{s}" for r in rows[:6] for s in ("", "~prompt1", "~prompt2")}
+    # the corpus rows come out as they do without written prompts
+    one = resample_conversations(target, rows[:6], ResampleConfig(max_new_tokens=8), log=lambda s: None)
+    assert [got[r["id"]] for r in one.table.to_pylist()] == one.table.to_pylist()
+    source = {r["id"]: r for r in rows[:6]}
+    written = [r for i, r in got.items() if "~prompt" in i and r.get("messages")]
+    assert len(written) >= 8
+    for r in written:
+        src = source[r["id"].split("~")[0]]["messages"]
+        system = [m["content"] for m in src[:1] if m["role"] == "system"]
+        msgs = r["messages"]
+        assert [m["role"] for m in msgs] == ["system"] * len(system) + ["user", "assistant"]
+        assert [m["content"] for m in msgs[:len(system)]] == system
+        # the bigram table's continuation of "<|im_start|>user": "answer", then "more answer" or the end of turn
+        words = msgs[-2]["content"].split()
+        assert words[0] == "answer" and set(words) <= {"answer", "more"}, msgs[-2]
+        assert msgs[-1]["content"] or msgs[-1].get("reasoning_content")
+    assert any(s["role"] == "system" for r in written for s in r["messages"])
+    assert len({r["temperature"] for r in written}) > 1  # answered at the mixture's temperatures, greedy included
+    # a written prompt is a function of (row id, seed): the same run writes the same prompts
+    again = resample_conversations(target, rows[:6], cfg, log=lambda s: None)
+    assert again.table.to_pylist() == res.table.to_pylist()
+    with pytest.raises(ResampleError, match="contains '~prompt'"):
+        resample_conversations(target, [{**rows[0], "id": "a~prompt1"}], cfg)
+
+
+def test_written_prompts_that_do_not_end_or_are_empty_are_rejects_with_their_reason(target, rows, tmp_path):
+    from training.targets import load_target
+
+    cut = resample_conversations(target, rows[:4], ResampleConfig(max_new_tokens=1, written_prompts=1),
+                                 log=lambda s: None)
+    check_counts(cut)
+    reasons = {r["id"]: r["reason"] for r in cut.rejects.to_pylist()}
+    assert all(reasons.get(f"{r['id']}~prompt1") == "written_prompt_length" for r in rows[:4]), reasons
+    silent = load_target(str(build_bigram_target(tmp_path / "silent", {**CHAIN, "user": {"<|im_end|>": 10.0}})), "hf")
+    empty = resample_conversations(silent, rows[:4], ResampleConfig(max_new_tokens=8, written_prompts=1),
+                                   log=lambda s: None)
+    check_counts(empty)
+    reasons = {r["id"]: r["reason"] for r in empty.rejects.to_pylist()}
+    assert all(reasons.get(f"{r['id']}~prompt1") == "empty_prompt" for r in rows[:4]), reasons
+
+
+def test_written_prompts_resume_from_progress_and_need_a_tokenizer(target, rows, tmp_path):
+    from training.storage import ObjectStore
+    from training.targets import TargetError
+
+    cfg = ResampleConfig(max_new_tokens=8, written_prompts=1, batch_size=4)
+    progress = ResampleProgress(ObjectStore(str(tmp_path)), "progress")
+    first = resample_conversations(target, rows[:6], cfg, progress=progress, log=lambda s: None)
+    resumed = resample_conversations(target, rows[:6], cfg, progress=progress, log=lambda s: None)
+    assert resumed.n_resumed == 12 and resumed.table.to_pylist() == first.table.to_pylist()
+
+    class NoTokenizer(Spy):  # an openai server given no tokenizer: its template is out of reach
+        @property
+        def tokenizer(self):
+            raise TargetError("the openai backend has no tokenizer of its own")
+
+    with pytest.raises(ResampleError, match="written_prompts needs the target's tokenizer"):
+        resample_conversations(NoTokenizer(target, rows), rows[:2], cfg, log=lambda s: None)

@@ -131,6 +131,12 @@ class TargetModel(ABC):
         """One assistant reply per conversation; the backend applies the chat template. A backend with
         `supports_tools` also takes `tools=`: per conversation, its tool schemas (a list, JSON text or None)."""
 
+    def complete(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        """What the target writes after each token-id prompt, no template applied: e.g. the user turn
+        after its template's own user-turn opening (resampling's written prompts). Stops where
+        `generate` stops (the end-of-turn / EOS tokens); Generation as generate's."""
+        raise TargetError(f"the {self.backend!r} backend cannot continue a token-id prompt; use 'hf', 'vllm' or 'openai'")
+
     def close(self) -> None:
         """Release models, engines and pools (a later call loads them again)."""
 

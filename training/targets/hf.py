@@ -204,6 +204,13 @@ class HFTarget(TargetModel):
             raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
         tools = tools or [None] * len(conversations)
         prompts = [render_prompt(self.tokenizer, c, self.chat_template_kwargs, t) for c, t in zip(conversations, tools)]
+        return self.complete(prompts, sampling)
+
+    def complete(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        """generate's batched sampling (same guarantee) after token-id prompts, no template applied."""
+        if len(prompts) != len(sampling):
+            raise TargetError(f"{len(prompts)} prompts but {len(sampling)} sampling params")
+        prompts = [[int(t) for t in p] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)
         step = max(1, self.generation_batch_size)

@@ -135,6 +135,33 @@ class OpenAITarget(TargetModel):
         answers = asyncio.run(self._run(lambda client: [post(client, b) for b in bodies]))
         return [self._generation(i, data) for i, data in enumerate(answers)]
 
+    def complete(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        """POST /completions with each prompt as token ids (vLLM and SGLang take them), no template."""
+        if len(prompts) != len(sampling):
+            raise TargetError(f"{len(prompts)} prompts but {len(sampling)} sampling params")
+        model, limit = self.model_name, asyncio.Semaphore(self.max_concurrency)
+
+        async def post(client, prompt, params):
+            async with limit:
+                request = client.completions.with_raw_response.create(
+                    model=model, prompt=[int(t) for t in prompt], extra_body=self._sampling(params))
+                return await self._call("POST", "/completions", request)
+
+        answers = asyncio.run(self._run(lambda client: [post(client, p, s) for p, s in zip(prompts, sampling)]))
+        out = []
+        for prompt, data in zip(prompts, answers):
+            choices = data.get("choices") or []
+            if not choices or choices[0].get("text") is None:
+                raise OpenAIError(f"{self.base_url}/completions returned no text (choices={len(choices)})")
+            choice = choices[0]
+            finish, ids = str(choice.get("finish_reason") or "stop"), choice.get("token_ids")
+            if ids is not None and finish == "stop":  # as in _generation: a stop string cuts the text inside them
+                ids = None if isinstance(choice.get("stop_reason"), str) else ids[:-1]
+            out.append(Generation(
+                text=choice["text"], finish_reason=finish, n_tokens=int((data.get("usage") or {}).get("completion_tokens") or 0),
+                token_ids=None if ids is None else tuple(int(t) for t in ids), prompt_token_ids=tuple(int(t) for t in prompt)))
+        return out
+
     async def _run(self, requests):
         """Await the coroutines `requests(client)` makes with one SDK client; their results in order."""
         import openai
@@ -175,17 +202,18 @@ class OpenAITarget(TargetModel):
         except ValueError:
             raise OpenAIError(f"{method} {url}: response is not JSON: {_excerpt(content)}") from None
 
-    def _body(self, model: str, conversation: list[dict], params: SamplingParams, tools=None) -> dict:
-        body = {
-            "model": model,
-            "messages": [_request_message(m) for m in conversation],
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "max_tokens": params.max_new_tokens,
-            **self.extra_body,
-        }
+    def _sampling(self, params: SamplingParams) -> dict:
+        """The request fields a chat and a plain completion share."""
+        body = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_new_tokens,
+                **self.extra_body}
         if params.seed is not None:
             body["seed"] = params.seed
+        if self.return_token_ids:
+            body["return_token_ids"] = True
+        return body
+
+    def _body(self, model: str, conversation: list[dict], params: SamplingParams, tools=None) -> dict:
+        body = {"model": model, "messages": [_request_message(m) for m in conversation], **self._sampling(params)}
         if tools:
             body["tools"] = json.loads(tools) if isinstance(tools, str) else tools
         from training.tokenization.templates import TEMPLATE_DATE_KEY
@@ -195,8 +223,6 @@ class OpenAITarget(TargetModel):
         server_kwargs = {k: v for k, v in self.chat_template_kwargs.items() if k != TEMPLATE_DATE_KEY}
         if server_kwargs:
             body["chat_template_kwargs"] = server_kwargs
-        if self.return_token_ids:
-            body["return_token_ids"] = True
         return body
 
     def _generation(self, index: int, data: dict) -> Generation:

@@ -182,16 +182,27 @@ class VLLMTarget(TargetModel):
     def generate(self, conversations: Sequence[list[dict]], sampling: Sequence[SamplingParams]) -> list[Generation]:
         if len(conversations) != len(sampling):
             raise TargetError(f"{len(conversations)} conversations but {len(sampling)} sampling params")
-        vllm = import_vllm()
-        llm = self.generation_engine()
-        params = [
-            vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed)
-            for s in sampling
-        ]
-        outputs = llm.chat(
-            [list(c) for c in conversations], params, use_tqdm=False,
+        outputs = self.generation_engine().chat(
+            [list(c) for c in conversations], self._params(sampling), use_tqdm=False,
             chat_template_kwargs=self.chat_template_kwargs,
         )
+        return self._generations(outputs)
+
+    def complete(self, prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams]) -> list[Generation]:
+        if len(prompts) != len(sampling):
+            raise TargetError(f"{len(prompts)} prompts but {len(sampling)} sampling params")
+        outputs = self.generation_engine().generate(
+            [{"prompt_token_ids": [int(t) for t in p]} for p in prompts], self._params(sampling), use_tqdm=False)
+        return self._generations(outputs)
+
+    @staticmethod
+    def _params(sampling: Sequence[SamplingParams]) -> list:
+        vllm = import_vllm()
+        return [vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, seed=s.seed)
+                for s in sampling]
+
+    def _generations(self, outputs) -> list[Generation]:
+        """Generation per vLLM RequestOutput: the engine's own ids, without the stop token."""
         from training.targets.harmony import harmony_ids, split_channels
 
         harmony = harmony_ids(self.tokenizer)  # gpt-oss: channels kept apart, not flattened into the text

@@ -342,6 +342,17 @@ class PlainRenderer:
         return ReplyFrame(self.render(messages[:i], add_generation_prompt=True), self.eos, content, True)
 
 
+def user_turn_opening(renderer, messages: list[dict]) -> str:
+    """The text the template puts before a user turn's content after `messages` (its system turns):
+    what the target continues to write a prompt of its own (resampling's written prompts, the
+    Magpie recipe). RowReject when the template does not show a user turn's content."""
+    probe = renderer.render([*messages, {"role": "user", "content": REPLY_SENTINEL}])
+    at = probe.rfind(REPLY_SENTINEL)
+    if at < 0:
+        raise RowReject("template_error", "the template does not render a user turn's content")
+    return probe[:at]
+
+
 def prompt_renderer(tokenizer, template_kwargs: dict | None = None):
     """What renders generation prompts for this tokenizer (its chat template, else plain), without
     make_renderer's masking probe: resampling and evaluation render every prompt through it first,

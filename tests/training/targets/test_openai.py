@@ -68,6 +68,14 @@ class Server:
         if self.mode == "empty":
             return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "stop"}]}
         params = SamplingParams(body["temperature"], body["top_p"], body["max_tokens"], body.get("seed"))
+        if "prompt" in body:  # /v1/completions with token ids, as vLLM answers it
+            with self.lock:
+                [gen] = self.target.complete([body["prompt"]], [params])
+            stop = [self.target.tokenizer.eos_token_id] if gen.finish_reason == "stop" else []
+            choice = {"index": 0, "text": gen.text, "finish_reason": gen.finish_reason, "stop_reason": None}
+            if body.get("return_token_ids"):
+                choice["token_ids"] = [*gen.token_ids, *stop]
+            return 200, {"object": "text_completion", "choices": [choice], "usage": {"completion_tokens": gen.n_tokens}}
         with self.lock:  # one forward at a time on the shared model
             [gen] = self.target.generate([body["messages"]], [params])
         choice = {"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason}
@@ -130,6 +138,18 @@ def test_token_ids_and_chat_template_kwargs(server, hf_target):
     server.mode = "no_ids"
     [gen] = client.generate(CONVS[:1], PARAMS[:1])
     assert gen.text == ref.text and gen.token_ids is None and gen.prompt_token_ids is None
+
+
+def test_complete_continues_token_ids_as_the_served_target_does(server, hf_target):
+    """/v1/completions with token-id prompts (resampling's written prompts): no template, the served ids."""
+    client = load_target(server.url, backend="openai", max_concurrency=2)
+    prompts = [hf_target.tokenizer(f"<|im_start|>user\nquestion {i}", add_special_tokens=False)["input_ids"]
+               for i in range(len(PARAMS))]
+    gens = client.complete(prompts, PARAMS)
+    assert gens == hf_target.complete(prompts, PARAMS)
+    assert all(g.prompt_token_ids == tuple(p) and g.token_ids for g, p in zip(gens, prompts))
+    body = server.bodies[-1]
+    assert body["prompt"] in prompts and "messages" not in body and body["return_token_ids"] is True
 
 
 def test_server_refusing_return_token_ids_says_what_to_set(server):

@@ -143,6 +143,15 @@ def test_token_ids_are_the_engines_and_equal_hf_greedy(server, target_dir, hf):
     assert load_target(server.url, backend="openai").model_name == SERVED  # as the server lists it
 
 
+def test_complete_takes_token_ids_and_equals_hf_greedy(server, target_dir, hf):
+    """/v1/completions with token-id prompts (resampling's written prompts): no template applied."""
+    prompts = [list(render_prompt(hf.tokenizer, conv))[:-2] for conv in CONVERSATIONS]
+    served = client(server, target_dir).complete(prompts, [GREEDY] * len(prompts))
+    for s, r, p in zip(served, hf.complete(prompts, [GREEDY] * len(prompts)), prompts):
+        assert s.token_ids == r.token_ids and s.prompt_token_ids == tuple(p) and s.n_tokens == r.n_tokens
+        assert s.text == hf.tokenizer.decode(list(s.token_ids))
+
+
 def test_stop_tokens_and_stop_strings(server, target_dir, hf):
     """vLLM's token_ids end with the stop token that ended a reply: the backend drops it, as the text
     does. A stop string cuts the text inside the ids vLLM returns whole: then no ids (tokenization

@@ -87,6 +87,10 @@ def test_generation_keeps_the_engines_token_ids_and_equals_hf_greedy(vllm_fp32, 
         assert s.prompt_token_ids == tuple(render_prompt(hf.tokenizer, conv))  # the prompt tokenization trains on
         assert s.token_ids == r.token_ids and s.finish_reason == r.finish_reason == "length"
         assert s.n_tokens == 12 and hf.tokenizer.decode(list(s.token_ids)) == s.text
+    # token-id prompts, no template (resampling's written prompts): the same engine, the same greedy ids
+    prompts = [list(render_prompt(hf.tokenizer, conv))[:-2] for conv in CONVERSATIONS]
+    for s, r, p in zip(vllm_fp32.complete(prompts, sampling), hf.complete(prompts, sampling), prompts):
+        assert s.token_ids == r.token_ids and s.prompt_token_ids == tuple(p) and s.n_tokens == r.n_tokens
     # sampled with a seed: reproducible
     seeded = [SamplingParams(temperature=1.0, max_new_tokens=12, seed=3)]
     assert vllm_fp32.generate(CONVERSATIONS[:1], seeded)[0].token_ids == vllm_fp32.generate(CONVERSATIONS[:1], seeded)[0].token_ids
