@@ -62,6 +62,8 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     "all r1 epochs 2 vocab 16384": (None, 1, {"epochs": 2, "draft_vocab": 16384}),
     # prompts the target writes (resampled_corpus.written_prompts), at the token count of "all r4"
     "all r1 written 2 epochs 1": (None, 1, {"written_prompts": 2, "epochs": 1}),
+    # every target-written row so far (4 replies per prompt and 2 written prompts), TTT 4 for CPU time
+    "all r4 written 2 ttt 4": (None, 4, {"written_prompts": 2, "epochs": 1, "ttt_length": 4}),
 }
 
 

@@ -200,8 +200,9 @@ def data_note(trainable_tokens: int) -> str | None:
         return None
     return (f"the draft trained on {trainable_tokens:,} trainable tokens; drafts of a real chat model trained on "
             f"{MIN_TRAINABLE_TOKENS:,} or fewer did not beat prompt lookup at T=0 on prompts unlike their training "
-            "rows (bench_real_chat). More prompts, or several target replies per prompt "
-            "(resampled_corpus.replies_per_prompt), raise it.")
+            "rows (bench_real_chat). More prompts, several target replies per prompt "
+            "(resampled_corpus.replies_per_prompt) or prompts the target writes (resampled_corpus.written_prompts) "
+            "raise it.")
 
 
 def derived_fields(cfg: TrainConfig) -> list[str]:

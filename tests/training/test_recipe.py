@@ -30,7 +30,7 @@ def test_small_and_large_corpora_both_get_a_run_of_enough_steps():
 def test_data_note_names_the_measured_floor():
     assert recipe.data_note(recipe.MIN_TRAINABLE_TOKENS + 1) is None
     note = recipe.data_note(17_887)
-    assert note.startswith("the draft trained on 17,887 trainable tokens") and "replies_per_prompt" in note
+    assert note.startswith("the draft trained on 17,887 trainable tokens") and "replies_per_prompt" in note and "written_prompts" in note
 
 
 def test_explicit_values_win_and_ranks_share_the_batch():
