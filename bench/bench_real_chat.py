@@ -33,6 +33,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,10 +172,8 @@ def written(store, prompts: list[str], m: int, log) -> list[dict]:
                             "user": r["messages"][-2]["content"]})
         finally:
             target.close()
-        rejected = {}
-        for r in res.rejects.to_pylist():
-            rejected[r["reason"]] = rejected.get(r["reason"], 0) + 1
-        log(f"  written prompts: {len(out)} kept, rejects {rejected} ({time.perf_counter() - t0:.0f}s)")
+        rejected = Counter(res.rejects.column("reason").to_pylist())
+        log(f"  written prompts: {len(out)} kept, rejects {dict(rejected)} ({time.perf_counter() - t0:.0f}s)")
         path.write_text(json.dumps(out))
     return json.loads(path.read_text())
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import re
 import time
 from dataclasses import dataclass
@@ -137,11 +138,7 @@ def with_copies(rows: list[dict], cfg: ResampleConfig) -> list[dict]:
     out = []
     for row in rows:
         out += [row, *({**row, "id": f"{row['id']}{REPLY_MARK}{j}"} for j in range(1, n))]
-        system = []
-        for m in row["messages"]:
-            if m["role"] != "system":
-                break
-            system.append(dict(m))
+        system = [dict(m) for m in itertools.takewhile(lambda m: m["role"] == "system", row["messages"])]
         out += [{**row, "id": f"{row['id']}{PROMPT_MARK}{j}", "tools": None,
                  "messages": [*system, {"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}
                 for j in range(1, w + 1)]

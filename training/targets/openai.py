@@ -153,13 +153,11 @@ class OpenAITarget(TargetModel):
             choices = data.get("choices") or []
             if not choices or choices[0].get("text") is None:
                 raise OpenAIError(f"{self.base_url}/completions returned no text (choices={len(choices)})")
-            choice = choices[0]
-            finish, ids = str(choice.get("finish_reason") or "stop"), choice.get("token_ids")
-            if ids is not None and finish == "stop":  # as in _generation: a stop string cuts the text inside them
-                ids = None if isinstance(choice.get("stop_reason"), str) else ids[:-1]
+            finish = str(choices[0].get("finish_reason") or "stop")
             out.append(Generation(
-                text=choice["text"], finish_reason=finish, n_tokens=int((data.get("usage") or {}).get("completion_tokens") or 0),
-                token_ids=None if ids is None else tuple(int(t) for t in ids), prompt_token_ids=tuple(int(t) for t in prompt)))
+                text=choices[0]["text"], finish_reason=finish,
+                n_tokens=int((data.get("usage") or {}).get("completion_tokens") or 0),
+                token_ids=_reply_ids(choices[0], finish), prompt_token_ids=tuple(int(t) for t in prompt)))
         return out
 
     async def _run(self, requests):
@@ -249,23 +247,28 @@ class OpenAITarget(TargetModel):
             )
         usage = data.get("usage") or {}
         finish = str(choices[0].get("finish_reason") or "stop")
-        ids, prompt_ids = choices[0].get("token_ids"), data.get("prompt_token_ids")
-        stop_reason = choices[0].get("stop_reason")
-        # A stop string (from the request or the server's generation config) cuts the text inside
-        # the sampled ids, which vLLM returns whole: they no longer stand for the text, so none.
-        if ids is not None and prompt_ids is not None and not (finish == "stop" and isinstance(stop_reason, str)):
-            ids = [int(t) for t in ids]
-            # vLLM's ids end with the stop token when an EOS (stop_reason null) or a stop token id
-            # (an int) ended the reply; the text never holds it.
-            if finish == "stop" and ids:
-                ids = ids[:-1]
-            token_ids, prompt_token_ids = tuple(ids), tuple(int(t) for t in prompt_ids)
-        else:
+        token_ids, prompt_ids = _reply_ids(choices[0], finish), data.get("prompt_token_ids")
+        if token_ids is None or prompt_ids is None:
             token_ids = prompt_token_ids = None
+        else:
+            prompt_token_ids = tuple(int(t) for t in prompt_ids)
         return Generation(
             text=text, finish_reason=finish, n_tokens=int(usage.get("completion_tokens") or 0),
             token_ids=token_ids, prompt_token_ids=prompt_token_ids, reasoning=reasoning, tool_calls=calls,
         )
+
+
+def _reply_ids(choice: dict, finish: str) -> tuple[int, ...] | None:
+    """A choice's sampled ids as the reply's (None: the server sent none, or they do not stand for it).
+
+    vLLM's ids end with the stop token when an EOS (stop_reason null) or a stop token id (an int)
+    ended the reply; the text never holds it, so it goes. A stop string (from the request or the
+    server's generation config) cuts the text inside the ids, which vLLM returns whole: then none."""
+    ids = choice.get("token_ids")
+    if ids is None or (finish == "stop" and isinstance(choice.get("stop_reason"), str)):
+        return None
+    ids = [int(t) for t in ids]
+    return tuple(ids[:-1] if finish == "stop" and ids else ids)
 
 
 def _request_message(message: dict) -> dict:

@@ -241,3 +241,29 @@ def test_a_reply_cut_while_reasoning_is_a_row_with_its_reason(server, hf_target)
     assert server.bodies[-1]["messages"][1]["reasoning_content"]  # history keeps the reasoning
     dropped = resample_conversations(client, rows, ResampleConfig(**cfg, on_length="drop"), log=lambda _: None)
     assert dropped.n_rejected == 3 and set(dropped.rejects["reason"].to_pylist()) == {"length_limit"}
+
+
+def test_written_prompts_through_the_server_equal_the_served_targets(monkeypatch, tmp_path):
+    """resampled_corpus.written_prompts on the openai backend: the opening rendered with its tokenizer,
+    the prompt written through /v1/completions, the reply through /v1/chat/completions; the same rows
+    as the hf target the server runs gives, rejects included."""
+    from tests.training.test_resample import CHAIN, build_bigram_target
+    from training.configs import ResampleConfig
+    from training.resample import resample_conversations
+
+    target_dir = build_bigram_target(tmp_path / "bigram", CHAIN)
+    hf = load_target(str(target_dir), "hf")
+    rows = [{"id": f"r{i}", "messages": [{"role": "user", "content": "what is it"}, {"role": "assistant", "content": "sure"}],
+             "source": "t", "tools": None} for i in range(4)]
+    cfg = ResampleConfig(max_new_tokens=8, written_prompts=2)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with Server(hf) as server:
+        # allow_empty: the bigram table ends some replies at once; hf makes them empty_reply rejects too
+        client = load_target(server.url, backend="openai", tokenizer=str(target_dir), allow_empty=True)
+        served = resample_conversations(client, rows, cfg, log=lambda s: None)
+        assert any("prompt" in body for body in server.bodies)  # the prompts went through /v1/completions
+    local = resample_conversations(hf, rows, cfg, log=lambda s: None)
+    key = lambda res: ([(r["id"], r["messages"], r["temperature"], r["completion_ids"]) for r in res.table.to_pylist()],  # noqa: E731
+                       res.rejects.to_pylist())
+    assert key(served) == key(local)
+    assert sum("~prompt" in r["id"] for r in served.table.to_pylist()) >= 4
