@@ -11,7 +11,10 @@ SPECDRAFT_REAL_CHAT_TARGET). Data: the fixtures' prompts and nothing else.
     fastchat_dummy_conversation.json (52), in file order;
   * held-out prompts: MT-bench's first turns (another benchmark: writing, roleplay, reasoning,
     math, coding, extraction, STEM, humanities), never trained on; `--heldout` of them, stratified
-    by category.
+    by category;
+  * the MT-Bench questions not held out (both turns) are training data only in the points that say
+    so (`mt_bench_replies`): prompts like the held-out ones, answered by the product's resample and
+    tokenize path.
 The target writes every reply (vLLM backend, `VLLMTarget.generate`, as resampled_corpus does):
 reply 0 of a prompt is greedy, replies 1.. are sampled at T=1 with seeds keyed by (prompt, reply).
 A training row is the rendered prompt + the reply's ids + the end-of-turn token; the loss mask
@@ -46,7 +49,8 @@ TARGET = Path(os.environ.get("SPECDRAFT_REAL_CHAT_TARGET", OUT / "smollm2"))
 RESULTS = OUT / "results.json"
 MAX_NEW_TOKENS = 256
 
-# name -> (prompts used (None: all), replies per prompt, train overrides)
+# name -> (prompts used (None: all), replies per prompt, train overrides; `written_prompts` and
+# `mt_bench_replies` in them add target-written rows: see `written` and `mt_bench_train`)
 # The bigger points fix epochs below the recipe's (which would see 2M tokens): 2 CPU cores.
 POINTS: dict[str, tuple[int | None, int, dict]] = {
     "p120 r1": (120, 1, {}),
@@ -65,6 +69,14 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     "all r1 written 2 epochs 1": (None, 1, {"written_prompts": 2, "epochs": 1}),
     # every target-written row so far (4 replies per prompt and 2 written prompts), TTT 4 for CPU time
     "all r4 written 2 ttt 4": (None, 4, {"written_prompts": 2, "epochs": 1, "ttt_length": 4}),
+    # bf16 matmuls on this CPU (TrainConfig.precision, as on GPU): the same point as "all r1 epochs 2
+    # ttt 4" in fp32, then more epochs at the 208k-token scale that bf16 makes affordable
+    "all r1 epochs 2 ttt 4 bf16": (None, 1, {"epochs": 2, "ttt_length": 4, "precision": "bf16"}),
+    "all r4 epochs 2 ttt 4 bf16": (None, 4, {"epochs": 2, "ttt_length": 4, "precision": "bf16"}),
+    # prompts like the held-out ones: the 40 MT-Bench questions not held out (both turns, 8 replies
+    # each) beside the 349 prompts' greedy replies, at about the token count of "all r4"
+    "all r1 + mt-bench half r8 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 1, "ttt_length": 4,
+                                                        "precision": "bf16"}),
 }
 
 
@@ -88,13 +100,52 @@ def train_prompts() -> list[str]:
     return list(seen)
 
 
+def mt_bench() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
+
+
 def heldout_prompts(n: int) -> list[dict]:
     from training.evaluation.prompts import stratified_prompts
 
-    rows = [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
     prompts = [{"id": f"mt-{r['question_id']}", "domain": r["category"],
-                "messages": [{"role": "user", "content": r["turns"][0]}]} for r in rows]
+                "messages": [{"role": "user", "content": r["turns"][0]}]} for r in mt_bench()]
     return stratified_prompts(prompts, n)
+
+
+def mt_bench_train(store, held: list[dict], n_replies: int, log) -> list[dict]:
+    """The MT-Bench questions outside `held` (the same eight categories), both turns, each
+    conversation answered `n_replies` times by the product's path: resample_conversations on the vllm
+    backend (replies_per_prompt, the default temperature mixture), then tokenize_conversations (the
+    target's own reply ids, loss mask over both assistant turns). Rows as `replies` gives them."""
+    from training.configs import ResampleConfig, TokenizeConfig
+    from training.resample import ResampleProgress, resample_conversations
+    from training.targets.vllm import VLLMTarget
+    from training.tokenization import tokenize_conversations
+
+    held_ids = {p["id"] for p in held}
+    convs = [{"id": f"mt-{r['question_id']}", "source": "mt_bench", "tools": None,
+              "messages": [m for turn in r["turns"] for m in ({"role": "user", "content": turn},
+                                                               {"role": "assistant", "content": ""})]}
+             for r in mt_bench() if f"mt-{r['question_id']}" not in held_ids]
+    key = _key(ids=[c["id"] for c in convs], replies=n_replies, max_new=MAX_NEW_TOKENS)
+    path = OUT / "replies" / f"mt-train-{key}.json"
+    if not path.exists():
+        cfg = ResampleConfig(max_new_tokens=MAX_NEW_TOKENS, replies_per_prompt=n_replies)
+        target = VLLMTarget(str(TARGET))
+        t0 = time.perf_counter()
+        try:
+            res = resample_conversations(target, convs, cfg, progress=ResampleProgress(store, f"mt-train/{key}"),
+                                         log=lambda line: log(f"  {line}"))
+            tok = tokenize_conversations(target.tokenizer, res.table, TokenizeConfig(vocab_size=len(target.tokenizer)))
+        finally:
+            target.close()
+        out = [{"prompt": r["id"], "reply": "mt", "ids": r["input_ids"], "mask": r["loss_mask"]}
+               for r in tok.table.to_pylist()]
+        rejected = Counter(res.rejects.column("reason").to_pylist() + tok.rejects.column("reason").to_pylist())
+        log(f"  MT-Bench train half: {len(convs)} questions x {n_replies} replies -> {len(out)} rows, rejects "
+            f"{dict(rejected)}, {tok.id_mismatches} id mismatches ({time.perf_counter() - t0:.0f}s)")
+        path.write_text(json.dumps(out))
+    return json.loads(path.read_text())
 
 
 def _key(**parts) -> str:
@@ -226,19 +277,21 @@ def features(store, rows: list[dict], log) -> tuple[str, "np.ndarray"]:
     return prefix, np.frombuffer(store.read_bytes(m.key("counts.int64.bin")), dtype=np.int64)
 
 
-def train_export(store, prefix: str, counts, name: str, overrides: dict, log) -> tuple[Path, dict]:
-    """Train through the product's path (TrainJob -> train_main.run, as draft_model does) and export."""
+def train_export(store, prefixes: list[str], counts, name: str, overrides: dict, log) -> tuple[Path, dict]:
+    """Train through the product's path (TrainJob -> train_main.run, as draft_model does) on the
+    features under `prefixes` and export."""
     from training.job import TrainJob
     from training.train_main import run
     from training.vocab import build_vocab_map, draft_vocab_size_by_coverage, save_vocab_map
 
     overrides = dict(overrides)
     vocab = overrides.pop("draft_vocab", None) or draft_vocab_size_by_coverage(counts)
+    prefix = "+".join(prefixes)
     vkey = f"vocab/{_key(prefix=prefix, vocab=vocab)}.safetensors"
     store.write_bytes(vkey, save_vocab_map(build_vocab_map(counts, vocab)))
     export_dir = OUT / "exports" / _key(name=name, prefix=prefix, **overrides)
     job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"path": str(TARGET)},
-                   vocab_map=vkey, hidden_states=[prefix], export_dir=str(export_dir),
+                   vocab_map=vkey, hidden_states=prefixes, export_dir=str(export_dir),
                    train={"log_every": 100, "checkpoint_every": 0, **overrides}, resume=False)
     done = f"{job.run_prefix}/result.json"
     if (export_dir / "model.safetensors").exists() and store.exists(done):
@@ -344,19 +397,22 @@ def main(argv=None) -> int:
         n_written = overrides.pop("written_prompts", 0)
         rows = replies(prompts, n_replies, say) + (written(store, prompts, n_written, say) if n_written else [])
         rows = [r for r in rows if n_prompts is None or r["prompt"] < n_prompts]
-        trainable = sum(sum(r["mask"]) for r in rows)
-        say(f"  {len(rows)} rows, {trainable} trainable tokens")
+        n_mt = overrides.pop("mt_bench_replies", 0)
+        groups = [rows] + ([mt_bench_train(store, held, n_mt, say)] if n_mt else [])
+        trainable = sum(sum(r["mask"]) for g in groups for r in g)
+        say(f"  {sum(map(len, groups))} rows, {trainable} trainable tokens")
         if args.data_only:
             continue
-        prefix, counts = features(store, rows, say)
+        feats = [features(store, g, say) for g in groups]
+        prefixes, counts = [p for p, _ in feats], sum(c for _, c in feats)
         from training.vocab import draft_vocab_size_by_coverage
 
         vocab = overrides.get("draft_vocab") or draft_vocab_size_by_coverage(counts)
         cover = heldout_coverage(held, counts, vocab)
         say(f"  held-out coverage by draft vocab size: {cover}")
-        export_dir, trained = train_export(store, prefix, counts, name, overrides, say)
+        export_dir, trained = train_export(store, prefixes, counts, name, overrides, say)
         measured = evaluate_export(export_dir, held, [float(t) for t in args.temperatures.split(",")], say)
-        results[name] = {"rows": len(rows), "trainable_tokens": trainable, **measured, "heldout_coverage": cover,
+        results[name] = {"rows": sum(map(len, groups)), "trainable_tokens": trainable, **measured, "heldout_coverage": cover,
                          **{k: trained[k] for k in ("train_s", "draft_vocab", "steps", "exported_step")},
                          "epochs": trained["config"]["epochs"], "validation_rows": trained["config"]["validation_rows"],
                          "heldout_curve": [(r["epoch"] + 1, round(r["simulated_acceptance_length"], 3))

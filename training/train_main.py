@@ -66,9 +66,6 @@ def run(job: TrainJob, log=print):
     target_dir = model_dir(job.target.weights_dir())  # a local directory, or the hub snapshot of an id
     target_config = json.loads((target_dir / "config.json").read_text())
     embed, lm_head = load_head_weights(str(target_dir))
-    # The head only scores target distributions (no gradient): bf16 on GPU halves its memory,
-    # and autocast runs that matmul in bf16 anyway; fp32 on CPU.
-    lm_head = lm_head.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     vmap = read_vocab_map(store, job.vocab_map)
     d2t, t2d = vmap["d2t"], vmap["t2d"]
     aux_ids = job.aux_layer_ids

@@ -1,10 +1,11 @@
 """EAGLE-3 draft training: one loop for offline (stored hidden states) and online (target in the loop).
 
 The loop is nanoGPT-shaped: AdamW, linear warmup + cosine decay (training/schedule.py), gradient
-accumulation, global-norm clipping, fp32 on CPU and bf16 autocast over fp32 master weights on
-GPU. Data comes from a BatchSource (training/sources.py: hidden_states.HiddenStateDataset
-offline, online.OnlineBatchSource online); both yield the same packed-row dicts, so model, loss,
-metrics (training/metrics.py) and checkpoints are identical in both modes.
+accumulation, global-norm clipping, and TrainConfig.precision: bf16 autocast over fp32 master
+weights (auto's choice on GPU) or fp32 (auto's on CPU). Data comes from a BatchSource
+(training/sources.py: hidden_states.HiddenStateDataset offline, online.OnlineBatchSource online);
+both yield the same packed-row dicts, so model, loss, metrics (training/metrics.py) and
+checkpoints are identical in both modes.
 
 Recipe. Fields of TrainConfig left None are filled by training/recipe.py from the corpus size
 (tokens, rows) before anything else; the resolved config is what checkpoints store and
@@ -150,6 +151,10 @@ def _setup(cfg, source, draft, target_head, t2d, store, prefix, log, loss_fn) ->
     hidden = getattr(getattr(draft, "cfg", None), "hidden_size", None)
     cfg = resolve(cfg, corpus_stats(source), world_size=world, hidden_size=hidden)
     source, heldout = split_validation(source, cfg.validation_rows, cfg.seed)
+    # The head only scores target distributions (no gradient): in bf16 when the matmuls run in bf16
+    # (half its memory, and autocast would cast it at every step), else fp32.
+    bf16 = cfg.bf16_on(device.type)
+    head_dtype = torch.bfloat16 if bf16 else torch.float32
 
     # Micro-batches per rank for each epoch (sequence-level shuffling makes packing, and so the
     # count, vary slightly by epoch); a partial optimizer step at an epoch's tail is dropped.
@@ -166,7 +171,8 @@ def _setup(cfg, source, draft, target_head, t2d, store, prefix, log, loss_fn) ->
         total = min(total, cfg.max_steps)
     if rank == 0:
         shown = ", ".join(f"{k}={getattr(cfg, k)}" for k in from_recipe)
-        log(f"training {total} steps over {cfg.epochs} epoch(s) of {source.num_sequences} rows"
+        log(f"training {total} steps ({'bf16' if bf16 else 'fp32'}) over {cfg.epochs} epoch(s) "
+            f"of {source.num_sequences} rows"
             + (f", {heldout.num_sequences} held out" if heldout is not None else "")
             + (f"; from the recipe: {shown}" if shown else ""))
 
@@ -180,7 +186,7 @@ def _setup(cfg, source, draft, target_head, t2d, store, prefix, log, loss_fn) ->
     )
     return TrainRun(
         cfg=cfg, recipe_fields=from_recipe, source=source, heldout=heldout, draft=draft, model=draft, named=named,
-        opt=opt, opt_names=[name_of[id(p)] for p in decay + no_decay], target_head=target_head.to(device),
+        opt=opt, opt_names=[name_of[id(p)] for p in decay + no_decay], target_head=target_head.to(device, head_dtype),
         t2d=t2d.to(device), store=store, prefix=prefix, loss_fn=loss_fn, log=log, rank=rank, world=world,
         micro=micro, epoch_steps=epoch_steps, total=total,
         warmup=warmup_steps_for(total, cfg.warmup_steps, cfg.warmup_ratio))
@@ -223,7 +229,7 @@ def train_step(run: TrainRun, state: TrainState, batches, window: MetricsWindow)
     lr = lr_at(state.step, base_lr=cfg.lr, warmup=run.warmup, total=run.total, min_lr_ratio=cfg.min_lr_ratio)
     for g in run.opt.param_groups:
         g["lr"] = lr
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16_on(device.type))
     for j in range(cfg.grad_accum):
         batch = next(batches, None)
         if batch is None:
@@ -307,7 +313,9 @@ def _check_resumable(ck, cfg: TrainConfig, world: int, total: int, epoch_steps: 
                      names: list[str]) -> None:
     """Refuse a resume that could not follow the original trajectory, naming what differs."""
     s = ck.state
-    saved = {k: v for k, v in s["config"].items() if k not in RESUME_FREE_FIELDS}
+    # A checkpoint written before a field existed ran with that field's default (a new field's
+    # default keeps the old behaviour), so it reads as the default.
+    saved = {k: v for k, v in {**TrainConfig().to_dict(), **s["config"]}.items() if k not in RESUME_FREE_FIELDS}
     now = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     problems = []

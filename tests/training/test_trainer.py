@@ -357,3 +357,43 @@ def test_a_wider_draft_trains_exports_and_reloads_self_contained(fx, tmp_path):
     torch.testing.assert_close(draft.fc.weight, res.draft.fc.weight.to(torch.bfloat16).float())
     with pytest.raises(ValueError, match="draft_hidden_size"):
         TrainJob.from_dict({**job.to_dict(), "draft_hidden_size": 0})
+
+
+def test_bf16_precision_trains_in_bf16_on_cpu_and_resumes_checkpoints_without_the_field(fx):
+    """precision="bf16" autocasts the CPU matmuls over fp32 master weights (auto stays fp32 on CPU);
+    it is part of the trajectory a resume checks, and a checkpoint written before the field
+    existed reads as its default."""
+    import dataclasses
+
+    from training.trainer import _check_resumable
+
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    assert TrainConfig().bf16_on("cuda") and not TrainConfig().bf16_on("cpu")
+    assert TrainConfig(precision="bf16").bf16_on("cpu") and not TrainConfig(precision="fp32").bf16_on("cuda")
+    runs = {}
+    for precision in ("auto", "bf16"):
+        draft, head = make_draft(fx)
+        lines = []
+        cfg = TrainConfig(lr=3e-3, epochs=1, max_tokens_per_batch=256, warmup_steps=2, log_every=1,
+                          validation_rows=4, precision=precision)
+        runs[precision] = train(cfg, offline_source(fx), draft, head, fx["t2d"], fx["store"], f"runs/{precision}",
+                                log=lines.append)
+        assert lines[0].startswith(f"training {runs[precision].steps} steps ({'bf16' if precision == 'bf16' else 'fp32'})")
+        assert all(p.dtype == torch.float32 for p in draft.parameters())  # master weights stay fp32
+    fp32, bf16 = runs["auto"], runs["bf16"]
+    assert fp32.steps == bf16.steps
+    losses = [(a["loss"], b["loss"]) for a, b in zip(fp32.metrics, bf16.metrics)]
+    assert losses[0][0] != losses[0][1]  # bf16 matmuls: not the fp32 numbers ...
+    assert all(math.isfinite(b) and b == pytest.approx(a, rel=0.05) for a, b in losses)  # ... but close to them
+    assert bf16.metrics[-1]["loss"] < bf16.metrics[0]["loss"]
+    assert bf16.validation and bf16.validation[-1]["simulated_acceptance_length"] >= 1.0
+
+    ck = load_checkpoint(fx["store"], "runs/auto")
+    names = ck.param_names
+    args = (1, ck.state["total_steps"], ck.state["epoch_steps"], names)
+    legacy = {k: v for k, v in ck.state["config"].items() if k != "precision"}
+    _check_resumable(dataclasses.replace(ck, state={**ck.state, "config": legacy}),
+                     TrainConfig.from_dict(ck.state["config"]), *args)
+    with pytest.raises(ValueError, match="precision: 'auto' -> 'bf16'"):
+        _check_resumable(ck, TrainConfig.from_dict({**ck.state["config"], "precision": "bf16"}), *args)
