@@ -77,6 +77,9 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     # each) beside the 349 prompts' greedy replies, at about the token count of "all r4"
     "all r1 + mt-bench half r8 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 1, "ttt_length": 4,
                                                         "precision": "bf16"}),
+    # the same data, 2 epochs: whether more passes still pay at this scale
+    "all r1 + mt-bench half r8 epochs 2 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 2, "ttt_length": 4,
+                                                                 "precision": "bf16"}),
 }
 
 
