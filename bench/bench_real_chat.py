@@ -14,8 +14,10 @@ SPECDRAFT_REAL_CHAT_TARGET). Data: the fixtures' prompts and nothing else.
     by category;
   * the MT-Bench questions not held out (both turns) are training data only in the points that say
     so (`mt_bench_replies`): prompts like the held-out ones, answered by the product's resample and
-    tokenize path.
-The target writes every reply (vLLM backend, `VLLMTarget.generate`, as resampled_corpus does):
+    tokenize path;
+  * the fixtures' conversations as they are (their own replies, not the target's) only in the
+    points that say so (`original_replies`): what resampling is worth.
+Otherwise the target writes every reply (vLLM backend, `VLLMTarget.generate`, as resampled_corpus does):
 reply 0 of a prompt is greedy, replies 1.. are sampled at T=1 with seeds keyed by (prompt, reply).
 A training row is the rendered prompt + the reply's ids + the end-of-turn token; the loss mask
 covers the reply and the end-of-turn token, as tokenized_shards masks a resampled turn.
@@ -50,7 +52,8 @@ RESULTS = OUT / "results.json"
 MAX_NEW_TOKENS = 256
 
 # name -> (prompts used (None: all), replies per prompt, train overrides; `written_prompts` and
-# `mt_bench_replies` in them add target-written rows: see `written` and `mt_bench_train`)
+# `mt_bench_replies` in them add target-written rows: see `written` and `mt_bench_train`;
+# `original_replies` the fixtures' conversations as they are, not resampled: `original_rows`)
 # The bigger points fix epochs below the recipe's (which would see 2M tokens): 2 CPU cores.
 POINTS: dict[str, tuple[int | None, int, dict]] = {
     "p120 r1": (120, 1, {}),
@@ -77,9 +80,16 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     # each) beside the 349 prompts' greedy replies, at about the token count of "all r4"
     "all r1 + mt-bench half r8 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 1, "ttt_length": 4,
                                                         "precision": "bf16"}),
-    # the same data, 2 epochs: whether more passes still pay at this scale
+    # the same data, 2, 4 and 8 epochs (8: the recipe's own choice at this size): whether more passes pay
     "all r1 + mt-bench half r8 epochs 2 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 2, "ttt_length": 4,
                                                                  "precision": "bf16"}),
+    "all r1 + mt-bench half r8 epochs 4 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 4, "ttt_length": 4,
+                                                                 "precision": "bf16"}),
+    "all r1 + mt-bench half r8 epochs 8 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 8, "ttt_length": 4,
+                                                                 "precision": "bf16"}),
+    # whether resampling matters: the fixtures' own replies (not the target's), at the 1-epoch settings
+    # of the in-domain point
+    "original ttt 4 bf16": (None, 0, {"original_replies": True, "epochs": 1, "ttt_length": 4, "precision": "bf16"}),
 }
 
 
@@ -147,6 +157,40 @@ def mt_bench_train(store, held: list[dict], n_replies: int, log) -> list[dict]:
         rejected = Counter(res.rejects.column("reason").to_pylist() + tok.rejects.column("reason").to_pylist())
         log(f"  MT-Bench train half: {len(convs)} questions x {n_replies} replies -> {len(out)} rows, rejects "
             f"{dict(rejected)}, {tok.id_mismatches} id mismatches ({time.perf_counter() - t0:.0f}s)")
+        path.write_text(json.dumps(out))
+    return json.loads(path.read_text())
+
+
+def original_rows(log) -> list[dict]:
+    """The fixtures' conversations as they are, not resampled (resampled_corpus `resample: false`):
+    multiturn_messages_demo.json and fastchat_dummy_conversation.json read by the product's corpus
+    readers and normalizer, tokenized by tokenize_conversations from their text (the target's chat
+    template, loss mask over every assistant turn). The replies are other models' and people's; the
+    loss still scores the target's distribution at each of their tokens. Rows as `replies` gives them."""
+    from transformers import AutoTokenizer
+
+    from training.configs import TokenizeConfig
+    from training.corpus.formats import normalize_record
+    from training.corpus.readers import iter_records
+    from training.tokenization import tokenize_conversations
+
+    files = ("multiturn_messages_demo.json", "fastchat_dummy_conversation.json")
+    path = OUT / "replies" / f"original-{_key(files=files, format=1)}.json"
+    if not path.exists():
+        convs, rejected = [], Counter()
+        for name in files:
+            for rec in iter_records(str(DATA / name)):
+                row, problem = normalize_record(rec.value, source=name, row_index=rec.row_index, shard=name)
+                if row is None:
+                    rejected[problem[0]] += 1
+                else:
+                    convs.append(row)
+        tokenizer = AutoTokenizer.from_pretrained(str(TARGET))
+        tok = tokenize_conversations(tokenizer, convs, TokenizeConfig(vocab_size=len(tokenizer)))
+        rejected.update(tok.rejects.column("reason").to_pylist())
+        out = [{"prompt": r["id"], "reply": "original", "ids": r["input_ids"], "mask": r["loss_mask"]}
+               for r in tok.table.to_pylist()]
+        log(f"  original replies: {len(convs)} conversations -> {len(out)} rows, rejects {dict(rejected)}")
         path.write_text(json.dumps(out))
     return json.loads(path.read_text())
 
@@ -402,6 +446,8 @@ def main(argv=None) -> int:
         rows = [r for r in rows if n_prompts is None or r["prompt"] < n_prompts]
         n_mt = overrides.pop("mt_bench_replies", 0)
         groups = [rows] + ([mt_bench_train(store, held, n_mt, say)] if n_mt else [])
+        groups += [original_rows(say)] if overrides.pop("original_replies", False) else []
+        groups = [g for g in groups if g]
         trainable = sum(sum(r["mask"]) for g in groups for r in g)
         say(f"  {sum(map(len, groups))} rows, {trainable} trainable tokens")
         if args.data_only:

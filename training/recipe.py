@@ -50,8 +50,9 @@ MIN_DRAFT_INTERMEDIATE = 2048
 
 # At or below this many loss-masked (trainable) tokens, drafts of a real chat model did not beat
 # greedy prompt lookup on prompts unlike their training rows (bench_real_chat, SmolLM2-135M-Instruct:
-# 17,887, 50,313 and 208,540 tokens, MT-Bench tau at k=4 1.24 / 1.22 / 1.27 against 1.39; README "A
-# real chat target"): data_note says so in draft_model's metadata and at the end of `specdraft run`.
+# 17,887, 50,313 and 208,540 tokens, MT-Bench tau at k=4 1.24 / 1.22 / 1.27 against 1.39, and 187,033
+# tokens over 4 epochs 1.37; README "A real chat target"): data_note says so in draft_model's metadata
+# and at the end of `specdraft run`.
 MIN_TRAINABLE_TOKENS = 200_000
 
 # The fields the recipe fills when they are None.
