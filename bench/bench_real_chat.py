@@ -170,27 +170,22 @@ def original_rows(log) -> list[dict]:
     from transformers import AutoTokenizer
 
     from training.configs import TokenizeConfig
-    from training.corpus.formats import normalize_record
-    from training.corpus.readers import iter_records
+    from training.corpus.sources import read_source
     from training.tokenization import tokenize_conversations
 
     files = ("multiturn_messages_demo.json", "fastchat_dummy_conversation.json")
     path = OUT / "replies" / f"original-{_key(files=files, format=1)}.json"
     if not path.exists():
-        convs, rejected = [], Counter()
-        for name in files:
-            for rec in iter_records(str(DATA / name)):
-                row, problem = normalize_record(rec.value, source=name, row_index=rec.row_index, shard=name)
-                if row is None:
-                    rejected[problem[0]] += 1
-                else:
-                    convs.append(row)
         tokenizer = AutoTokenizer.from_pretrained(str(TARGET))
-        tok = tokenize_conversations(tokenizer, convs, TokenizeConfig(vocab_size=len(tokenizer)))
-        rejected.update(tok.rejects.column("reason").to_pylist())
-        out = [{"prompt": r["id"], "reply": "original", "ids": r["input_ids"], "mask": r["loss_mask"]}
-               for r in tok.table.to_pylist()]
-        log(f"  original replies: {len(convs)} conversations -> {len(out)} rows, rejects {dict(rejected)}")
+        out, rejected = [], Counter()
+        for name in files:  # source_corpus's reader, then tokenized_shards' pass-through path
+            src = read_source(str(DATA / name))
+            tok = tokenize_conversations(tokenizer, src.rows, TokenizeConfig(vocab_size=len(tokenizer)))
+            rejected.update(src.reject_reasons)
+            rejected.update(tok.rejects.column("reason").to_pylist())
+            out += [{"prompt": r["id"], "reply": "original", "ids": r["input_ids"], "mask": r["loss_mask"]}
+                    for r in tok.table.to_pylist()]
+        log(f"  original replies: {len(out)} rows, rejects {dict(rejected)}")
         path.write_text(json.dumps(out))
     return json.loads(path.read_text())
 
