@@ -16,6 +16,13 @@ from training.fingerprint import fingerprint
 from training.storage import ArtifactRef, ArtifactWriter, ObjectStore, artifact_prefix
 
 
+def input_name(asset: str, shard: str | None = None) -> str:
+    """How `upstream` names an input: a same-shard or unpartitioned input by its asset,
+    each shard a fan-in reads as `asset/shard`. The currentness judge (spec_assets/plan.py)
+    looks the recorded fingerprints up by these names."""
+    return f"{asset}/{shard}" if shard else asset
+
+
 def materialize_artifact(
     context: dg.AssetExecutionContext,
     store: ObjectStore,
@@ -27,8 +34,9 @@ def materialize_artifact(
 ) -> dg.Output[ArtifactRef]:
     """Write the asset's artifact under its fingerprint unless a complete one is already there.
 
-    `upstream` maps input names to their fingerprints (or, for a source file, its content digest);
-    the asset's code_version comes from its definition so it cannot drift from what Dagster shows.
+    `upstream` maps input names (`input_name`) to their fingerprints (or, for a source file, its
+    content digest); it is recorded as the `inputs` metadata, the fingerprints this materialization
+    read. The asset's code_version comes from its definition so it cannot drift from what Dagster shows.
     """
     asset = context.asset_key.to_user_string()
     partition = context.partition_key if context.has_partition_key else None
@@ -49,6 +57,7 @@ def materialize_artifact(
     metadata = {
         **summary_metadata(manifest.summary),
         "fingerprint": fp,
+        "inputs": dg.MetadataValue.json(dict(upstream)),
         "cache_hit": cache_hit,
         "path": dg.MetadataValue.path(store.url(prefix)),
         "bytes": manifest.total_bytes,

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from resources.object_store import ObjectStoreResource, read_ref
 from resources.target_model import TargetModelResource
-from spec_assets.artifact_step import materialize_artifact
+from spec_assets.artifact_step import input_name, materialize_artifact
 from spec_assets.instance import target_pool
 from spec_assets.metadata import png_md
 from spec_assets.stage_config import stage_config
@@ -152,7 +152,7 @@ def draft_model(
     refs = dict(sorted(refs.items()))
     if config.mode == "offline":
         check_feature_family(store, refs, config.draft_family)
-    upstream = {f"{data_asset}/{s}": r.fingerprint for s, r in refs.items()} | {"vocab_map": vocab_map.fingerprint}
+    upstream = {input_name(data_asset, s): r.fingerprint for s, r in refs.items()} | {"vocab_map": vocab_map.fingerprint}
     warm_from = None
     if config.warm_start:
         try:

@@ -9,8 +9,9 @@ from pydantic import Field
 from resources.corpus_source import CorpusSourceResource
 from resources.object_store import ObjectStoreResource
 from resources.target_model import TargetModelResource
-from spec_assets.artifact_step import materialize_artifact
+from spec_assets.artifact_step import input_name, materialize_artifact
 from spec_assets.instance import target_pool
+from spec_assets.metadata import recorded
 from spec_assets.stage_config import stage_config
 from training.configs import EvalConfig
 from training.storage import ArtifactRef, artifact_prefix
@@ -42,7 +43,7 @@ def _prompt_rows(context, store, url: str, source_corpus: dict[str, ArtifactRef]
     rows, upstream = [], {}
     for shard, ref in sorted(source_corpus.items()):
         rows += store.read_parquet(store.manifest(ref.prefix).key("heldout.parquet")).to_pylist()
-        upstream[f"source_corpus/{shard}"] = ref.fingerprint
+        upstream[input_name("source_corpus", shard)] = ref.fingerprint
     return rows, upstream
 
 
@@ -56,14 +57,9 @@ def _local_export(store, draft_ref: ArtifactRef, folder: Path) -> Path:
     return folder / "export"
 
 
-def _metadata_value(record, key: str):
-    value = record.asset_materialization.metadata.get(key)
-    return value.value if value is not None else None
-
-
 def _family(record) -> str:
     # Materializations from before draft_model code version 4 name no family: EAGLE-3 was the only one.
-    return _metadata_value(record, "draft_family") or "eagle3"
+    return recorded(record, "draft_family") or "eagle3"
 
 
 def _trained_on(record) -> str | None:
@@ -91,7 +87,7 @@ def compared_drafts(instance, store, draft: ArtifactRef, page: int = 100) -> tup
         if not got.has_more:
             break
         cursor = got.cursor
-    own = next((r for r in records if _metadata_value(r, "fingerprint") == draft.fingerprint), None)
+    own = next((r for r in records if recorded(r, "fingerprint") == draft.fingerprint), None)
     vocab = _trained_on(own) if own else None
     if vocab is None:
         return {}, {"vocab_map": None, "note": f"No other family compared: this instance holds no lineage "
@@ -99,7 +95,7 @@ def compared_drafts(instance, store, draft: ArtifactRef, page: int = 100) -> tup
     others = [f for f in FAMILIES if f != _family(own)]
     found: dict[str, ArtifactRef] = {}
     for r in records:
-        fp, fam = _metadata_value(r, "fingerprint"), _family(r)
+        fp, fam = recorded(r, "fingerprint"), _family(r)
         if fam in others and fam not in found and fp and _trained_on(r) == vocab:
             prefix = artifact_prefix("draft_model", None, fp)
             if store.manifest(prefix) is not None:  # else deleted from the store: an older one may remain

@@ -101,3 +101,9 @@ def png_md(png: bytes, alt: str) -> str:
     import base64
 
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def recorded(record, key: str) -> Any:
+    """The plain value of metadata `key` on a materialization record (an EventLogRecord), or None."""
+    value = record.asset_materialization.metadata.get(key)
+    return value.value if value is not None else None

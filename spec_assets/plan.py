@@ -99,11 +99,11 @@ class CurrentnessJudge:
     """Decides whether an asset partition's latest materialization is current, without running it.
 
     Current means: materialized with the code version the asset has now; every input partition
-    it reads (its own shard's, or every shard's for a fan-in) still has the data version it had
-    then, none is new; its run used the same effective op config and target model; its artifact is
-    still in the object store; and, for source_corpus, the source file has the URL and listing
-    signature its run recorded. Built on Dagster's public records (materializations, their
-    DataProvenance tags, runs) and the fingerprints our artifacts carry as data versions.
+    it read (its own shard's, or every shard's for a fan-in) still has the fingerprint it read
+    (its `inputs` metadata), none is new and none gone; its run used the same effective op config
+    and target model; its artifact is still in the object store; and, for source_corpus, the
+    source file has the URL and listing signature its run recorded. Built on Dagster's public
+    records (materializations, their metadata and DataProvenance code version, runs).
     Anything this cannot see (an edited prompt file, another generation backend) needs a plain
     `specdraft run`, whose fingerprints cover every input.
     """
@@ -124,12 +124,11 @@ class CurrentnessJudge:
         self._runs: dict = {}
         self._config_jobs: dict = {}
 
-    def _latest(self, key, partition: str | None, before: int | None = None):
+    def _latest(self, key, partition: str | None):
         import dagster as dg
 
         records = self.instance.fetch_materializations(dg.AssetRecordsFilter(
-            asset_key=key, asset_partitions=[partition] if partition else None,
-            before_storage_id=before), limit=1).records
+            asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
         return records[0] if records else None
 
     def _effective_config(self, key, run_config: dict | None) -> dict:
@@ -152,36 +151,39 @@ class CurrentnessJudge:
         return self._runs[run_id]
 
     def _changed_input(self, key, partition: str | None, record) -> str | None:
-        """The first input partition whose data changed since `record` read it, or that is new."""
-        import dagster as dg
-
+        """The first input partition whose fingerprint differs from the one `record` read, that is
+        new, or, for a fan-in, that is gone. What it read is the materialization's own `inputs`
+        metadata (spec_assets/artifact_step.py), exact whatever order concurrent runs committed in;
+        a parent it did not read (the other data asset of a draft_model mode, the corpus when
+        eval_report reads a prompt file) cannot have changed its output."""
+        from spec_assets.artifact_step import input_name
+        from spec_assets.metadata import recorded
         from spec_assets.partitions import corpus_shards
 
-        provenance = dg.DataProvenance.from_tags(record.asset_materialization.tags or {})
+        read = recorded(record, "inputs")
+        if read is None:
+            return "inputs not recorded"  # made before specdraft recorded them: run once more, a cache hit
         for parent in sorted(self.graph.parents(key)):
-            if not self.graph.partitioned(parent):
-                parts = [None]
-            elif partition is not None:
-                parts = [partition]
+            asset = parent.to_user_string()
+            fan_in = partition is None and self.graph.partitioned(parent)
+            if not fan_in:
+                names = {partition if self.graph.partitioned(parent) else None: input_name(asset)}
             else:
-                parts = sorted(self.instance.get_dynamic_partitions(corpus_shards.name))
-            pointer = provenance.input_storage_ids.get(parent) if provenance else None
-            for p in parts:
-                where = f"{parent.to_user_string()}{f' [{p}]' if p else ''}"
+                shards = sorted(self.instance.get_dynamic_partitions(corpus_shards.name))
+                names = {p: input_name(asset, p) for p in shards}
+                gone = sorted(n for n in read if n.startswith(f"{asset}/") and n not in names.values())
+                if gone:
+                    return f"input {asset} [{gone[0].removeprefix(f'{asset}/')}] gone"
+            if not any(n in read for n in names.values()):
+                continue  # not an input it read
+            for p, name in names.items():
+                where = f"{asset}{f' [{p}]' if p else ''}"
                 latest = self._latest(parent, p)
                 if latest is None:
                     return f"input {where} missing"
-                if pointer is not None and latest.storage_id <= pointer:
-                    continue  # nothing of it materialized since this was built
-                # Materialized since: changed only if its data version (our fingerprint) differs
-                # from the one it had when this was built; no earlier one means a new input.
-                before = self._latest(parent, p, before=pointer + 1) if pointer is not None else None
-                if before is None or _fingerprint(before) != _fingerprint(latest):
-                    # One input partition: the data version it was built from is in its provenance
-                    # (the storage-id pointer alone can lag under concurrent runs on PostgreSQL).
-                    recorded = provenance.input_data_versions.get(parent) if provenance and len(parts) == 1 else None
-                    if recorded is not None and recorded.value == _fingerprint(latest):
-                        continue
+                if name not in read:
+                    return f"input {where} new"
+                if read[name] != recorded(latest, "fingerprint"):
                     return f"input {where} changed"
         return None
 
@@ -219,11 +221,6 @@ class CurrentnessJudge:
             if run.tags.get(SOURCE_TAG) != self.sources[partition]:
                 return "source file changed, moved (or not recorded)"
         return None
-
-
-def _fingerprint(record) -> str | None:
-    value = record.asset_materialization.metadata.get("fingerprint")
-    return value.value if value is not None else None
 
 
 def trim_current(units: list[Unit], judge: CurrentnessJudge, log) -> list[Unit]:

@@ -5,7 +5,7 @@ import dagster as dg
 
 from resources.object_store import ObjectStoreResource
 from resources.target_model import TargetModelResource
-from spec_assets.artifact_step import materialize_artifact
+from spec_assets.artifact_step import input_name, materialize_artifact
 from spec_assets.metadata import top_counts
 from spec_assets.partitions import corpus_shards
 from spec_assets.stage_config import stage_config
@@ -128,7 +128,7 @@ def vocab_map(
 ) -> dg.Output:
     """Draft vocabulary = the most frequent assistant tokens over every shard; d2t/t2d maps (DESIGN.md)."""
     store = object_store.store()
-    upstream = {f"tokenized_shards/{shard}": ref.fingerprint for shard, ref in tokenized_shards.items()}
+    upstream = {input_name("tokenized_shards", shard): ref.fingerprint for shard, ref in tokenized_shards.items()}
 
     def build(writer):
         from training.vocab import build_vocab_map, coverage, save_vocab_map

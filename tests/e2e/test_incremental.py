@@ -146,6 +146,34 @@ def test_unchanged_rerun_is_all_cache_hits_with_the_same_data_versions(pipeline)
           f"({seconds / pipeline.first_seconds:.0%}; launch overhead only, see bench/bench_incremental.py)")
 
 
+def test_every_materialization_records_the_fingerprint_of_each_input_it_read(pipeline):
+    """The `inputs` metadata `--only-stale-or-missing` judges by (spec_assets/plan.py): for every
+    asset of the graph, each parent it reads is named with the fingerprint that parent has, one
+    entry per shard for a fan-in. Unread here: offline training does not read tokenized_shards, and
+    eval_report reads the held-out rows of source_corpus (no prompt file in this environment)."""
+    from spec_assets.artifact_step import input_name
+    from spec_assets.definitions import defs
+    from spec_assets.plan import AssetGraph
+
+    graph, unread = AssetGraph(defs.assets), {("draft_model", "tokenized_shards")}
+    shards = ["demo-00000", "demo-00001"]
+    checked = set()
+    for (asset, partition), m in pipeline.first.items():
+        inputs = m.metadata["inputs"].value
+        for parent in (p.to_user_string() for p in graph.parents(dg.AssetKey(asset))):
+            expected = ({input_name(parent): pipeline.first[(parent, partition)]} if partition or (parent, None) in pipeline.first
+                        else {input_name(parent, s): pipeline.first[(parent, s)] for s in shards})
+            if (asset, parent) in unread:
+                assert not set(expected) & set(inputs), (asset, parent, inputs)
+                continue
+            for name, read in expected.items():
+                assert inputs.get(name) == read.metadata["fingerprint"].value, (asset, partition, name, inputs)
+            checked.add((asset, parent))
+    # every parent edge of the graph but released_draft's (the gate blocks it here)
+    assert checked == {(k.to_user_string(), p.to_user_string()) for k in graph.keys() for p in graph.parents(k)
+                       if k.to_user_string() != "released_draft"} - unread
+
+
 def test_new_source_file_computes_its_shard_and_the_fan_ins_only(pipeline, tmp_path):
     before = pipeline.shards()
     write_demo_corpus(tmp_path / "extra", n_shards=1, rows_per_shard=16, seed=7)
