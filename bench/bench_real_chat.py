@@ -321,7 +321,8 @@ def features(store, rows: list[dict], log) -> tuple[str, "np.ndarray"]:
 
 def train_export(store, prefixes: list[str], counts, name: str, overrides: dict, log) -> tuple[Path, dict]:
     """Train through the product's path (TrainJob -> train_main.run, as draft_model does) on the
-    features under `prefixes` and export."""
+    features under `prefixes` and export. Checkpoints at the recipe's interval: a killed bench
+    resumes where it stopped (bit for bit on CPU), and train_s is the trainer's own clock across resumes."""
     from training.job import TrainJob
     from training.train_main import run
     from training.vocab import build_vocab_map, draft_vocab_size_by_coverage, save_vocab_map
@@ -334,14 +335,13 @@ def train_export(store, prefixes: list[str], counts, name: str, overrides: dict,
     export_dir = OUT / "exports" / _key(name=name, prefix=prefix, **overrides)
     job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"path": str(TARGET)},
                    vocab_map=vkey, hidden_states=prefixes, export_dir=str(export_dir),
-                   train={"log_every": 100, "checkpoint_every": 0, **overrides}, resume=False)
+                   train={"log_every": 100, **overrides}, resume=True)
     done = f"{job.run_prefix}/result.json"
     if (export_dir / "model.safetensors").exists() and store.exists(done):
         log(f"  reusing the finished run {job.run_prefix} (delete it to retrain)")
         return export_dir, {"train_s": None, "draft_vocab": int(vocab), **store.read_json(done)}
-    t0 = time.perf_counter()
     result = run(job, log=log)
-    return export_dir, {"train_s": time.perf_counter() - t0, "draft_vocab": int(vocab), **result.summary()}
+    return export_dir, {"train_s": result.wall_seconds, "draft_vocab": int(vocab), **result.summary()}
 
 
 def evaluate_export(export_dir: Path, prompts: list[dict], temperatures: list[float], log) -> dict:
