@@ -1,6 +1,7 @@
 """Resampling throughput: the vllm backend against the hf backend and against bare vLLM, side by side.
 
     .venv/bin/python bench/bench_resample_backends.py [--target DIR] [--corpus FILE] [--n 64] [--max-new-tokens 96]
+        [--against-dtype bfloat16]
 
 The same conversations are resampled three ways, greedy, every assistant turn in order:
   hf       resample_conversations on the hf backend (transformers, batched generate);
@@ -8,6 +9,9 @@ The same conversations are resampled three ways, greedy, every assistant turn in
   bare     vLLM's own `LLM.chat` on the very engine the vllm backend holds, one call per turn index over
            every conversation at once: the engine with nothing of ours around it.
 Output tokens per second of each, and the ratios vllm/hf and vllm/bare (goal: vllm within 10% of bare).
+Both backends run at `--dtype` (default "auto": each backend's own choice on this machine, fp32 on a CPU);
+`--against-dtype` also resamples on the vllm backend at that dtype and prints the ratio (on vLLM's CPU
+build, "auto" against the bf16 that vLLM's own rule takes from a bf16 config).
 Defaults: the demo target (trained on first use) on demo conversations; --corpus takes any corpus file.
 The vLLM engine starts once, untimed (a warm-up call), and is shared by `vllm` and `bare`, which run
 interleaved `--repeats` times from an empty prefix cache each (the best of each is kept).
@@ -57,7 +61,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=None, help="resample batch size (default: ResampleConfig's)")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--against-dtype", help="also the vllm backend at this dtype, and the ratio")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of bare and vllm, interleaved (best kept)")
     args = ap.parse_args()
 
@@ -96,12 +101,19 @@ def main() -> None:
             engine.reset_prefix_cache()
             timed(name, fn)
     vllm.close()
+    if args.against_dtype:
+        other = load_target(args.target, "vllm", dtype=args.against_dtype)
+        other.generation_engine()  # started here, untimed
+        timed(other.dtype, lambda: resample(other))
+        other.close()
 
     rate = {name: tokens / wall for name, (tokens, wall) in results.items()}
     print(f"\n{len(rows)} conversations, greedy, max {args.max_new_tokens} new tokens per turn, "
           f"resample batch {cfg.batch_size}, target {args.target}")
     print(f"vllm backend / hf backend: {rate['vllm'] / rate['hf']:.2f}x")
     print(f"vllm backend / bare vLLM:  {rate['vllm'] / rate['bare']:.2f}  (goal >= 0.90)")
+    if args.against_dtype:
+        print(f"vllm backend at {vllm.dtype} / at {other.dtype}: {rate['vllm'] / rate[other.dtype]:.2f}x")
 
 
 if __name__ == "__main__":  # vLLM spawns its engine process

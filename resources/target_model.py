@@ -36,7 +36,8 @@ class TargetModelResource(dg.ConfigurableResource):
     # evaluation's simulator always runs the HF model (eval_report measures vLLM separately).
     backend: str = "hf"
     device: str = "auto"
-    # auto: bf16 on GPU, fp32 on CPU for hf (decided where the spec is built); vLLM's own rule for vllm
+    # auto: bf16 on GPU, fp32 on CPU for hf (decided where the spec is built); for vllm, fp32 on its CPU
+    # build and vLLM's own rule on a GPU (decided where the engine starts: targets.vllm.engine_dtype)
     dtype: str = "auto"
     trust_remote_code: bool = False
     chat_template_kwargs: str = ""

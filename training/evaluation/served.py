@@ -149,11 +149,11 @@ def _engine_runs(request: dict) -> list[dict]:
     """In the child: one engine, every temperature."""
     from vllm import LLM, SamplingParams
 
-    from training.targets.vllm import engine_defaults
+    from training.targets.vllm import engine_defaults, engine_dtype
 
     k = request["k"]
     llm = LLM(
-        model=request["target"], dtype=request["dtype"], seed=request["seed"],
+        model=request["target"], dtype=engine_dtype(request["dtype"]), seed=request["seed"],
         speculative_config={"method": request["method"], "model": request["export"], "num_speculative_tokens": k}
         if k else None,
         disable_log_stats=False,  # the spec-decode counters are kept only with stats on

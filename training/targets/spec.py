@@ -44,7 +44,8 @@ class TargetSpec:
     `path` is a local HF directory or hub id (a base URL for the openai backend); `model_dir` is
     where its config.json and head weights live (default: path). `dtype` "auto" is resolved by
     resolved(): the hf backend's choice for the device it will run on; vllm keeps "auto", which
-    vLLM resolves from the model's config and its platform. `kwargs` are further backend
+    its engine resolves on its platform (vllm.engine_dtype: fp32 on vLLM's CPU build, as here, and
+    vLLM's own rule, the config's dtype, on a GPU). `kwargs` are further backend
     arguments (vllm's tensor_parallel_size, say). Hashable: pools and caches key on it.
     """
 

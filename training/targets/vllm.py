@@ -35,6 +35,7 @@ from training.targets.base import (
     check_aux_layer_ids,
     check_sequences,
 )
+from training.targets.spec import auto_dtype, dtype_name
 
 
 def _check_device(device: str) -> str:
@@ -45,6 +46,17 @@ def _check_device(device: str) -> str:
     if kind not in ("auto", have):
         raise TargetError(f"the vllm backend runs on this machine's {have}, not on device {device!r}")
     return str(device)
+
+
+def engine_dtype(dtype: str) -> str:
+    """The dtype an engine starts with. "auto" on vLLM's CPU build is the hf backend's CPU choice,
+    fp32 (spec.auto_dtype): vLLM's own rule would take the config's bf16, which CPUs without bf16
+    instructions (AVX2 only) run about 8x slower than fp32, and the hidden states the hf backend
+    computes on a CPU are fp32 too. On a GPU "auto" stays vLLM's rule (the config's dtype)."""
+    import torch
+
+    name = dtype_name(dtype)
+    return auto_dtype(False) if name == "auto" and not torch.cuda.is_available() else name
 
 
 def engine_defaults() -> dict:
@@ -104,7 +116,7 @@ class VLLMTarget(TargetModel):
         scratch_dir: str | None = None,
     ):
         super().__init__(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-        self.dtype = dtype
+        self.dtype = engine_dtype(dtype)
         # vLLM runs on the platform its build is for (CUDA, or the CPU build) and places the model
         # itself; a device that build cannot serve is an error here, not a surprise at engine start.
         self.device = _check_device(device)

@@ -1,7 +1,8 @@
 """The vllm backend on real vLLM (the CPU build here, the same code path on a GPU), against the hf backend.
 
 Three engines in all: generation and features in float32 on one VLLMTarget (the CPU build keeps both),
-features in bfloat16 on another; a tiny random Llama with head_dim 32 (a size vLLM's CPU attention supports).
+features in bfloat16 on another; a tiny random Llama with head_dim 32 (a size vLLM's CPU attention supports),
+stored in bfloat16 as chat models ship, so "auto" meets the config's bf16.
 """
 
 import sys
@@ -26,7 +27,7 @@ def target_dir(tmp_path_factory):
     from training.targets.tiny import build_tiny_target
 
     return build_tiny_target(tmp_path_factory.mktemp("vllm") / "tiny", hidden_size=128, num_heads=4, num_kv_heads=2,
-                             num_layers=4, intermediate_size=256)
+                             num_layers=4, intermediate_size=256, dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,21 @@ def test_clear_error_without_vllm(monkeypatch):
         t.features([[1, 2, 3]], (0,))
 
 
+def test_auto_dtype_is_the_hf_backends_choice_on_the_cpu_build():
+    """vLLM's own "auto" takes a bf16 config's bf16, several times slower than fp32 on a CPU without
+    bf16 instructions; on its CPU build the engine runs fp32, as the hf backend does there."""
+    assert load_target("some/model", backend="vllm").dtype == ("auto" if torch.cuda.is_available() else "float32")
+    assert load_target("some/model", backend="vllm", dtype="bf16").dtype == "bfloat16"  # explicit wins, torch's name
+    with pytest.raises(ValueError, match="unknown dtype 'fp12'"):
+        load_target("some/model", backend="vllm", dtype="fp12")
+
+
 @pytest.fixture(scope="module")
 def vllm_fp32(target_dir):
-    target = load_target(str(target_dir), backend="vllm", dtype="float32")
+    # "auto" meets the config's bf16 and runs fp32 on the CPU build (engine_dtype): the fp32 tolerances
+    # below hold only for an fp32 engine. A GPU's "auto" is the config's bf16, so it is named there.
+    dtype = "float32" if torch.cuda.is_available() else "auto"
+    target = load_target(str(target_dir), backend="vllm", dtype=dtype)
     yield target
     target.close()
     assert target._engines == {} and engine_processes() == []  # stopped, not only forgotten
@@ -135,3 +148,21 @@ def test_features_in_bfloat16_within_its_precision(target_dir, hf):
     finally:
         target.close()
     assert {p.pid for p in engine_processes()} == others  # its engine stopped: a GPU is free for the next
+
+
+def test_every_engine_specdraft_starts_resolves_its_dtype_and_cpu_settings():
+    """Guard: each module that builds a vLLM engine (`LLM(...)`) runs engine_dtype and
+    engine_defaults, so "auto" and the CPU build's settings mean the same on every path."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    builders = []
+    for path in sorted(p for d in ("training", "spec_assets", "resources", "bench") for p in (root / d).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        called = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", None)
+                  for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        if "LLM" in called:
+            builders.append(path.relative_to(root).as_posix())
+            assert {"engine_dtype", "engine_defaults"} <= called, f"{path}: builds an engine without them"
+    assert set(builders) >= {"training/targets/vllm.py", "training/evaluation/served.py"}, builders
