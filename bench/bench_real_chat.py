@@ -17,7 +17,7 @@ SPECDRAFT_REAL_CHAT_TARGET). Data: the fixtures' prompts and nothing else.
     tokenize path;
   * the fixtures' conversations as they are (their own replies, not the target's) only in the
     points that say so (`original_replies`): what resampling is worth.
-Otherwise the target writes every reply (vLLM backend, `VLLMTarget.generate`, as resampled_corpus does):
+Otherwise the target writes every reply (vLLM backend in bf16, `VLLMTarget.generate`, as resampled_corpus does):
 reply 0 of a prompt is greedy, replies 1.. are sampled at T=1 with seeds keyed by (prompt, reply).
 A training row is the rendered prompt + the reply's ids + the end-of-turn token; the loss mask
 covers the reply and the end-of-turn token, as tokenized_shards masks a resampled turn.
@@ -50,6 +50,11 @@ OUT = ROOT / "bench" / "out" / "real_chat"
 TARGET = Path(os.environ.get("SPECDRAFT_REAL_CHAT_TARGET", OUT / "smollm2"))
 RESULTS = OUT / "results.json"
 MAX_NEW_TOKENS = 256
+# The dtype vLLM writes every reply in: bf16, the model's own and what every row of the README's table
+# was generated in (the vllm backend's "auto" on a CPU is fp32 since, and a reply written in fp32 forks
+# from the bf16 one at near-ties), so the table reproduces. A CPU without bf16 instructions writes
+# several times slower in it (bench_resample_backends --against-dtype bfloat16).
+GEN_DTYPE = "bfloat16"
 
 # name -> (prompts used (None: all), replies per prompt, train overrides; `written_prompts` and
 # `mt_bench_replies` in them add target-written rows: see `written` and `mt_bench_train`;
@@ -87,6 +92,9 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
                                                                  "precision": "bf16"}),
     "all r1 + mt-bench half r8 epochs 8 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 8, "ttt_length": 4,
                                                                  "precision": "bf16"}),
+    # the smallest: 12 prompts' greedy replies (two orders of magnitude below the largest points),
+    # every setting the recipe's
+    "p12 r1": (12, 1, {}),
     # whether resampling matters: the fixtures' own replies (not the target's), at the 1-epoch settings
     # of the in-domain point
     "original ttt 4 bf16": (None, 0, {"original_replies": True, "epochs": 1, "ttt_length": 4, "precision": "bf16"}),
@@ -144,7 +152,7 @@ def mt_bench_train(store, held: list[dict], n_replies: int, log) -> list[dict]:
     path = OUT / "replies" / f"mt-train-{key}.json"
     if not path.exists():
         cfg = ResampleConfig(max_new_tokens=MAX_NEW_TOKENS, replies_per_prompt=n_replies)
-        target = VLLMTarget(str(TARGET))
+        target = VLLMTarget(str(TARGET), dtype=GEN_DTYPE)
         t0 = time.perf_counter()
         try:
             res = resample_conversations(target, convs, cfg, progress=ResampleProgress(store, f"mt-train/{key}"),
@@ -206,7 +214,7 @@ def replies(prompts: list[str], n_replies: int, log) -> list[dict]:
         for r in range(n_replies):
             path = OUT / "replies" / f"r{r}-{_key(prompts=prompts, r=r, max_new=MAX_NEW_TOKENS)}.json"
             if not path.exists():
-                target = target or VLLMTarget(str(TARGET))
+                target = target or VLLMTarget(str(TARGET), dtype=GEN_DTYPE)
                 t0 = time.perf_counter()
                 stop = target.tokenizer.convert_tokens_to_ids("<|im_end|>")
                 params = [SamplingParams(temperature=0.0 if r == 0 else 1.0, max_new_tokens=MAX_NEW_TOKENS,
@@ -248,7 +256,7 @@ def written(store, prompts: list[str], m: int, log) -> list[dict]:
         rows = [{"id": f"p{i:04d}", "messages": [{"role": "user", "content": p}], "source": "fixtures", "tools": None}
                 for i, p in enumerate(prompts)]
         cfg = ResampleConfig(temperatures={0.0: 1.0}, max_new_tokens=MAX_NEW_TOKENS, written_prompts=m)
-        target = VLLMTarget(str(TARGET))
+        target = VLLMTarget(str(TARGET), dtype=GEN_DTYPE)
         t0 = time.perf_counter()
         try:
             res = resample_conversations(target, rows, cfg, progress=ResampleProgress(store, f"written/{key}"),
@@ -283,7 +291,7 @@ def heldout_coverage(held: list[dict], counts, vocab: int) -> dict:
 
     path = OUT / "replies" / f"heldout-{_key(ids=[p['id'] for p in held])}.json"
     if not path.exists():
-        target = VLLMTarget(str(TARGET))
+        target = VLLMTarget(str(TARGET), dtype=GEN_DTYPE)
         try:
             gens = target.generate([p["messages"] for p in held], [SamplingParams(max_new_tokens=64)] * len(held))
         finally:
@@ -437,8 +445,8 @@ def main(argv=None) -> int:
         say(f"== {name}")
         overrides = dict(overrides)
         n_written = overrides.pop("written_prompts", 0)
-        rows = replies(prompts, n_replies, say) + (written(store, prompts, n_written, say) if n_written else [])
-        rows = [r for r in rows if n_prompts is None or r["prompt"] < n_prompts]
+        asked = prompts[:n_prompts] if n_prompts else prompts  # a prefix: the same prompt ids at every size
+        rows = replies(asked, n_replies, say) + (written(store, asked, n_written, say) if n_written else [])
         n_mt = overrides.pop("mt_bench_replies", 0)
         groups = [rows] + ([mt_bench_train(store, held, n_mt, say)] if n_mt else [])
         groups += [original_rows(say)] if overrides.pop("original_replies", False) else []
