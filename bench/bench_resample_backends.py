@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of bare and vllm, interleaved (best kept)")
     args = ap.parse_args()
 
-    from training.resample import ResampleConfig, resample_conversations
+    from training.resample import ResampleConfig, batch_size, resample_conversations
     from training.targets import load_target
 
     if args.target is None:
@@ -109,7 +109,8 @@ def main() -> None:
 
     rate = {name: tokens / wall for name, (tokens, wall) in results.items()}
     print(f"\n{len(rows)} conversations, greedy, max {args.max_new_tokens} new tokens per turn, "
-          f"resample batch {cfg.batch_size}, target {args.target}")
+          f"resample batch hf {batch_size(cfg, hf.generation_batch_size)} / vllm "
+          f"{batch_size(cfg, vllm.generation_batch_size)}, target {args.target}")
     print(f"vllm backend / hf backend: {rate['vllm'] / rate['hf']:.2f}x")
     print(f"vllm backend / bare vLLM:  {rate['vllm'] / rate['bare']:.2f}  (goal >= 0.90)")
     if args.against_dtype:

@@ -248,9 +248,11 @@ def test_strip_reasoning():
 
 
 def test_batch_size_left_unset_is_the_backends_own(target, rows):
-    from training.targets import HFTarget, VLLMTarget
+    from training.targets import HFTarget, VLLMTarget, load_target
 
     assert VLLMTarget.generation_batch_size > HFTarget.generation_batch_size == 32  # vLLM schedules its own batch
+    # what resampling reads is the instance's (LocalBatches, the Ray pool's info): DESIGN's 32 for hf
+    assert load_target("some/model", backend="hf", device="cpu").generation_batch_size == 32
     spy = Spy(target, rows)
     spy.generation_batch_size = 5
     check_counts(resample_conversations(spy, rows, ResampleConfig(max_new_tokens=4), log=lambda _: None))

@@ -106,14 +106,16 @@ class HFTarget(TargetModel):
         revision: str | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = "sdpa",
-        generation_batch_size: int = 16,
+        micro_batch_rows: int = 16,
         chat_template_kwargs: dict | None = None,
     ):
         super().__init__(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.attn_implementation = attn_implementation
-        self.generation_batch_size = int(generation_batch_size)
+        # Rows generate() pads and runs at once (memory and padding bound it); not the resampling
+        # batch, which is TargetModel.generation_batch_size (the unit progress is saved in).
+        self.micro_batch_rows = int(micro_batch_rows)
         self.chat_template_kwargs = chat_template_kwargs
         self._model = None
 
@@ -213,7 +215,7 @@ class HFTarget(TargetModel):
         prompts = [[int(t) for t in p] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[Generation | None] = [None] * len(prompts)
-        step = max(1, self.generation_batch_size)
+        step = max(1, self.micro_batch_rows)
         for start in range(0, len(order), step):
             rows = order[start:start + step]
             for i, gen in zip(rows, self._generate_batch([prompts[i] for i in rows], [sampling[i] for i in rows])):
