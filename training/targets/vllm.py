@@ -50,9 +50,10 @@ def _check_device(device: str) -> str:
 
 def engine_dtype(dtype: str) -> str:
     """The dtype an engine starts with. "auto" on vLLM's CPU build is the hf backend's CPU choice,
-    fp32 (spec.auto_dtype): vLLM's own rule would take the config's bf16, which CPUs without bf16
-    instructions (AVX2 only) run about 8x slower than fp32, and the hidden states the hf backend
-    computes on a CPU are fp32 too. On a GPU "auto" stays vLLM's rule (the config's dtype)."""
+    fp32 (spec.auto_dtype): vLLM's own rule would take the config's bf16, which a CPU without bf16
+    instructions (AVX2 only) generates in 4x slower than fp32 (bench_resample_backends), and the
+    hidden states the hf backend computes on a CPU are fp32 too. On a GPU "auto" stays vLLM's rule
+    (the config's dtype)."""
     import torch
 
     name = dtype_name(dtype)
