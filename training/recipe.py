@@ -66,22 +66,25 @@ class TrainConfig:
 
     ttt_length: int = setting(7, "TTT unroll K (DESIGN.md: EAGLE-3 training semantics).")
     step_weight: float = setting(0.8, "loss = sum_k w^k loss_k.")
-    lr: float | None = setting(None, "Peak AdamW lr; None: the recipe (3e-3, scaled by 1/sqrt(H/1024) above H=1024).")
+    lr: float | None = setting(None, f"Peak AdamW lr; None: the recipe ({BASE_LR:g}, scaled by "
+                                         f"1/sqrt(H/{LR_REFERENCE_WIDTH}) above H={LR_REFERENCE_WIDTH}).")
     min_lr_ratio: float = setting(0.1, "Cosine floor as a fraction of lr.")
     weight_decay: float = setting(0.0, "Applied to matrices only (norm gains stay undecayed).")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas.")
     eps: float = setting(1e-8, "AdamW eps.")
     warmup_steps: int | None = setting(None, "Warmup steps; an explicit count wins over warmup_ratio.")
-    warmup_ratio: float | None = setting(None, "Warmup share of the steps; None: the recipe (5%).")
-    epochs: int | None = setting(None, "None: the recipe, enough to see 2M tokens, at most 8.")
+    warmup_ratio: float | None = setting(None, f"Warmup share of the steps; None: the recipe ({WARMUP_RATIO:.0%}).")
+    epochs: int | None = setting(None, f"None: the recipe, enough to see {MIN_TOKENS_SEEN:,} tokens, at most "
+                                          f"{MAX_EPOCHS}.")
     max_steps: int | None = setting(None, "Cap on optimizer steps (the schedule spans the capped run).")
     max_tokens_per_batch: int | None = setting(None, "Token budget of one packed micro-batch per rank; None: the "
-                                                     "recipe (about 4,000 optimizer steps).")
+                                                     f"recipe (about {TARGET_STEPS:,} optimizer steps).")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.")
     grad_clip: float = setting(1.0, "Global L2 norm; 0 disables.")
     seed: int = setting(0, "The run's random seed.")
     validation_rows: int | None = setting(None, "Rows held out of training and measured each epoch; None: the "
-                                                "recipe (5%, at most 256, none under 200 rows).")
+                                                f"recipe ({VALIDATION_SHARE:.0%}, at most {MAX_VALIDATION_ROWS}, none "
+                                                f"under {MIN_ROWS_FOR_VALIDATION} rows).")
     export_checkpoint: str = setting("best", "best: the epoch with the highest held-out simulated tau; last.")
     precision: str = setting("auto", "Matmul precision of training: bf16 (autocast over fp32 master weights; the "
                                      "target head scores in bf16), fp32, or auto: bf16 on CUDA, fp32 on CPU. A CPU "

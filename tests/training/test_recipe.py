@@ -83,3 +83,16 @@ def test_draft_width_widens_only_targets_narrower_than_the_floor():
                   "num_hidden_layers": 8, "vocab_size": 100, "intermediate_size": 4 * h}
         cfg = DraftConfig.from_target_config(target, 50, intermediate_size=inter, hidden_size=width)
         assert (cfg.hidden_size, cfg.target_hidden_size, cfg.head_dim) == (width, h, h // heads)
+
+
+def test_the_derived_fields_help_states_the_rule_s_constants():
+    """draft_model's Dagster config shows these help texts: they read the constants the rule uses
+    (validation_rows once said "none under 200 rows" after the rule went to 10)."""
+    from dataclasses import fields
+
+    doc = {f.name: f.metadata["doc"] for f in fields(recipe.TrainConfig)}
+    assert f"under {recipe.MIN_ROWS_FOR_VALIDATION} rows" in doc["validation_rows"]
+    assert f"at most {recipe.MAX_VALIDATION_ROWS}" in doc["validation_rows"]
+    assert f"at most {recipe.MAX_EPOCHS}" in doc["epochs"] and f"{recipe.MIN_TOKENS_SEEN:,}" in doc["epochs"]
+    assert f"{recipe.BASE_LR:g}" in doc["lr"] and f"{recipe.WARMUP_RATIO:.0%}" in doc["warmup_ratio"]
+    assert f"{recipe.TARGET_STEPS:,}" in doc["max_tokens_per_batch"]
