@@ -81,6 +81,15 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     # ttt 4" in fp32, then more epochs at the 208k-token scale that bf16 makes affordable
     "all r1 epochs 2 ttt 4 bf16": (None, 1, {"epochs": 2, "ttt_length": 4, "precision": "bf16"}),
     "all r4 epochs 2 ttt 4 bf16": (None, 4, {"epochs": 2, "ttt_length": 4, "precision": "bf16"}),
+    # which target layers the draft fuses, at the same point: the recipe's (2, L//2, L-3) = (2, 15, 27) against
+    # the last layer a serving engine can feed (29) in place of 27
+    "all r1 epochs 2 ttt 4 bf16 aux 2-15-29": (None, 1, {"epochs": 2, "ttt_length": 4, "precision": "bf16",
+                                                         "aux_layer_ids": [2, 15, 29]}),
+    # a higher peak lr at the same point: whether the recipe's 3e-3 is short of steps' worth at this scale
+    "all r1 epochs 2 ttt 4 bf16 lr 1e-2": (None, 1, {"epochs": 2, "ttt_length": 4, "precision": "bf16", "lr": 1e-2}),
+    # twice the recipe's epoch cap (MAX_EPOCHS) over the same 50k tokens: 800k tokens seen, about what "the same,
+    # 4 epochs" of the 187k-token point sees: whether passes over a small corpus buy what fresh tokens do
+    "all r1 epochs 16 ttt 4 bf16": (None, 1, {"epochs": 16, "ttt_length": 4, "precision": "bf16"}),
     # prompts like the held-out ones: the 40 MT-Bench questions not held out (both turns, 8 replies
     # each) beside the 349 prompts' greedy replies, at about the token count of "all r4"
     "all r1 + mt-bench half r8 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 1, "ttt_length": 4,
@@ -303,21 +312,23 @@ def heldout_coverage(held: list[dict], counts, vocab: int) -> dict:
             for n in sorted({vocab, 8192, 16384, 32000, len(counts)})}
 
 
-def features(store, rows: list[dict], log) -> tuple[str, "np.ndarray"]:
-    """hidden_states of `rows` (cached): (artifact prefix, masked-token counts over the target vocab)."""
+def features(store, rows: list[dict], log, aux_layer_ids: list[int] | None = None) -> tuple[str, "np.ndarray"]:
+    """hidden_states of `rows` (cached): (artifact prefix, masked-token counts over the target vocab).
+    aux_layer_ids: the fused layers (None: the default, training.aux_layers)."""
     import numpy as np
 
     from training.hidden_states import FORMAT_VERSION, write_hidden_states
     from training.targets import load_target
 
-    key = _key(rows=[(r["prompt"], r["reply"]) for r in rows], max_new=MAX_NEW_TOKENS, format=FORMAT_VERSION)
+    aux = {"aux": list(aux_layer_ids)} if aux_layer_ids else {}  # the default's key is the one cached before
+    key = _key(rows=[(r["prompt"], r["reply"]) for r in rows], max_new=MAX_NEW_TOKENS, format=FORMAT_VERSION, **aux)
     prefix = f"features/{key}"
     if store.manifest(prefix) is None:
         target = load_target(str(TARGET), backend="hf", device="cpu", dtype="bfloat16")
         t0 = time.perf_counter()
         with store.artifact(prefix, key) as writer:
             write_hidden_states(target, [(r["ids"], r["mask"]) for r in rows], writer, max_tokens_per_batch=8192,
-                                dtype="bf16")
+                                dtype="bf16", aux_layer_ids=aux_layer_ids)
             counts = np.zeros(target.facts.vocab_size, dtype=np.int64)
             for r in rows:
                 np.add.at(counts, np.asarray(r["ids"])[np.asarray(r["mask"], dtype=bool)], 1)
@@ -342,6 +353,7 @@ def train_export(store, prefixes: list[str], counts, name: str, overrides: dict,
     store.write_bytes(vkey, save_vocab_map(build_vocab_map(counts, vocab)))
     export_dir = OUT / "exports" / _key(name=name, prefix=prefix, **overrides)
     job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"path": str(TARGET)},
+                   aux_layer_ids=overrides.pop("aux_layer_ids", None),
                    vocab_map=vkey, hidden_states=prefixes, export_dir=str(export_dir),
                    train={"log_every": 100, **overrides}, resume=True)
     done = f"{job.run_prefix}/result.json"
@@ -455,7 +467,7 @@ def main(argv=None) -> int:
         say(f"  {sum(map(len, groups))} rows, {trainable} trainable tokens")
         if args.data_only:
             continue
-        feats = [features(store, g, say) for g in groups]
+        feats = [features(store, g, say, overrides.get("aux_layer_ids")) for g in groups]
         prefixes, counts = [p for p, _ in feats], sum(c for _, c in feats)
         from training.vocab import draft_vocab_size_by_coverage
 
