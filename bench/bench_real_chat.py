@@ -338,7 +338,8 @@ def features(store, rows: list[dict], log, aux_layer_ids: list[int] | None = Non
     return prefix, np.frombuffer(store.read_bytes(m.key("counts.int64.bin")), dtype=np.int64)
 
 
-def train_export(store, prefixes: list[str], counts, name: str, overrides: dict, log) -> tuple[Path, dict]:
+def train_export(store, prefixes: list[str], counts, name: str, overrides: dict, log,
+                 aux_layer_ids: list[int] | None = None) -> tuple[Path, dict]:
     """Train through the product's path (TrainJob -> train_main.run, as draft_model does) on the
     features under `prefixes` and export. Checkpoints at the recipe's interval: a killed bench
     resumes where it stopped (bit for bit on CPU), and train_s is the trainer's own clock across resumes."""
@@ -353,8 +354,7 @@ def train_export(store, prefixes: list[str], counts, name: str, overrides: dict,
     store.write_bytes(vkey, save_vocab_map(build_vocab_map(counts, vocab)))
     export_dir = OUT / "exports" / _key(name=name, prefix=prefix, **overrides)
     job = TrainJob(store_root=str(OUT / "store"), run_prefix=f"runs/{export_dir.name}", target={"path": str(TARGET)},
-                   aux_layer_ids=overrides.pop("aux_layer_ids", None),
-                   vocab_map=vkey, hidden_states=prefixes, export_dir=str(export_dir),
+                   aux_layer_ids=aux_layer_ids, vocab_map=vkey, hidden_states=prefixes, export_dir=str(export_dir),
                    train={"log_every": 100, **overrides}, resume=True)
     done = f"{job.run_prefix}/result.json"
     if (export_dir / "model.safetensors").exists() and store.exists(done):
@@ -467,14 +467,15 @@ def main(argv=None) -> int:
         say(f"  {sum(map(len, groups))} rows, {trainable} trainable tokens")
         if args.data_only:
             continue
-        feats = [features(store, g, say, overrides.get("aux_layer_ids")) for g in groups]
+        aux = overrides.pop("aux_layer_ids", None)  # the features' layers and the draft's (prefixes key them)
+        feats = [features(store, g, say, aux) for g in groups]
         prefixes, counts = [p for p, _ in feats], sum(c for _, c in feats)
         from training.vocab import draft_vocab_size_by_coverage
 
         vocab = overrides.get("draft_vocab") or draft_vocab_size_by_coverage(counts)
         cover = heldout_coverage(held, counts, vocab)
         say(f"  held-out coverage by draft vocab size: {cover}")
-        export_dir, trained = train_export(store, prefixes, counts, name, overrides, say)
+        export_dir, trained = train_export(store, prefixes, counts, name, overrides, say, aux)
         measured = evaluate_export(export_dir, held, [float(t) for t in args.temperatures.split(",")], say)
         results[name] = {"rows": sum(map(len, groups)), "trainable_tokens": trainable, **measured, "heldout_coverage": cover,
                          **{k: trained[k] for k in ("train_s", "draft_vocab", "steps", "exported_step")},
