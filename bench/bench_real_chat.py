@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD .venv/bin/python bench/bench_real_chat.py                     # the default points
     PYTHONPATH=$PWD .venv/bin/python bench/bench_real_chat.py --only "p120 r1,all r4"
     PYTHONPATH=$PWD .venv/bin/python bench/bench_real_chat.py --table             # print results.json
+    PYTHONPATH=$PWD .venv/bin/python bench/bench_real_chat.py --validation-prompts --only "all r1 epochs 2"
 
 Target: SmolLM2-135M-Instruct (Llama, 30 layers, 576 wide, 49,152-token vocab, ChatML), built
 offline by ../shared/tools/build_smollm2.sh into bench/out/real_chat/smollm2 (or
@@ -11,7 +12,8 @@ SPECDRAFT_REAL_CHAT_TARGET). Data: the fixtures' prompts and nothing else.
     fastchat_dummy_conversation.json (52), in file order;
   * held-out prompts: MT-bench's first turns (another benchmark: writing, roleplay, reasoning,
     math, coding, extraction, STEM, humanities), never trained on; `--heldout` of them, stratified
-    by category;
+    by category; with `--validation-prompts`, the train prompts of a point's own validation rows
+    instead (the trainer's split, answered by no training row): prompts like the trained ones;
   * the MT-Bench questions not held out (both turns) are training data only in the points that say
     so (`mt_bench_replies`): prompts like the held-out ones, answered by the product's resample and
     tokenize path;
@@ -90,6 +92,11 @@ POINTS: dict[str, tuple[int | None, int, dict]] = {
     # twice the recipe's epoch cap (MAX_EPOCHS) over the same 50k tokens: 800k tokens seen, about what "the same,
     # 4 epochs" of the 187k-token point sees: whether passes over a small corpus buy what fresh tokens do
     "all r1 epochs 16 ttt 4 bf16": (None, 1, {"epochs": 16, "ttt_length": 4, "precision": "bf16"}),
+    # the recipe's own choice at this size (MAX_EPOCHS): what the 16 passes above gain over it
+    "all r1 epochs 8 ttt 4 bf16": (None, 1, {"epochs": 8, "ttt_length": 4, "precision": "bf16"}),
+    # the same question at 18k tokens (120 prompts): 8 passes (144k tokens seen) against 16
+    "p120 r1 epochs 8 ttt 4 bf16": (120, 1, {"epochs": 8, "ttt_length": 4, "precision": "bf16"}),
+    "p120 r1 epochs 16 ttt 4 bf16": (120, 1, {"epochs": 16, "ttt_length": 4, "precision": "bf16"}),
     # prompts like the held-out ones: the 40 MT-Bench questions not held out (both turns, 8 replies
     # each) beside the 349 prompts' greedy replies, at about the token count of "all r4"
     "all r1 + mt-bench half r8 ttt 4 bf16": (None, 1, {"mt_bench_replies": 8, "epochs": 1, "ttt_length": 4,
@@ -328,7 +335,7 @@ def features(store, rows: list[dict], log, aux_layer_ids: list[int] | None = Non
         t0 = time.perf_counter()
         with store.artifact(prefix, key) as writer:
             write_hidden_states(target, [(r["ids"], r["mask"]) for r in rows], writer, max_tokens_per_batch=8192,
-                                dtype="bf16", aux_layer_ids=aux_layer_ids)
+                                dtype="bf16", aux_layer_ids=aux_layer_ids or ())
             counts = np.zeros(target.facts.vocab_size, dtype=np.int64)
             for r in rows:
                 np.add.at(counts, np.asarray(r["ids"])[np.asarray(r["mask"], dtype=bool)], 1)
@@ -381,6 +388,18 @@ def evaluate_export(export_dir: Path, prompts: list[dict], temperatures: list[fl
         "pl_t0": at("prompt_lookup", 0.0), "pl_t1": at("prompt_lookup", 1.0),
         "served_tau_t0": served.get("served_tau"), "served_ratio_t0": served.get("ratio"),
     }
+
+
+def validation_prompts(rows: list[dict], asked: list[str], config: dict) -> list[dict]:
+    """The fixtures' prompts of the rows the run held out for validation (training.sources.validation_mask,
+    the trainer's own split, over the rows in feature order) that no training row answers: prompts the
+    draft never trained on, as `evaluate` takes them. Rows of written or MT-Bench prompts are left out."""
+    from training.sources import validation_mask
+
+    held = validation_mask(len(rows), config["validation_rows"], config["seed"])
+    answered = lambda keep: {r["prompt"] for r, h in zip(rows, held) if h == keep and isinstance(r["reply"], int)}  # noqa: E731
+    return [{"id": f"fixture-{i}", "domain": "fixtures", "messages": [{"role": "user", "content": asked[i]}]}
+            for i in sorted(answered(True) - answered(False))]
 
 
 def mismatch_check(store, export_dir: Path, rows: list[dict], n: int, new_tokens: int, log) -> dict:
@@ -439,6 +458,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout", type=int, default=40)
     ap.add_argument("--table", action="store_true", help="print the results so far")
     ap.add_argument("--check", action="store_true", help="also the train/serve mismatch check on training rows")
+    ap.add_argument("--validation-prompts", action="store_true",
+                    help="evaluate on the prompts of the point's own validation rows instead of MT-Bench")
     ap.add_argument("--temperatures", default="0,1", help="simulated temperatures (served: T=0 only)")
     args = ap.parse_args(argv)
     say = lambda s: print(s, flush=True)  # noqa: E731
@@ -476,7 +497,15 @@ def main(argv=None) -> int:
         cover = heldout_coverage(held, counts, vocab)
         say(f"  held-out coverage by draft vocab size: {cover}")
         export_dir, trained = train_export(store, prefixes, counts, name, overrides, say, aux)
-        measured = evaluate_export(export_dir, held, [float(t) for t in args.temperatures.split(",")], say)
+        temperatures = [float(t) for t in args.temperatures.split(",")]
+        if args.validation_prompts:
+            asked_val = validation_prompts([r for g in groups for r in g], asked, trained["config"])
+            say(f"  evaluating on {len(asked_val)} prompts of its validation rows")
+            results[name] = results.get(name, {}) | {"validation_prompts": {
+                "prompts": len(asked_val), **evaluate_export(export_dir, asked_val, temperatures, say)}}
+            save(name, results[name])
+            continue
+        measured = evaluate_export(export_dir, held, temperatures, say)
         results[name] = {"rows": sum(map(len, groups)), "trainable_tokens": trainable, **measured, "heldout_coverage": cover,
                          **{k: trained[k] for k in ("train_s", "draft_vocab", "steps", "exported_step")},
                          "epochs": trained["config"]["epochs"], "validation_rows": trained["config"]["validation_rows"],
@@ -487,25 +516,36 @@ def main(argv=None) -> int:
                          "train_acc_0": trained["acc"][0]}
         if args.check:
             results[name]["check"] = mismatch_check(store, export_dir, rows, 24, 64, say)
-        say(f"   {json.dumps(results[name])}")
-        on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        RESULTS.write_text(json.dumps(on_disk | {name: results[name]}, indent=1))
-        results = json.loads(RESULTS.read_text())
-    print_table(results)
+        save(name, results[name])
+    print_table(json.loads(RESULTS.read_text()))
     return 0
 
 
+def save(name: str, result: dict) -> None:
+    """Merge one point's result into RESULTS (another bench process may have written other points)."""
+    print(f"   {json.dumps(result)}", flush=True)
+    on_disk = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    RESULTS.write_text(json.dumps(on_disk | {name: result}, indent=1))
+
+
 def print_table(results: dict) -> None:
+    f2 = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    ratio = lambda r: f"{r['served_tau_t0'] / r['pl_t0']:.2f}x" if r.get("served_tau_t0") else "-"  # noqa: E731
     print("\n| point | rows | trainable tokens | epochs (exported) | tau T=0 sim | tau T=0 served | tau T=1 sim "
           "| prompt lookup T=0 | T=1 | tau / PL (T=0, served) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        served = r.get("served_tau_t0")
-        ratio = f"{served / r['pl_t0']:.2f}x" if served else "-"
-        exported = r.get("exported_epoch")
-        f2 = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        print(f"| {name} | {r['rows']} | {r['trainable_tokens']} | {r['epochs']} ({exported}) | {f2(r['tau_t0'])} | "
-              f"{f2(served)} | {f2(r['tau_t1'])} | {f2(r['pl_t0'])} | {f2(r['pl_t1'])} | {ratio} |")
+        if "rows" in r:
+            print(f"| {name} | {r['rows']} | {r['trainable_tokens']} | {r['epochs']} ({r.get('exported_epoch')}) | "
+                  f"{f2(r['tau_t0'])} | {f2(r.get('served_tau_t0'))} | {f2(r['tau_t1'])} | {f2(r['pl_t0'])} | "
+                  f"{f2(r['pl_t1'])} | {ratio(r)} |")
+    print("\nOn the prompts of each point's own validation rows (fixtures' prompts it never trained on):\n"
+          "| point | prompts | tau T=0 sim | tau T=0 served | tau T=1 sim | prompt lookup T=0 | T=1 | tau / PL (T=0, served) |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if v := r.get("validation_prompts"):
+            print(f"| {name} | {v['prompts']} | {f2(v['tau_t0'])} | {f2(v.get('served_tau_t0'))} | {f2(v['tau_t1'])} | "
+                  f"{f2(v['pl_t0'])} | {f2(v['pl_t1'])} | {ratio(v)} |")
 
 
 if __name__ == "__main__":

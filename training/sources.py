@@ -92,16 +92,22 @@ class HiddenStateSubset:
             yield self.base._gather(tensors, self.parts[p].offsets, seqs, dtype)
 
 
+def validation_mask(total: int, n_rows: int, seed: int = 0) -> np.ndarray:
+    """Which of `total` rows (in source order) split_validation holds out: `n_rows` drawn by (seed),
+    as a bool mask. Callers use it to name the rows a run never trained on."""
+    if n_rows >= total:
+        raise ValueError(f"validation_rows={n_rows} leaves none of the {total} rows for training")
+    held = np.zeros(total, dtype=bool)
+    held[np.random.default_rng([int(seed), 0x7A11D]).choice(total, n_rows, replace=False)] = True
+    return held
+
+
 def split_validation(source, n_rows: int, seed: int = 0):
     """(train source, held-out source) with `n_rows` rows drawn by (seed) held out; (source, None)
     when n_rows is 0. At least one row must stay for training."""
     if n_rows <= 0:
         return source, None
-    total = int(source.num_sequences)
-    if n_rows >= total:
-        raise ValueError(f"validation_rows={n_rows} leaves none of the {total} rows for training")
-    held = np.zeros(total, dtype=bool)
-    held[np.random.default_rng([int(seed), 0x7A11D]).choice(total, n_rows, replace=False)] = True
+    held = validation_mask(int(source.num_sequences), n_rows, seed)
     if hasattr(source, "subset"):
         return source.subset(np.flatnonzero(~held)), source.subset(np.flatnonzero(held))
     if hasattr(source, "parts"):

@@ -10,7 +10,7 @@ import torch
 from tests.training.test_trainer import TOKENIZED_KEY, build_run_fixture, make_draft, offline_source
 from training.checkpoint import load_best
 from training.online import OnlineBatchSource
-from training.sources import split_validation
+from training.sources import split_validation, validation_mask
 from training.trainer import TrainConfig, train
 
 
@@ -41,6 +41,19 @@ def test_split_holds_out_a_fixed_disjoint_set(fx, kind):
     assert split_validation(src, 0) == (src, None)
     with pytest.raises(ValueError, match="leaves none"):
         split_validation(src, src.num_sequences)
+
+
+@pytest.mark.parametrize("kind", ["offline", "online"])
+def test_validation_mask_names_the_rows_the_split_holds_out(fx, kind):
+    """A caller (bench_real_chat's evaluation on prompts no training row had) names the held-out rows
+    by their position in the source: the mask must be the split's own rows, in source order."""
+    src = offline_source(fx) if kind == "offline" else OnlineBatchSource(
+        fx["target"], [TOKENIZED_KEY], aux_layer_ids=(2, 3, 3), store=fx["store"])
+    held = validation_mask(src.num_sequences, 7, seed=1)
+    assert held.sum() == 7
+    named = sorted(tuple(ids.tolist()) for (ids, _), h in zip(fx["rows"], held) if h)
+    assert named == _rows(split_validation(src, 7, seed=1)[1])
+    assert not np.array_equal(held, validation_mask(src.num_sequences, 7, seed=2))
 
 
 def test_validation_each_epoch_and_best_checkpoint_exported(fx):
