@@ -335,7 +335,7 @@ def features(store, rows: list[dict], log, aux_layer_ids: list[int] | None = Non
         t0 = time.perf_counter()
         with store.artifact(prefix, key) as writer:
             write_hidden_states(target, [(r["ids"], r["mask"]) for r in rows], writer, max_tokens_per_batch=8192,
-                                dtype="bf16", aux_layer_ids=aux_layer_ids or ())
+                                dtype="bf16", aux_layer_ids=aux_layer_ids)
             counts = np.zeros(target.facts.vocab_size, dtype=np.int64)
             for r in rows:
                 np.add.at(counts, np.asarray(r["ids"])[np.asarray(r["mask"], dtype=bool)], 1)
@@ -491,31 +491,28 @@ def main(argv=None) -> int:
         aux = overrides.pop("aux_layer_ids", None)  # the features' layers and the draft's (prefixes key them)
         feats = [features(store, g, say, aux) for g in groups]
         prefixes, counts = [p for p, _ in feats], sum(c for _, c in feats)
-        from training.vocab import draft_vocab_size_by_coverage
-
-        vocab = overrides.get("draft_vocab") or draft_vocab_size_by_coverage(counts)
-        cover = heldout_coverage(held, counts, vocab)
-        say(f"  held-out coverage by draft vocab size: {cover}")
         export_dir, trained = train_export(store, prefixes, counts, name, overrides, say, aux)
         temperatures = [float(t) for t in args.temperatures.split(",")]
-        if args.validation_prompts:
+        if args.validation_prompts:  # added to the point's MT-Bench figures, which stay
             asked_val = validation_prompts([r for g in groups for r in g], asked, trained["config"])
             say(f"  evaluating on {len(asked_val)} prompts of its validation rows")
             results[name] = results.get(name, {}) | {"validation_prompts": {
                 "prompts": len(asked_val), **evaluate_export(export_dir, asked_val, temperatures, say)}}
-            save(name, results[name])
-            continue
-        measured = evaluate_export(export_dir, held, temperatures, say)
-        results[name] = {"rows": sum(map(len, groups)), "trainable_tokens": trainable, **measured, "heldout_coverage": cover,
-                         **{k: trained[k] for k in ("train_s", "draft_vocab", "steps", "exported_step")},
-                         "epochs": trained["config"]["epochs"], "validation_rows": trained["config"]["validation_rows"],
-                         "heldout_curve": [(r["epoch"] + 1, round(r["simulated_acceptance_length"], 3))
-                                           for r in trained["validation"]],
-                         "exported_epoch": next((r["epoch"] + 1 for r in trained["validation"]
-                                                 if r["step"] == trained["exported_step"]), None),
-                         "train_acc_0": trained["acc"][0]}
-        if args.check:
-            results[name]["check"] = mismatch_check(store, export_dir, rows, 24, 64, say)
+        else:
+            cover = heldout_coverage(held, counts, trained["draft_vocab"])
+            say(f"  held-out coverage by draft vocab size: {cover}")
+            measured = evaluate_export(export_dir, held, temperatures, say)
+            results[name] = {"rows": sum(map(len, groups)), "trainable_tokens": trainable, **measured,
+                             "heldout_coverage": cover,
+                             **{k: trained[k] for k in ("train_s", "draft_vocab", "steps", "exported_step")},
+                             "epochs": trained["config"]["epochs"], "validation_rows": trained["config"]["validation_rows"],
+                             "heldout_curve": [(r["epoch"] + 1, round(r["simulated_acceptance_length"], 3))
+                                               for r in trained["validation"]],
+                             "exported_epoch": next((r["epoch"] + 1 for r in trained["validation"]
+                                                     if r["step"] == trained["exported_step"]), None),
+                             "train_acc_0": trained["acc"][0]}
+            if args.check:
+                results[name]["check"] = mismatch_check(store, export_dir, rows, 24, 64, say)
         save(name, results[name])
     print_table(json.loads(RESULTS.read_text()))
     return 0

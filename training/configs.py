@@ -134,12 +134,12 @@ class FeatureConfig:
     max_tokens_per_batch: int = setting(8192, "Token budget of one packed target forward.")
     part_bytes: int = setting(1 << 30, "A part's size bound (one sequence larger than it gets a part alone).")
     dtype: str = setting("bf16", "bf16 | fp8 (e4m3 with per-row scales).")
-    aux_layer_ids: tuple[int, ...] = setting((), "HF hidden_states ids; empty: the draft family's default "
+    aux_layer_ids: tuple[int, ...] = setting((), "HF hidden_states ids; empty (or None): the draft family's default "
                                                  "(training/aux_layers.py; EAGLE-3: (2, L//2, L-3)).")
     draft_family: str = setting("eagle3", "eagle3 | dflash: whose target layers to store (part of the fingerprint).")
 
     def __post_init__(self):
-        object.__setattr__(self, "aux_layer_ids", tuple(int(i) for i in self.aux_layer_ids))
+        object.__setattr__(self, "aux_layer_ids", tuple(int(i) for i in self.aux_layer_ids or ()))  # None: the default
         if self.dtype not in FEATURE_DTYPES:
             raise ValueError(f"dtype must be one of {FEATURE_DTYPES}, got {self.dtype!r}")
 

@@ -120,6 +120,20 @@ def test_bf16_round_trip_is_exact(store, target):
     assert f32[0][0].dtype == torch.float32 and torch.equal(f32[0][0], got[0][0].float())
 
 
+def test_aux_layer_ids_none_means_the_default(local_store, target):
+    """None (what TrainJob and a caller without layers pass) is the default layers, as () is: a
+    caller passing its own None through used to fail inside FeatureConfig."""
+    rows = ROWS[:3]
+    metas = []
+    for name, ids in (("none", None), ("empty", ())):
+        prefix = artifact_prefix("hidden_states", "shard-0", f"aux-{name}")
+        with local_store.artifact(prefix, name) as w:
+            write_hidden_states(target, rows, w, aux_layer_ids=ids, max_tokens_per_batch=BATCH)
+        metas.append(read_part_index(local_store, local_store.manifest(prefix).key("part-00000.safetensors"))[0])
+    assert json.loads(metas[0]["aux_layer_ids"]) == json.loads(metas[1]["aux_layer_ids"]) == list(
+        target.default_aux_layer_ids())
+
+
 def test_header_and_layout(local_store, target):
     manifest, _ = write(local_store, target, ROWS[:10], part_bytes=1 << 30)
     assert manifest.names() == ["part-00000.safetensors"]
